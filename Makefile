@@ -1,0 +1,27 @@
+# Set-up is part of each target: `make demo` and `make test` work on a fresh machine.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test bench clean
+
+$(BIN)/loraflow: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(BIN)/loraflow
+
+install: $(BIN)/loraflow
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/loraflow demo --out loraflow-demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/inference.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

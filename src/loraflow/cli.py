@@ -1,0 +1,48 @@
+"""The `loraflow` command line: a thin map from subcommands to library functions.
+
+The subcommands and their arguments live in `loraflow.cli_commands`; each runs through a
+function that imports the heavy library code lazily, so `loraflow --help` and the model-free
+commands (`score`, `report`) start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from loraflow import __version__
+from loraflow.cli_commands import REGISTRARS
+from loraflow.errors import LoraFlowError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraflow",
+        description="LoRA-Flow: fuse several LoRA adapters of one causal LM per token with trained gates.",
+    )
+    parser.add_argument("--version", action="version", version=f"loraflow {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in REGISTRARS:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except LoraFlowError as e:
+        print(f"loraflow {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"loraflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

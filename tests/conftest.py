@@ -1,0 +1,127 @@
+"""Shared tiny-model fixtures: random decoder models, a byte-level BPE tokenizer, PEFT adapters.
+
+Everything is built locally from config classes; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "loraflow-data"
+
+# Module names PEFT should adapt, per architecture (all projections in a decoder layer).
+ARCH_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+def shared_data_dir() -> Path:
+    """The authors' data in ../shared/loraflow-data, or skip the test with a clear reason."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"official data not found at {SHARED_DATA} (CI provides ../shared/loraflow-data)")
+    return SHARED_DATA
+
+
+def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320):
+    """A real byte-level BPE tokenizer (round-trips any text) trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = texts or [
+        "hello world, the answer is 42.",
+        "你好 世界 让我们一步一步地思考。",
+        "привет мир, ответ 7",
+        "hola mundo, la respuesta es 5",
+        "def add(a, b):\n    return a + b\n",
+    ]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def build_tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 320, num_layers: int = 2):
+    """A random tiny causal LM of the given architecture, in eval mode, fp32."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch in ("llama", "mistral", "qwen2", "qwen3"):
+        cfg_cls = {
+            "llama": tf.LlamaConfig,
+            "mistral": tf.MistralConfig,
+            "qwen2": tf.Qwen2Config,
+            "qwen3": tf.Qwen3Config,
+        }[arch]
+        extra = {"head_dim": 8} if arch == "qwen3" else {}
+        cfg = cfg_cls(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **extra, **common,
+        )
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=32, n_layer=num_layers, n_head=4, n_positions=256, **common)
+    elif arch == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+            max_position_embeddings=256, **common,
+        )
+    else:
+        raise ValueError(arch)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    return model.eval()
+
+
+def make_peft_adapter(model, out_dir: Path, *, r: int = 4, alpha: int = 8, targets=None, seed: int = 0,
+                      arch: str = "llama", **lora_kwargs) -> Path:
+    """Save a PEFT LoRA adapter with random non-zero A and B (so it really changes the output)."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=targets or ARCH_TARGETS[arch], lora_dropout=0.0,
+        init_lora_weights=False, task_type="CAUSAL_LM", **lora_kwargs,
+    )
+    peft_model = get_peft_model(copy.deepcopy(model), cfg)
+    with torch.no_grad():  # make the deltas big enough to matter but keep logits sane
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(0.5)
+    peft_model.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+@pytest.fixture
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture
+def tiny_llama():
+    return build_tiny_model("llama")
+
+
+@pytest.fixture
+def shared_data():
+    return shared_data_dir()
