@@ -21,3 +21,248 @@ def command(fn: Registrar) -> Registrar:
 
 def add_seed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+@command
+def _report(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "report",
+        help="tabulate RESULT.json files in the paper's layout (Markdown, CSV, bar chart)",
+        description=(
+            "Collect RESULT.json files written by `loraflow eval` / `loraflow score` and print a\n"
+            "Markdown table in the paper's layout: one row per method (Base, Single LoRA (language),\n"
+            "Single LoRA (task), Avg fusion, LoRAHub, LoRA-Flow, then others); per task, the languages\n"
+            "and their average. Scores are percentages; several runs of one cell (e.g. seeds) show as\n"
+            "mean ± sample std. Missing cells show as '–'."
+        ),
+        epilog=(
+            "examples:\n"
+            "  loraflow report runs/*/RESULT.json\n"
+            "  loraflow report runs/ --out-dir report/        # also writes table.md, table.csv, table.png\n"
+            "  loraflow report 'runs/**/RESULT.json' --csv t.csv --png t.png --title 'Llama-2-7B'\n"
+            "\nA directory contributes its *.json files that look like results (have 'method' and "
+            "'score');\nother JSON there is skipped with a count on stderr. Files named explicitly "
+            "must be valid results."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="RESULT",
+                   help="RESULT.json files, directories containing them, or glob patterns ('**' recurses)")
+    p.add_argument("--out-dir", metavar="DIR", help="write table.md, table.csv and table.png into DIR")
+    p.add_argument("--md", metavar="FILE", help="write the Markdown table to FILE")
+    p.add_argument("--csv", metavar="FILE", help="write the machine-readable CSV (mean, std, n per cell) to FILE")
+    p.add_argument("--png", metavar="FILE", help="write a grouped bar chart to FILE")
+    p.add_argument("--title", help="heading of the Markdown file and title of the chart")
+    p.add_argument("--task-name", action="append", metavar="TASK=NAME", default=[],
+                   help="display name of a task's column group (default: math=MGSM, code=HumanEval); repeatable")
+    add_seed(p)  # accepted for uniformity with the other commands; unused
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import sys
+
+    from loraflow.report import parse_task_names, write_report
+
+    rep = write_report(
+        args.inputs, out_dir=args.out_dir, md=args.md, csv_path=args.csv, png=args.png,
+        title=args.title, task_names=parse_task_names(args.task_name),
+    )
+    sys.stdout.write(rep.markdown)
+    if rep.skipped:
+        print(f"loraflow report: skipped {rep.skipped} non-result JSON file(s)", file=sys.stderr)
+    for note in rep.table.notes:
+        print(f"loraflow report: warning: {note}", file=sys.stderr)
+    for path in rep.written:
+        print(f"loraflow report: wrote {path}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------- model commands
+def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
+    """`NAME=PATH` pairs from repeated --adapter options, in the order given."""
+    from loraflow.errors import LoraFlowError
+
+    pairs = []
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise LoraFlowError(f"--adapter {spec!r}: expected NAME=PATH")
+        pairs.append((name, path))
+    if not pairs:
+        raise LoraFlowError("no --adapter given: LoRA-Flow fuses k >= 1 LoRA adapters (--adapter NAME=PATH)")
+    return pairs
+
+
+def add_model_args(p: argparse.ArgumentParser, *, gate: bool = True) -> None:
+    """--base, --adapter, --gate, --temperature, --dtype, --device: how to build a LoraFlowModel."""
+    p.add_argument("--base", required=True, help="base causal LM: a transformers model directory (or hub name)")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH", default=[],
+                   help="a PEFT LoRA adapter directory; repeat, in gate order (official gates: language first)")
+    if gate:
+        p.add_argument("--gate", help="gate: a loraflow gate directory or an official LoRA-Flow .pt file")
+        p.add_argument("--temperature", type=float, help="gate softmax temperature (default: the gate's own, 1.0)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of base and adapters (default: float32 on CPU)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: cpu)")
+
+
+def build_model_from_args(args: argparse.Namespace, *, gate_required: bool = False):
+    """A LoraFlowModel and its tokenizer from the options of add_model_args."""
+    from loraflow.errors import LoraFlowError
+    from loraflow.model import LoraFlowModel
+
+    adapters = parse_adapters(args.adapter)
+    gate = getattr(args, "gate", None)
+    if gate_required and not gate:
+        raise LoraFlowError("--gate is required")
+    model = LoraFlowModel.from_pretrained(
+        args.base, adapters, gate=gate, temperature=getattr(args, "temperature", None),
+        torch_dtype=args.dtype, device=args.device, seed=getattr(args, "seed", None),
+    )
+    return model, load_tokenizer(args.base)
+
+
+def load_tokenizer(base: str):
+    from transformers import AutoTokenizer
+
+    from loraflow.errors import LoraFlowError
+
+    try:
+        return AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError) as e:
+        raise LoraFlowError(f"{base}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def apply_mode(model, mode: str) -> None:
+    """--mode: gate | off | single:NAME | static:w1,w2,..."""
+    from loraflow.errors import LoraFlowError
+
+    kind, _, rest = mode.partition(":")
+    if kind == "gate" and not rest:
+        model.set_gate_mode()
+    elif kind == "off" and not rest:
+        model.set_adapters_off()
+    elif kind == "single" and rest:
+        model.set_single_adapter(rest)
+    elif kind == "static" and rest:
+        try:
+            model.set_static_weights([float(x) for x in rest.split(",")])
+        except ValueError:
+            raise LoraFlowError(f"--mode {mode}: weights must be numbers, e.g. static:0.5,0.5") from None
+    else:
+        raise LoraFlowError(f"--mode {mode!r}: expected gate, off, single:NAME or static:w1,w2,...")
+
+
+@command
+def _generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text with k LoRAs fused by a gate",
+        description=(
+            "Greedy generation with LoRA-Flow: the base model plus k LoRA adapters mixed per token by the "
+            "gate. Prompts are used as given (apply your chat template yourself)."
+        ),
+        epilog=(
+            "example:\n  loraflow generate --base llama-2-7b --adapter zh=lora-zh --adapter math=lora-math \\\n"
+            "      --gate zh_math.pt --temperature 1.1 --prompt '[INST] ... [/INST]' --show-weights"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    src.add_argument("--prompts-file", help="a text file with one prompt per line, or a JSONL file with 'prompt'")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--mode", default="gate", help="gate (default), off, single:NAME or static:w1,w2,...")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--show-weights", action="store_true",
+                   help="print each generated token with its fusion weights (mean over layers)")
+    add_seed(p)
+    p.set_defaults(func=_run_generate)
+
+
+def _read_prompts(args) -> list[str]:
+    import json
+    from pathlib import Path
+
+    from loraflow.errors import LoraFlowError
+
+    if args.prompt:
+        return args.prompt
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise LoraFlowError(f"{path}: prompts file not found")
+    if path.suffix == ".jsonl":
+        from loraflow.io_utils import read_jsonl
+
+        rows = read_jsonl(path)
+        missing = [i for i, r in enumerate(rows, 1) if not isinstance(r.get("prompt"), str)]
+        if missing:
+            raise LoraFlowError(f"{path}: line {missing[0]} has no string 'prompt'")
+        return [r["prompt"] for r in rows]
+    lines = [json.loads(x) if x.startswith('"') else x for x in path.read_text(encoding="utf-8").splitlines()]
+    return [x for x in lines if x.strip()]
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from loraflow.generation import generate_texts
+
+    torch.manual_seed(args.seed)
+    prompts = _read_prompts(args)
+    model, tokenizer = build_model_from_args(args)
+    apply_mode(model, args.mode)
+    capture = args.show_weights and model.fusion_mode == "gate"
+    outs = generate_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, stop_strings=args.stop, capture_weights=capture)
+    names = model.adapter_names
+    for i, g in enumerate(outs):
+        if len(outs) > 1:
+            print(f"=== prompt {i + 1}")
+        print(g.text)
+        if capture and g.weights is not None:
+            print("\n" + "token".ljust(16) + "".join(n[:10].rjust(11) for n in names))
+            mean = g.weights.mean(0)  # (tokens, k)
+            for tid, w in zip(g.token_ids, mean.tolist()):
+                piece = repr(tokenizer.decode([tid]))[:15]
+                print(piece.ljust(16) + "".join(f"{x:11.3f}" for x in w))
+    return 0
+
+
+@command
+def _convert_gate(sub) -> None:
+    p = sub.add_parser(
+        "convert-gate",
+        help="convert an official LoRA-Flow .pt gate into a loraflow gate directory",
+        description=(
+            "Read an official gate file (torch.save'd dict of 'encoder.layers.N.lora_fusion_gate.weight' and "
+            "optional 'weight_bias'; loaded with weights_only=True, so pickles that run code are refused) and "
+            "write a loraflow gate directory recording adapter names, layer count and hidden size."
+        ),
+        epilog="example:\n  loraflow convert-gate --official zh_math.pt --adapters zh,math --out gates/zh_math",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--official", required=True, help="the official .pt gate file")
+    p.add_argument("--adapters", required=True,
+                   help="comma-separated adapter names in gate-output order (official: language,task)")
+    p.add_argument("--out", required=True, help="output gate directory")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="temperature to record (the authors used 1.1 for zh/ru math)")
+    p.add_argument("--base-model", default=None, help="base model name to record (informational)")
+    add_seed(p)
+    p.set_defaults(func=_run_convert_gate)
+
+
+def _run_convert_gate(args: argparse.Namespace) -> int:
+    from loraflow.checkpoints import convert_official_gate, load_gate_checkpoint
+
+    names = [n.strip() for n in args.adapters.split(",") if n.strip()]
+    out = convert_official_gate(args.official, names, args.out, temperature=args.temperature,
+                                base_model=args.base_model)
+    config, _ = load_gate_checkpoint(out)
+    print(f"wrote {out}: {config.num_layers} layers, hidden {config.hidden_size}, "
+          f"adapters {','.join(config.adapter_names)}, temperature {config.temperature}")
+    return 0
