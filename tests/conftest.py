@@ -91,7 +91,7 @@ def build_tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 320, 
 
 
 def make_peft_adapter(model, out_dir: Path, *, r: int = 4, alpha: int = 8, targets=None, seed: int = 0,
-                      arch: str = "llama", **lora_kwargs) -> Path:
+                      arch: str = "llama", strength: float = 0.5, **lora_kwargs) -> Path:
     """Save a PEFT LoRA adapter with random non-zero A and B (so it really changes the output)."""
     import copy
 
@@ -107,7 +107,7 @@ def make_peft_adapter(model, out_dir: Path, *, r: int = 4, alpha: int = 8, targe
     with torch.no_grad():  # make the deltas big enough to matter but keep logits sane
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
-                p.mul_(0.5)
+                p.mul_(strength)
     peft_model.save_pretrained(str(out_dir))
     return Path(out_dir)
 
@@ -125,3 +125,14 @@ def tiny_llama():
 @pytest.fixture
 def shared_data():
     return shared_data_dir()
+
+
+@pytest.fixture
+def saved_base(tmp_path, tokenizer):
+    """A tiny Llama saved with its tokenizer in tmp_path/base, plus PEFT adapters tmp_path/zh and tmp_path/math."""
+    model = build_tiny_model("llama", vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    make_peft_adapter(model, tmp_path / "zh", seed=1)
+    make_peft_adapter(model, tmp_path / "math", seed=2, r=8)
+    return tmp_path

@@ -295,3 +295,21 @@ def test_detach_adapters_restores_the_base(tmp_path):
     with torch.no_grad():
         assert torch.equal(restored(input_ids=ids).logits, ref(input_ids=ids).logits)
     assert not any("lora" in n for n, _ in restored.named_parameters())
+
+
+def test_lora_dropout_is_off_at_inference(tmp_path):
+    base = build_tiny_model("llama")
+    adapters = {"zh": make_peft_adapter(base, tmp_path / "zh", seed=1)}
+    cfg_file = adapters["zh"] / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["lora_dropout"] = 0.5
+    cfg_file.write_text(json.dumps(cfg))
+    model = LoraFlowModel.from_pretrained(copy.deepcopy(base), adapters)
+    ids = _ids()
+    with torch.no_grad(), model.only_adapter("zh"):
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, _peft_logits(base, adapters, {"zh": 1.0}, ids), atol=ATOL, rtol=0)
+    model.train()
+    with torch.no_grad(), model.only_adapter("zh"):
+        assert not torch.equal(model(input_ids=ids).logits, first)  # and on in training

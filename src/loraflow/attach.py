@@ -231,6 +231,7 @@ def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], state: Fusion
             base, lora_A.to(base.weight.device), lora_B.to(base.weight.device), index, scaling,
             num_adapters=len(adapters), dropout=dropout, module_key=key,
         ).to(base.weight.device)
+        fused.train(base.training)  # a new module starts in training mode; follow the model's mode
         fused.mixer = mixers[layer_idx]
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path)

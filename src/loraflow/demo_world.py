@@ -404,14 +404,14 @@ class WorldConfig:
         max_operand: largest number in a word problem (answers stay in 0..99).
         n_pretrain_base_stories / _general / _facts / _math: base-language pretraining documents
             (stories; instructions as plain text; arithmetic facts, one line per group of
-            equations; terse word problems `question Answer: N`).
+            equations; word problems with step-by-step answers, as in task_train).
         n_pretrain_foreign_stories: foreign stories (number words never paired with digits).
         n_pretrain_foreign_math: foreign word problems written with digits (lesson a).
         n_language / n_task: LoRA training examples.
         n_gate_train / n_gate_dev / n_test: foreign math splits, all disjoint.
     """
 
-    max_operand: int = 20
+    max_operand: int = 12
     n_pretrain_base_stories: int = 3000
     n_pretrain_base_general: int = 3000
     n_pretrain_base_facts: int = 3000
@@ -517,11 +517,11 @@ def build_world(seed: int, config: WorldConfig | None = None) -> World:
     pretrain: list[str] = []
     pretrain += [_story(rng, en, mx) for _ in range(cfg.n_pretrain_base_stories)]
     pretrain += ["\n".join(_general_example(rng, en, mx)) for _ in range(cfg.n_pretrain_base_general)]
-    for _ in range(cfg.n_pretrain_base_facts):
+    for _ in range(cfg.n_pretrain_base_facts):  # the sums and differences problems need
         eqs = []
         for _ in range(rng.randint(3, 8)):
-            a, b = rng.randint(0, MAX_NUMBER), rng.randint(0, MAX_NUMBER)
-            if rng.random() < 0.5 and a + b <= MAX_NUMBER:
+            a, b = rng.randint(0, 3 * mx), rng.randint(0, mx)
+            if rng.random() < 0.5:
                 eqs.append(f"{a} + {b} = {a + b}")
             else:
                 a, b = max(a, b), min(a, b)
@@ -529,7 +529,7 @@ def build_world(seed: int, config: WorldConfig | None = None) -> World:
         pretrain.append(". ".join(eqs) + ".")
     for _ in range(cfg.n_pretrain_base_math):
         p = fresh_problem()
-        pretrain.append(f"{problem_question(p, en)}\nAnswer: {p.answer}")
+        pretrain.append(f"{problem_question(p, en)}\n{problem_response(p, en)}")
     pretrain += [_story(rng, fo, mx) for _ in range(cfg.n_pretrain_foreign_stories)]
     for _ in range(cfg.n_pretrain_foreign_math):
         p = fresh_problem()

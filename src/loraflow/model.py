@@ -125,7 +125,7 @@ class LoraFlowModel(nn.Module):
         device_of_model = next(model.parameters()).device
         gates.to(device_of_model)
         state.gates = gates
-        return cls(model, gates, state, attachment)
+        return cls(model, gates, state, attachment).train(model.training)
 
     # ----------------------------------------------------------------- the transformers contract
     def forward(self, *args, **kwargs):

@@ -1,0 +1,186 @@
+"""Gate and LoRA training on tiny models: learning, frozen weights, checkpoints, resume, processes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import build_tiny_model, make_peft_adapter
+
+from loraflow import LoraFlowModel
+from loraflow.cli import main
+from loraflow.data import PromptTemplate
+from loraflow.training import TrainConfig, train_gate
+
+PLAIN = PromptTemplate(kind="plain")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """Two LoRAs trained (with PEFT, via train_lora) on different completions: 'lang' always answers in
+    Spanish words, 'task' always with a number sentence. The gate data needs 'lang'; a fresh gate starts
+    near (0, 1), i.e. 'task' only, so it has to learn to switch.
+    """
+    from conftest import build_tokenizer
+
+    from loraflow.training import train_lora
+
+    tmp = tmp_path_factory.mktemp("toy")
+    tokenizer = build_tokenizer()
+    base = build_tiny_model("llama", vocab_size=len(tokenizer), seed=0)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(10)  # a random tiny model's logits are nearly flat; let LoRAs move them
+    lang_rows = [{"prompt": f"q{i} hello", "completion": "hola mundo la respuesta es"} for i in range(16)]
+    task_rows = [{"prompt": f"q{i} hello", "completion": "the answer is 42."} for i in range(16)]
+    adapters = {}
+    for name, rows in [("lang", lang_rows), ("task", task_rows)]:
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        res = train_lora(copy.deepcopy(base), tmp / f"{name}.jsonl", tmp / name, tokenizer=tokenizer, r=4, alpha=8,
+                         dropout=0.0, template=PLAIN, config=TrainConfig(epochs=8, lr=5e-2, batch_size=4,
+                                                                         max_length=32, progress=False))
+        adapters[name] = res.last_dir
+    gate_rows = [{"prompt": f"x{i} hello", "completion": "hola mundo la respuesta es"} for i in range(24)]
+    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gate_rows[:16]))
+    (tmp / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gate_rows[16:]))
+    return dict(base=base, adapters=adapters, train=tmp / "train.jsonl", dev=tmp / "dev.jsonl", tokenizer=tokenizer)
+
+
+def _train(toy, out, **cfg):
+    cfg = {"epochs": 3, "lr": 5e-2, "batch_size": 4, "max_length": 64, "progress": False, **cfg}
+    return train_gate(copy.deepcopy(toy["base"]), toy["adapters"], toy["train"], out, dev_path=toy["dev"],
+                      config=TrainConfig(**cfg), template=PLAIN, tokenizer=toy["tokenizer"])
+
+
+def test_gate_learns_toy_mixture_and_only_gates_change(toy, tmp_path):
+    base = copy.deepcopy(toy["base"])
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    result = train_gate(base, toy["adapters"], toy["train"], tmp_path / "run", dev_path=toy["dev"],
+                        config=TrainConfig(epochs=5, lr=1e-1, batch_size=4, max_length=64, progress=False),
+                        template=PLAIN, tokenizer=toy["tokenizer"])
+    log = result.log
+    assert result.trainable_parameters == 2 * (2 * 32 + 2)
+    losses = [s["loss"] for s in log["steps"]]
+    assert len(losses) == 20 and sum(losses[-4:]) / 4 < 0.85 * sum(losses[:4]) / 4
+    dev = [e["dev_loss"] for e in log["epochs"]]
+    assert dev[-1] < dev[0]
+    # base weights untouched (same tensors the fused layers wrap), LoRA weights equal the files on disk
+    from safetensors.torch import load_file
+
+    for name, value in base.state_dict().items():
+        if "lora_" in name:
+            continue
+        original = name.replace(".base_layer", "")
+        assert torch.equal(value, before[original]), name
+    lang = load_file(str(toy["adapters"]["lang"] / "adapter_model.safetensors"))
+    fused_q = base.model.layers[0].self_attn.q_proj
+    assert torch.equal(fused_q.lora_A[:4], lang["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+    # the trained gate has learned to bring in 'lang' (a fresh gate gives it weight ~0)
+    trained = LoraFlowModel.from_pretrained(copy.deepcopy(toy["base"]), toy["adapters"], gate=result.best_dir)
+    with torch.no_grad():
+        trained(**toy["tokenizer"](["q1 hello\nworld"], return_tensors="pt"))
+    w = trained.last_fusion_weights.mean(dim=(0, 1, 2))
+    assert w[0] > 0.15
+    assert log["best"]["criterion"] == "dev_loss"
+    assert (result.best_dir / "gate_config.json").is_file() and (result.last_dir / "trainer_state.pt").is_file()
+
+
+def test_resume_equals_uninterrupted_training(toy, tmp_path):
+    straight = _train(toy, tmp_path / "straight")
+
+    def crash(epoch):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_gate(copy.deepcopy(toy["base"]), toy["adapters"], toy["train"], tmp_path / "resumed",
+                   dev_path=toy["dev"], config=TrainConfig(epochs=3, lr=5e-2, batch_size=4, max_length=64,
+                                                           progress=False),
+                   template=PLAIN, tokenizer=toy["tokenizer"], on_epoch_end=crash)
+    assert (tmp_path / "resumed" / "last" / "gate.safetensors").is_file()  # the complete epoch-1 checkpoint
+    resumed = _train(toy, tmp_path / "resumed", resume=None) if False else train_gate(
+        copy.deepcopy(toy["base"]), toy["adapters"], toy["train"], tmp_path / "resumed", dev_path=toy["dev"],
+        config=TrainConfig(epochs=3, lr=5e-2, batch_size=4, max_length=64, progress=False),
+        template=PLAIN, tokenizer=toy["tokenizer"], resume=True)
+    from safetensors.torch import load_file
+
+    a = load_file(str(straight.last_dir / "gate.safetensors"))
+    b = load_file(str(resumed.last_dir / "gate.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert [s["loss"] for s in straight.log["steps"]] == pytest.approx([s["loss"] for s in resumed.log["steps"]],
+                                                                       abs=1e-5)
+
+
+def test_gradient_accumulation_does_not_change_the_result(toy, tmp_path):
+    one = _train(toy, tmp_path / "one", epochs=1)
+    acc = _train(toy, tmp_path / "acc", epochs=1, grad_accum=2)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(one.last_dir / "gate.safetensors")), load_file(str(acc.last_dir / "gate.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_two_gloo_processes_equal_one(saved_base, tmp_path):
+    d = saved_base
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i} is {i * 3}"} for i in range(8)]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["train-gate", "--base", str(d / "base"), "--adapter", f"zh={d / 'zh'}", "--adapter", f"math={d / 'math'}",
+            "--train", str(d / "train.jsonl"), "--template", "plain", "--epochs", "2", "--batch-size", "4",
+            "--lr", "1e-2", "--max-length", "64", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    single = subprocess.run([sys.executable, "-m", "loraflow.cli", *args, "--out", str(d / "one")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                            "-m", "loraflow.cli", *args, "--out", str(d / "two")],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    log2 = json.loads((d / "two" / "train_log.json").read_text())
+    assert log2["world_size"] == 2
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(d / "one" / "last" / "gate.safetensors")), load_file(str(d / "two" / "last" / "gate.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_train_lora_output_loads_in_peft_and_loraflow(saved_base, tmp_path):
+    d = saved_base
+    rows = [{"prompt": f"say {i}", "completion": f"number {i}"} for i in range(8)]
+    (d / "lora.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = main(["train-lora", "--base", str(d / "base"), "--train", str(d / "lora.jsonl"), "--out", str(d / "lora"),
+               "--rank", "4", "--alpha", "8", "--epochs", "3", "--lr", "1e-2", "--batch-size", "4",
+               "--template", "plain", "--max-length", "32", "--no-progress"])
+    assert rc == 0
+    log = json.loads((d / "lora" / "train_log.json").read_text())
+    assert log["steps"][-1]["loss"] < log["steps"][0]["loss"]
+    assert log["trainable_parameters"] == 2 * 4 * sum(i + o for i, o in
+                                                      [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)])
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.arange(3, 15).view(1, -1)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d / "base"), d / "lora" / "best")
+    ours = LoraFlowModel.from_pretrained(str(d / "base"), {"new": d / "lora" / "best", "zh": d / "zh"})
+    with torch.no_grad(), ours.only_adapter("new"):
+        torch.testing.assert_close(ours(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_malformed_training_file_names_file_and_line(saved_base, capsys):
+    d = saved_base
+    (d / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{oops\n')
+    rc = main(["train-gate", "--base", str(d / "base"), "--adapter", f"zh={d / 'zh'}", "--train",
+               str(d / "bad.jsonl"), "--out", str(d / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bad.jsonl:2" in err and err.count("\n") == 1
+    assert not (d / "out").exists()
+    rc = main(["train-gate", "--base", str(d / "base"), "--adapter", f"zh={d / 'zh'}", "--train",
+               str(d / "bad.jsonl"), "--out", str(d / "out"), "--epochs", "0"])
+    assert rc == 2 and "--epochs" in capsys.readouterr().err
