@@ -136,3 +136,37 @@ def saved_base(tmp_path, tokenizer):
     make_peft_adapter(model, tmp_path / "zh", seed=1)
     make_peft_adapter(model, tmp_path / "math", seed=2, r=8)
     return tmp_path
+
+
+def build_toy_lora_pair(tmp: Path) -> dict:
+    """Two LoRAs trained (PEFT, via train_lora) on different completions: 'lang' always answers with
+    Spanish words, 'task' with a number sentence. The few-shot data needs 'lang'; a fresh gate starts
+    near (0, 1), i.e. 'task' only, so a gate (or a static search) has to learn to switch.
+    """
+    import copy
+    import json
+
+    import torch
+
+    from loraflow.data import PromptTemplate
+    from loraflow.training import TrainConfig, train_lora
+
+    plain = PromptTemplate(kind="plain")
+    tokenizer = build_tokenizer()
+    base = build_tiny_model("llama", vocab_size=len(tokenizer), seed=0)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(10)  # a random tiny model's logits are nearly flat; let LoRAs move them
+    lang_rows = [{"prompt": f"q{i} hello", "completion": "hola mundo la respuesta es"} for i in range(16)]
+    task_rows = [{"prompt": f"q{i} hello", "completion": "the answer is 42."} for i in range(16)]
+    adapters = {}
+    for name, rows in [("lang", lang_rows), ("task", task_rows)]:
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        res = train_lora(copy.deepcopy(base), tmp / f"{name}.jsonl", tmp / name, tokenizer=tokenizer, r=4, alpha=8,
+                         dropout=0.0, template=plain, config=TrainConfig(epochs=8, lr=5e-2, batch_size=4,
+                                                                         max_length=32, progress=False))
+        adapters[name] = res.last_dir
+    gate_rows = [{"prompt": f"x{i} hello", "completion": "hola mundo la respuesta es"} for i in range(24)]
+    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gate_rows[:16]))
+    (tmp / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gate_rows[16:]))
+    return dict(base=base, adapters=adapters, train=tmp / "train.jsonl", dev=tmp / "dev.jsonl",
+                tokenizer=tokenizer, template=plain)

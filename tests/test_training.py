@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import build_tiny_model, make_peft_adapter
+from conftest import build_toy_lora_pair
 
 from loraflow import LoraFlowModel
 from loraflow.cli import main
@@ -22,32 +22,7 @@ PLAIN = PromptTemplate(kind="plain")
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    """Two LoRAs trained (with PEFT, via train_lora) on different completions: 'lang' always answers in
-    Spanish words, 'task' always with a number sentence. The gate data needs 'lang'; a fresh gate starts
-    near (0, 1), i.e. 'task' only, so it has to learn to switch.
-    """
-    from conftest import build_tokenizer
-
-    from loraflow.training import train_lora
-
-    tmp = tmp_path_factory.mktemp("toy")
-    tokenizer = build_tokenizer()
-    base = build_tiny_model("llama", vocab_size=len(tokenizer), seed=0)
-    with torch.no_grad():
-        base.lm_head.weight.mul_(10)  # a random tiny model's logits are nearly flat; let LoRAs move them
-    lang_rows = [{"prompt": f"q{i} hello", "completion": "hola mundo la respuesta es"} for i in range(16)]
-    task_rows = [{"prompt": f"q{i} hello", "completion": "the answer is 42."} for i in range(16)]
-    adapters = {}
-    for name, rows in [("lang", lang_rows), ("task", task_rows)]:
-        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        res = train_lora(copy.deepcopy(base), tmp / f"{name}.jsonl", tmp / name, tokenizer=tokenizer, r=4, alpha=8,
-                         dropout=0.0, template=PLAIN, config=TrainConfig(epochs=8, lr=5e-2, batch_size=4,
-                                                                         max_length=32, progress=False))
-        adapters[name] = res.last_dir
-    gate_rows = [{"prompt": f"x{i} hello", "completion": "hola mundo la respuesta es"} for i in range(24)]
-    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gate_rows[:16]))
-    (tmp / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gate_rows[16:]))
-    return dict(base=base, adapters=adapters, train=tmp / "train.jsonl", dev=tmp / "dev.jsonl", tokenizer=tokenizer)
+    return build_toy_lora_pair(tmp_path_factory.mktemp("toy"))
 
 
 def _train(toy, out, **cfg):

@@ -448,6 +448,8 @@ def score_command(sub: "argparse._SubParsersAction") -> None:
                    help="parallel code sandboxes (default: CPU count, at most 8)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per code program (default: 3.0)")
     p.add_argument("--out", required=True, metavar="RESULT.json", help="where to write the result (atomically)")
+    p.add_argument("--method", help="recorded in the result for `loraflow report` (e.g. loraflow, avg, single:zh)")
+    p.add_argument("--lang", help="recorded in the result for `loraflow report` (e.g. zh, ru, es)")
     add_seed(p)
     p.set_defaults(func=_run_score)
 
@@ -458,6 +460,80 @@ def _run_score(args: argparse.Namespace) -> int:
     result = score_file(
         args.task, args.data, args.predictions, mode=args.mode, out_path=args.out,
         workers=args.workers, timeout=args.timeout, seed=args.seed,
+        metadata={k: v for k, v in (("method", args.method), ("lang", args.lang)) if v is not None},
     )
     print(f"score: {result['correct']}/{result['total']} = {100 * result['score']:.1f}%")
+    return 0
+
+
+# ---------------------------------------------------------------------------- evaluation
+@command
+def _eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate one method on a test set (one cell of the paper's table)",
+        description=(
+            "Generate greedily for every test row with one method (base, single LoRA, avg, static weights, LoRAHub "
+            "or LoRA-Flow), score with the official protocol, and write RESULT.json plus the raw outputs "
+            "(RESULT.outputs.jsonl). Under `accelerate launch -m loraflow.cli eval ...` the test set is sharded "
+            "over processes."
+        ),
+        epilog=(
+            "examples (official files):\n"
+            "  loraflow eval --base llama-2-7b --adapter zh=lora-zh --adapter math=lora-math --method loraflow \\\n"
+            "      --gate zh_math.pt --temperature 1.1 --task math --lang zh \\\n"
+            "      --data shared/loraflow-data/test/zh_math_test.jsonl --out results/zh_math_loraflow.json\n"
+            "  loraflow eval ... --method lorahub --train shared/loraflow-data/train/zh_math_train.jsonl ...\n"
+            "  loraflow eval --base llama-2-7b --method base --task code --lang es \\\n"
+            "      --data shared/loraflow-data/test/es_code_test.jsonl --out results/es_code_base.json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(p)
+    p.add_argument("--method", required=True,
+                   help="base, single:NAME, avg (equal weights), static:w1,w2,..., lorahub (needs --train) or "
+                        "loraflow (needs --gate)")
+    p.add_argument("--task", required=True, choices=["math", "code"])
+    p.add_argument("--data", required=True, help="test JSONL (MGSM-style question/answer, or HumanEval-style)")
+    p.add_argument("--lang", choices=["zh", "ru", "es"], help="language of the test set (official prompts need it)")
+    p.add_argument("--out", required=True, help="RESULT.json path (raw outputs go to RESULT.outputs.jsonl)")
+    p.add_argument("--train", help="few-shot set for --method lorahub")
+    p.add_argument("--template", default="official",
+                   help="official (the paper's evaluation prompts, default) or a training template: llama2, "
+                        "released, paper, chat, plain")
+    p.add_argument("--system", help="override the math system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="default 512 (official)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--mode", choices=["official", "strict"], default="official",
+                   help="answer comparison: official (the authors' extraction) or strict (numbers by value)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N rows")
+    p.add_argument("--workers", type=int, help="parallel code-execution sandboxes (default: CPU count, max 8)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds per program for code (default 3, official)")
+    p.add_argument("--lorahub-budget", type=int, default=40, help="LoRAHub search evaluations (default 40)")
+    p.add_argument("--label", help="row name in `loraflow report` (default: from --method)")
+    p.add_argument("--adapter-role", choices=["language", "task"], help="for single:NAME, the paper's row name")
+    p.add_argument("--no-progress", action="store_true")
+    add_seed(p)
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from loraflow.errors import LoraFlowError
+    from loraflow.evaluation import EvalConfig, evaluate
+
+    try:
+        cfg = EvalConfig(task=args.task, lang=args.lang, template=args.template, system=args.system,
+                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, mode=args.mode,
+                         limit=args.limit, temperature=args.temperature, workers=args.workers,
+                         timeout=args.timeout, lorahub_budget=args.lorahub_budget, seed=args.seed)
+    except ValueError as e:
+        raise LoraFlowError(str(e)) from None
+    adapters = parse_adapters(args.adapter) if args.adapter else []
+    result = evaluate(args.base, adapters, args.method, args.data, args.out, cfg, gate=args.gate,
+                      train_path=args.train, torch_dtype=args.dtype, device=args.device, label=args.label,
+                      adapter_role=args.adapter_role, progress=not args.no_progress)
+    if result:
+        extra = f"  (LoRAHub weights: {result['lorahub']['reuse_as']})" if "lorahub" in result else ""
+        print(f"{args.method} {args.task} {args.lang or ''}: {result['correct']}/{result['total']} = "
+              f"{100 * result['score']:.1f}%  -> {args.out}{extra}")
     return 0

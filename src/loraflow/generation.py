@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loraflow.scoring import truncate_at_stop
+
 
 @dataclass
 class Generation:
@@ -19,16 +21,6 @@ class Generation:
     text: str
     token_ids: list[int]
     weights: torch.Tensor | None = None
-
-
-def truncate_at_stops(text: str, stops: Sequence[str]) -> str:
-    """Cut `text` at the earliest occurrence of any stop string."""
-    cut = len(text)
-    for s in stops:
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut]
 
 
 def _new_token_ids(row: torch.Tensor, eos_ids: set[int], pad_id: int | None) -> list[int]:
@@ -93,7 +85,7 @@ def generate_texts(
             per_token = allw[:, :, prompt_len - 1:, :]
         for i, prompt in enumerate(batch):
             ids = _new_token_ids(new[i], eos_ids, tokenizer.pad_token_id)
-            text = truncate_at_stops(tokenizer.decode(ids, skip_special_tokens=True), stop_strings)
+            text = truncate_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop_strings)
             w = per_token[:, i, : len(ids), :].cpu() if per_token is not None else None
             results.append(Generation(prompt=prompt, text=text, token_ids=ids, weights=w))
         if progress is not None:

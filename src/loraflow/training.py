@@ -329,7 +329,7 @@ def _answer_accuracy(examples: list[Example], tokenizer, template: PromptTemplat
         return None
     from loraflow.data import encode_prompt
     from loraflow.generation import generate_texts
-    from loraflow.scoring import answers_match
+    from loraflow.scoring import score_math_example
 
     prompts = [tokenizer.decode(encode_prompt(e, tokenizer, template)) for e in graded]
 
@@ -338,7 +338,7 @@ def _answer_accuracy(examples: list[Example], tokenizer, template: PromptTemplat
         model.eval()
         outs = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
         model.train(was_training)
-        return sum(answers_match(o.text, e.answer) for o, e in zip(outs, graded)) / len(graded)
+        return sum(score_math_example(o.text, e.answer)["correct"] for o, e in zip(outs, graded)) / len(graded)
 
     return accuracy
 

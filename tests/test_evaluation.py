@@ -1,0 +1,115 @@
+"""`loraflow eval` end to end on a tiny model: every method, math and code, audit files, processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from loraflow.cli import main
+
+
+@pytest.fixture
+def math_test(tmp_path):
+    rows = [{"question": f"小明有{i}个苹果，又买了{i + 1}个。他现在有几个？", "answer": str(2 * i + 1)} for i in range(4)]
+    path = tmp_path / "zh_math_test.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def _eval(d, method, out, *extra):
+    return main(["eval", "--base", str(d / "base"), "--adapter", f"zh={d / 'zh'}", "--adapter", f"math={d / 'math'}",
+                 "--method", method, "--task", "math", "--lang", "zh", "--data", str(d / "zh_math_test.jsonl"),
+                 "--out", str(out), "--max-new-tokens", "6", "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("method", ["base", "single:zh", "avg", "static:0.3,0.7", "loraflow", "lorahub"])
+def test_eval_every_method_writes_auditable_result(saved_base, math_test, method, capsys):
+    d = saved_base
+    extra = []
+    if method == "loraflow":
+        from loraflow import LoraFlowModel
+
+        LoraFlowModel.from_pretrained(str(d / "base"), {"zh": d / "zh", "math": d / "math"}, seed=0).save_gate(d / "g")
+        extra = ["--gate", str(d / "g")]
+    if method == "lorahub":
+        (d / "few.jsonl").write_text("".join(json.dumps({"query": f"q{i}", "response": "a"}) + "\n" for i in range(4)))
+        extra = ["--train", str(d / "few.jsonl"), "--lorahub-budget", "4"]
+    out = d / "res" / "RESULT.json"
+    assert _eval(d, method, out, *extra) == 0
+    res = json.loads(out.read_text())
+    assert res["method"] == method and res["task"] == "math" and res["lang"] == "zh"
+    assert res["total"] == 4 and res["score"] == res["correct"] / 4
+    assert len(res["examples"]) == 4 and "versions" in res and res["seed"] == 0
+    preds = [json.loads(x) for x in (d / "res" / res["predictions"]).read_text().splitlines()]
+    assert len(preds) == 4 and all("output" in p for p in preds)
+    assert preds[0]["prompt"].startswith("[INST] <<SYS>>\n你是中文人工智能助手")
+    if method == "avg":
+        assert res["static_weights"] == [0.5, 0.5]
+    if method == "lorahub":
+        assert len(res["lorahub"]["history"]) == 4 and res["static_weights"] == res["lorahub"]["weights"]
+    # the saved outputs re-score to the same numbers with `loraflow score`
+    assert main(["score", "--task", "math", "--data", str(math_test), "--predictions",
+                 str(d / "res" / res["predictions"]), "--out", str(d / "rescored.json")]) == 0
+    assert json.loads((d / "rescored.json").read_text())["correct"] == res["correct"]
+
+
+def test_methods_differ_and_single_equals_static_onehot(saved_base, math_test):
+    d = saved_base
+    outs = {}
+    for method in ["base", "single:math", "static:0,1"]:
+        assert _eval(d, method, d / f"{method.replace(':', '_')}.json", "--max-new-tokens", "8") == 0
+        outs[method] = [json.loads(x)["output"] for x in
+                        (d / f"{method.replace(':', '_')}.outputs.jsonl").read_text().splitlines()]
+    assert outs["single:math"] == outs["static:0,1"]
+    assert outs["single:math"] != outs["base"]
+
+
+def test_code_eval_scores_by_execution(saved_base, shared_data, tmp_path):
+    rows = [json.loads(x) for x in (shared_data / "test" / "es_code_test.jsonl").read_text().splitlines()[:2]]
+    path = tmp_path / "code.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    d = saved_base
+    out = tmp_path / "code.json"
+    assert main(["eval", "--base", str(d / "base"), "--adapter", f"zh={d / 'zh'}", "--method", "single:zh",
+                 "--task", "code", "--lang", "es", "--data", str(path), "--out", str(out), "--max-new-tokens", "5",
+                 "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    assert res["total"] == 2 and res["correct"] == 0  # a random tiny model writes no working program
+    assert {e["status"] for e in res["examples"]} <= {"failed", "error", "timeout"}
+    preds = [json.loads(x) for x in (tmp_path / "code.outputs.jsonl").read_text().splitlines()]
+    assert preds[0]["prompt"].startswith("[INSTCrear un script de Python para este problema:\n") is False
+    assert preds[0]["prompt"].startswith("[INST]Crear un script de Python para este problema:\n")
+
+
+def test_bad_method_and_missing_gate_are_clean_errors(saved_base, math_test, capsys):
+    d = saved_base
+    assert _eval(d, "static:1", d / "r.json") == 2
+    assert "1 weights for 2 adapters" in capsys.readouterr().err
+    assert _eval(d, "loraflow", d / "r.json") == 2
+    assert "--gate" in capsys.readouterr().err
+    assert _eval(d, "single:xx", d / "r.json") == 2
+    assert not (d / "r.json").exists()
+
+
+def test_two_processes_give_identical_results(saved_base, math_test):
+    d = saved_base
+    args = ["eval", "--base", str(d / "base"), "--adapter", f"zh={d / 'zh'}", "--adapter", f"math={d / 'math'}",
+            "--method", "avg", "--task", "math", "--lang", "zh", "--data", str(math_test), "--max-new-tokens", "6",
+            "--batch-size", "1", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    one = subprocess.run([sys.executable, "-m", "loraflow.cli", *args, "--out", str(d / "one.json")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                          "loraflow.cli", *args, "--out", str(d / "two.json")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = json.loads((d / "one.json").read_text()), json.loads((d / "two.json").read_text())
+    assert b["num_processes"] == 2 and a["num_processes"] == 1
+    assert a["examples"] == b["examples"] and a["score"] == b["score"]
+    assert (d / "one.outputs.jsonl").read_text() == (d / "two.outputs.jsonl").read_text()
