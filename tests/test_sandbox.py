@@ -53,8 +53,9 @@ def test_infinite_loop_times_out_and_parallel_runs_finish_fast():
         "import os\nos.system('sleep 60 &')\n",
         "import os\nos.posix_spawn('/bin/sleep', ['sleep', '60'], {})\n",
         "import multiprocessing\nmultiprocessing.Process(target=print).start()\n",
+        "import resource\nresource.setrlimit(resource.RLIMIT_NPROC, (10**6, 10**6))\n",
     ],
-    ids=["fork-bomb", "subprocess", "os.system", "posix_spawn", "multiprocessing"],
+    ids=["fork-bomb", "subprocess", "os.system", "posix_spawn", "multiprocessing", "raise-limits"],
 )
 def test_process_creation_is_contained(program):
     start = time.monotonic()

@@ -14,7 +14,7 @@ Each program runs in its own `python -I -B` subprocess with:
 - a small bootstrap that installs a Python audit hook (PEP 578) before the program runs. The hook
   refuses process creation (`os.fork`, `subprocess`, `os.system`, `os.exec*`, `posix_spawn`),
   signals to other processes (`os.kill` of another pid, `os.killpg`), `ctypes`, sockets,
-  links, and writes or deletions outside the working directory. (RLIMIT_NPROC does nothing when
+  links, raising its own resource limits, and writes or deletions outside the working directory. (RLIMIT_NPROC does nothing when
   the scorer runs as root, and a root scorer is common in containers: the hook covers that case.)
 
 Passing needs more than exit status 0: after the program (prompt + completion + tests +
@@ -84,7 +84,7 @@ def _loraflow_sandbox(token_fd, max_write_opens):
         "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
         "subprocess.Popen", "os.killpg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.call_function",
         "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
-        "os.symlink", "os.link", "os.chroot",
+        "os.symlink", "os.link", "os.chroot", "resource.setrlimit", "resource.prlimit",
     ))
     denied_imports = frozenset(("_ctypes", "ctypes", "_posixsubprocess"))
     path_events = {
@@ -118,7 +118,7 @@ def _loraflow_sandbox(token_fd, max_write_opens):
                 isinstance(mode, str) and any(c in mode for c in "wax+"))
             if not writing:
                 return
-            if False:
+            if not inside(path):
                 raise SandboxViolation("writing %r outside the sandbox is not allowed" % (path,))
             write_opens[0] += 1
             if write_opens[0] > max_write_opens:

@@ -442,12 +442,12 @@ def score_predictions(
             text = truncate_at_stop(output) if apply_stop_strings else output
             examples.append({"index": i, **score_math_example(text, row["answer"], mode)})
     else:
-        from loraflow.sandbox import run_programs  # the sandbox is only needed for code
+        from loraflow.sandbox import STATUSES, run_programs  # the sandbox is only needed for code
 
         english = _english_prompts_for(test_rows)
         programs = [assemble_program(row, postprocess_code(out), english) for row, out in zip(test_rows, outputs)]
         runs = run_programs(programs, workers=workers, timeout=timeout)
-        counts = {s: 0 for s in ("passed", "failed", "timeout", "error")}
+        counts = {status: 0 for status in STATUSES}
         for i, (row, run) in enumerate(zip(test_rows, runs)):
             counts[run.status] += 1
             examples.append({
