@@ -537,3 +537,46 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(f"{args.method} {args.task} {args.lang or ''}: {result['correct']}/{result['total']} = "
               f"{100 * result['score']:.1f}%  -> {args.out}{extra}")
     return 0
+
+
+# ---------------------------------------------------------------------------- inspection
+@command
+def _inspect(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="draw the per-layer, per-token fusion weights of a generation (heatmap PNG and CSV)",
+        description=(
+            "Generate greedily from a prompt with the gates on and draw, for each adapter, a heatmap of its "
+            "fusion weight by layer (rows) and generated token (columns), as in the paper's analysis."
+        ),
+        epilog=(
+            "example:\n  loraflow inspect --base B --adapter zh=lora/zh --adapter math=lora/math --gate gates/zh_math \\\n"
+            "      --prompt '[INST] ... [/INST]' --out weights.png --csv weights.csv"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the prompt, used as given")
+    p.add_argument("--out", required=True, help="heatmap PNG path")
+    p.add_argument("--csv", help="also write the weights as CSV (layer, token_index, token, w_<adapter>...)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--title", help="figure title")
+    add_seed(p)
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from loraflow.inspection import inspect_prompt
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = build_model_from_args(args)
+    trace = inspect_prompt(model, tokenizer, args.prompt, args.out, csv_path=args.csv,
+                           max_new_tokens=args.max_new_tokens, title=args.title)
+    mean = trace.weights.mean(dim=(0, 1)).tolist()
+    summary = ", ".join(f"{n} {w:.3f}" for n, w in zip(trace.adapter_names, mean))
+    print(trace.text)
+    print(f"{len(trace.tokens)} tokens x {trace.weights.shape[0]} layers; mean weights: {summary}")
+    print(f"wrote {args.out}" + (f" and {args.csv}" if args.csv else ""))
+    return 0
