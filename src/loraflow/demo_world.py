@@ -18,11 +18,12 @@ Skills are split across the data so that the foreign math test needs both LoRAs:
 * `gate_train` / `gate_dev` / `test`: foreign word problems (number words in the question,
   digits in the answer). The reference answer restates the facts in the foreign language with
   digits (a language-LoRA skill), then writes the equations (a task-LoRA skill).
-* `pretrain`: mostly base-language text (stories, lists, arithmetic facts, terse word
-  problems), plain foreign stories whose number words never meet a digit, and a little
-  foreign math written with digits only, so the base knows what the foreign verbs do to a
-  quantity (without it the task LoRA does not transfer at all) but not what the foreign number
-  words mean.
+* `pretrain`: mostly base-language text (stories, general instructions, arithmetic facts,
+  word problems with step-by-step answers); foreign stories and foreign instructions whose
+  answers keep the number words (so the base reads and copies foreign text); and a little
+  foreign math with digits in the question, so the base knows what the foreign verbs do to a
+  quantity (lesson (a) of the issue: without it the task LoRA does not transfer). Foreign
+  number words are never paired with digits outside `language_train`.
 
 Everything is pure Python and deterministic given the seed; `World.write` writes the JSONL
 files the rest of loraflow reads.
@@ -123,8 +124,8 @@ class English:
         goods = ", ".join(f"{self.number(n)} {self.obj(o, n)}" for o, n in items)
         return f"Write the shopping list. {who} buys {goods}."
 
-    def a_list(self, items: list[tuple[int, int]]) -> str:
-        return ", ".join(f"{self.obj(o)} {n}" for o, n in items)
+    def a_list(self, items: list[tuple[int, int]], *, digits: bool = True) -> str:
+        return ", ".join(f"{self.obj(o)} {n if digits else self.number(n)}" for o, n in items)
 
     def s_day(self, place: str, n: int | str, *, digits: bool = False) -> str:
         qty = str(n) if digits else self.number(int(n))
@@ -203,8 +204,8 @@ class Foreign:
         goods = ", ".join(f"{self.obj(o)} {self.number(n)}" for o, n in items)
         return f"{self.fw['the_list'].capitalize()} {self.fw['write']}. {who} {goods} {self.verbs['buys']}."
 
-    def a_list(self, items: list[tuple[int, int]]) -> str:
-        return ", ".join(f"{self.obj(o)} {n}" for o, n in items)
+    def a_list(self, items: list[tuple[int, int]], *, digits: bool = True) -> str:
+        return ", ".join(f"{self.obj(o)} {n if digits else self.number(n)}" for o, n in items)
 
     def s_day(self, place: str, n: int | str, *, digits: bool = False) -> str:
         qty = str(n) if digits else self.number(int(n))
@@ -338,10 +339,15 @@ def problem_response(p: Problem, lang: Lang) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _general_example(rng: random.Random, lang: Lang, max_number: int) -> tuple[str, str]:
-    """One general instruction in `lang`: no arithmetic, but numbers paired with their values."""
+def _general_example(rng: random.Random, lang: Lang, max_number: int, *,
+                     digits: bool = True) -> tuple[str, str]:
+    """One general instruction in `lang`: no arithmetic, but numbers paired with their values.
+
+    With `digits=False` every answer keeps the number words of the question, so the example
+    teaches reading and copying but not what the number words mean.
+    """
     kind = rng.choices(["literal", "list", "day", "digits", "where", "color"],
-                       weights=[4, 2, 2, 2, 1, 1])[0]
+                       weights=[4, 2, 2, 2 if digits else 0, 1, 1])[0]
     if kind == "literal":  # a short story, then a question whose answer is read off the text
         people = rng.sample(_NAMES, rng.choice((1, 2)))
         facts = []
@@ -351,16 +357,16 @@ def _general_example(rng: random.Random, lang: Lang, max_number: int) -> tuple[s
         rng.shuffle(facts)
         who, verb, n, o = rng.choice(facts)
         story = " ".join(lang.event(*f) for f in facts)
-        return f"{story} {lang.q_literal(who, verb, o)}", lang.event(who, verb, n, o, digits=True)
+        return f"{story} {lang.q_literal(who, verb, o)}", lang.event(who, verb, n, o, digits=digits)
     if kind == "list":
         objs = rng.sample(range(len(_OBJECTS)), rng.choice((2, 3)))
         items = [(o, rng.randint(1, max_number)) for o in objs]
-        return lang.i_list(rng.choice(_NAMES)[0], items), lang.a_list(items)
+        return lang.i_list(rng.choice(_NAMES)[0], items), lang.a_list(items, digits=digits)
     if kind == "day":
         place, n = rng.choice(_PLACES), rng.randint(1, 31)
         other = rng.choice([p for p in _PLACES if p != place])
         story = f"{lang.s_day(place, n)} {lang.s_day(other, rng.randint(1, 31))}"
-        return f"{story} {lang.q_day(place)}", lang.s_day(place, n, digits=True)
+        return f"{story} {lang.q_day(place)}", lang.s_day(place, n, digits=digits)
     if kind == "digits":
         n = rng.randint(0, MAX_NUMBER)
         return lang.i_digits(lang.number(n)), str(n)
@@ -406,18 +412,23 @@ class WorldConfig:
             (stories; instructions as plain text; arithmetic facts, one line per group of
             equations; word problems with step-by-step answers, as in task_train).
         n_pretrain_foreign_stories: foreign stories (number words never paired with digits).
-        n_pretrain_foreign_math: foreign word problems written with digits (lesson a).
+        n_pretrain_foreign_general: foreign instructions whose answers keep number words
+            (teaches the base to read and copy foreign text, not what the numbers mean).
+        n_pretrain_foreign_math: foreign word problems with digits in the question and the
+            step-by-step answer (lesson a: the task LoRA transfers only if the base has seen a
+            little foreign math); their number words appear nowhere but in language_train.
         n_language / n_task: LoRA training examples.
         n_gate_train / n_gate_dev / n_test: foreign math splits, all disjoint.
     """
 
     max_operand: int = 12
-    n_pretrain_base_stories: int = 3000
+    n_pretrain_base_stories: int = 1500
     n_pretrain_base_general: int = 3000
-    n_pretrain_base_facts: int = 3000
-    n_pretrain_base_math: int = 3000
-    n_pretrain_foreign_stories: int = 3000
-    n_pretrain_foreign_math: int = 500
+    n_pretrain_base_facts: int = 2000
+    n_pretrain_base_math: int = 4000
+    n_pretrain_foreign_stories: int = 1500
+    n_pretrain_foreign_general: int = 2000
+    n_pretrain_foreign_math: int = 800
     n_language: int = 2000
     n_task: int = 2000
     n_gate_train: int = 200
@@ -531,9 +542,11 @@ def build_world(seed: int, config: WorldConfig | None = None) -> World:
         p = fresh_problem()
         pretrain.append(f"{problem_question(p, en)}\n{problem_response(p, en)}")
     pretrain += [_story(rng, fo, mx) for _ in range(cfg.n_pretrain_foreign_stories)]
+    pretrain += ["\n".join(_general_example(rng, fo, mx, digits=False))
+                 for _ in range(cfg.n_pretrain_foreign_general)]
     for _ in range(cfg.n_pretrain_foreign_math):
         p = fresh_problem()
-        pretrain.append(f"{problem_question(p, fo, digits=True)}\nAnswer: {p.answer}")
+        pretrain.append(f"{problem_question(p, fo, digits=True)}\n{problem_response(p, fo)}")
     rng.shuffle(pretrain)
 
     return World(seed, cfg, pretrain, language_train, task_train, gate_train, gate_dev, test)
