@@ -159,3 +159,23 @@ def test_malformed_training_file_names_file_and_line(saved_base, capsys):
     rc = main(["train-gate", "--base", str(d / "base"), "--adapter", f"zh={d / 'zh'}", "--train",
                str(d / "bad.jsonl"), "--out", str(d / "out"), "--epochs", "0"])
     assert rc == 2 and "--epochs" in capsys.readouterr().err
+
+
+def test_select_by_dev_accuracy_records_accuracy_each_epoch(saved_base, capsys):
+    d = saved_base
+    rows = [{"query": f"q{i}", "response": f"x The answer is: {i}"} for i in range(4)]
+    (d / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dev = [{"question": f"q{i}", "answer": str(i)} for i in range(3)]
+    (d / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
+    rc = main(["train-gate", "--base", str(d / "base"), "--adapter", f"zh={d / 'zh'}", "--adapter", f"math={d / 'math'}",
+               "--train", str(d / "t.jsonl"), "--dev", str(d / "dev.jsonl"), "--out", str(d / "g"), "--epochs", "2",
+               "--batch-size", "2", "--template", "plain", "--select-by", "dev_accuracy", "--dev-max-new-tokens", "4",
+               "--no-progress"])
+    assert rc == 0
+    log = json.loads((d / "g" / "train_log.json").read_text())
+    assert [sorted(e) for e in log["epochs"]] == [["dev_accuracy", "dev_loss", "epoch"]] * 2
+    assert all(0.0 <= e["dev_accuracy"] <= 1.0 for e in log["epochs"])
+    assert log["best"]["criterion"] == "dev_accuracy"
+    rc = main(["train-gate", "--base", str(d / "base"), "--adapter", f"zh={d / 'zh'}", "--train", str(d / "t.jsonl"),
+               "--out", str(d / "g2"), "--select-by", "dev_accuracy", "--no-progress"])
+    assert rc == 2 and "dev set with answers" in capsys.readouterr().err

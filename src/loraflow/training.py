@@ -321,6 +321,18 @@ def _tokenized(path, tokenizer, template: PromptTemplate, max_length: int, fmt: 
     return examples, usable
 
 
+def _prepare_data(train_path, dev_path, tokenizer, template: PromptTemplate, cfg: TrainConfig, data_format: str):
+    """Tokenized train and dev sets, and the dev-accuracy function when --select-by dev_accuracy."""
+    _, train = _tokenized(train_path, tokenizer, template, cfg.max_length, data_format)
+    dev_examples, dev = _tokenized(dev_path, tokenizer, template, cfg.max_length) if dev_path else ([], None)
+    accuracy = None
+    if cfg.select_by == "dev_accuracy":
+        accuracy = _answer_accuracy(dev_examples, tokenizer, template, cfg.dev_max_new_tokens, cfg.batch_size)
+        if accuracy is None:
+            raise LoraFlowError(f"--select-by dev_accuracy needs a dev set with answers ({dev_path or 'no --dev'})")
+    return train, dev, accuracy
+
+
 def _answer_accuracy(examples: list[Example], tokenizer, template: PromptTemplate, max_new_tokens: int,
                      batch_size: int) -> Callable[[Any], float] | None:
     """Dev accuracy by greedy generation and the official math answer extraction, if the dev set has answers."""
@@ -371,8 +383,7 @@ def train_gate(
     cfg = config or TrainConfig()
     template = template or PromptTemplate()
     tokenizer = tokenizer or _load_tokenizer(base)
-    _, train = _tokenized(train_path, tokenizer, template, cfg.max_length, data_format)
-    dev_examples, dev = (_tokenized(dev_path, tokenizer, template, cfg.max_length) if dev_path else (None, None))
+    train, dev, accuracy = _prepare_data(train_path, dev_path, tokenizer, template, cfg, data_format)
     torch.manual_seed(cfg.seed)
     model = LoraFlowModel.from_pretrained(base, adapters, gate=init_gate, temperature=temperature,
                                           granularity=granularity, torch_dtype=torch_dtype, seed=cfg.seed)
@@ -381,11 +392,6 @@ def train_gate(
         model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if torch.cuda.is_available():
         model.to("cuda")
-    accuracy = None
-    if cfg.select_by == "dev_accuracy":
-        accuracy = _answer_accuracy(dev_examples or [], tokenizer, template, cfg.dev_max_new_tokens, cfg.batch_size)
-        if accuracy is None:
-            raise LoraFlowError(f"--select-by dev_accuracy needs a dev set with answers ({dev_path or 'no --dev'})")
     meta = {"kind": "gate", "train": str(train_path), "dev": str(dev_path) if dev_path else None,
             "template": asdict(template), "temperature": temperature, "granularity": granularity}
     trainable = Trainable(
@@ -434,8 +440,7 @@ def train_lora(
     cfg = config or TrainConfig(lr=2e-4, epochs=3)
     template = template or PromptTemplate()
     tokenizer = tokenizer or _load_tokenizer(base)
-    _, train = _tokenized(train_path, tokenizer, template, cfg.max_length, data_format)
-    dev_examples, dev = (_tokenized(dev_path, tokenizer, template, cfg.max_length) if dev_path else (None, None))
+    train, dev, accuracy = _prepare_data(train_path, dev_path, tokenizer, template, cfg, data_format)
     torch.manual_seed(cfg.seed)
     from loraflow.model import _load_base
 
@@ -457,11 +462,6 @@ def train_lora(
 
         set_peft_model_state_dict(peft_model, load_file(str(d / "adapter_model.safetensors")))
 
-    accuracy = None
-    if cfg.select_by == "dev_accuracy":
-        accuracy = _answer_accuracy(dev_examples or [], tokenizer, template, cfg.dev_max_new_tokens, cfg.batch_size)
-        if accuracy is None:
-            raise LoraFlowError(f"--select-by dev_accuracy needs a dev set with answers ({dev_path or 'no --dev'})")
     params = [p for p in peft_model.parameters() if p.requires_grad]
     meta = {"kind": "lora", "train": str(train_path), "r": r, "alpha": alpha, "dropout": dropout,
             "target_modules": sorted(targets) if not isinstance(targets, str) else targets,
