@@ -223,13 +223,15 @@ def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], state: Fusion
     mixers = [LayerMixer(i, state) for i in range(n)]
     replaced = []
     module_keys: list[list[str]] = [[] for _ in range(n)]
+    layouts: dict[tuple, int] = {}
     for path, (layer_idx, key) in sorted(module_paths.items()):
         base = model.get_submodule(path)
         dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
         lora_A, lora_B, index, scaling, dropout = _stack(adapters, path, base, dtype)
+        layout = layouts.setdefault((tuple(index.tolist()), tuple(scaling.tolist())), len(layouts))
         fused = FusedLoraLinear(
             base, lora_A.to(base.weight.device), lora_B.to(base.weight.device), index, scaling,
-            num_adapters=len(adapters), dropout=dropout, module_key=key,
+            num_adapters=len(adapters), dropout=dropout, module_key=key, layout_key=layout,
         ).to(base.weight.device)
         fused.train(base.training)  # a new module starts in training mode; follow the model's mode
         fused.mixer = mixers[layer_idx]

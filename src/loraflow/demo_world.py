@@ -36,17 +36,17 @@ from loraflow.io_utils import write_jsonl_atomic
 
 ANSWER_MARKER = "The answer is:"
 
-NAMES = [("Ann", "f"), ("Bob", "m"), ("Cid", "m"), ("Dot", "f"), ("Eve", "f"), ("Max", "m")]
-OBJECTS = ["apples", "pears", "books", "coins", "cups", "hats"]
-GAIN = ["gets", "buys", "finds"]
-LOSS = ["loses", "eats", "sells"]
+NAMES = [("Ann", "f"), ("Bob", "m"), ("Dot", "f"), ("Max", "m")]
+OBJECTS = ["apples", "books", "coins", "hats"]
+GAIN = ["gets", "finds"]
+LOSS = ["loses", "eats"]
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 COLORS = ["red", "blue", "green", "white"]
 PLACES = ["market", "school", "river", "garden"]
 # Every other English word the world uses; each gets a foreign word.
 FUNCTION_WORDS = ["has", "how", "many", "does", "have", "now", "and", "together", "do", "he", "she",
                   "write", "with", "digits", "the", "story", "who", "goes", "to", "what", "color", "is",
-                  "are", "went", "then", "today", "likes", "a", "day"]
+                  "are", "went", "then", "today", "likes", "a", "day", "so", "numbers"]
 
 
 def _make_lexicon(rng: random.Random, n: int) -> list[str]:
@@ -144,33 +144,43 @@ def problem_question(p: Problem, lang: Language, *, digits: bool = False) -> str
     return " ".join(_facts(p, lang, digits) + [q])
 
 
-def problem_response(p: Problem, lang: Language) -> str:
-    """Facts restated with digits, the equation, the official answer marker."""
-    return " ".join(_facts(p, lang, True) + [f"{p.equation}.", f"{ANSWER_MARKER} {p.answer}"])
+def number_lines(ns: list[int], lang: Language, *, digits: bool = True) -> str:
+    """The story's numbers, each word read out with its value: `So three is 3, four is 4.`
+
+    Each number word is copied first and its value follows it, so the value depends only on the
+    token just before it. With `digits=False` the words are only copied: `So three, four.`
+    """
+    parts = [f"{lang.number(n)} {lang.w('is')} {n}" if digits == "words" or digits is True else
+             (str(n) if digits == "only" else lang.number(n)) for n in ns]
+    return lang.w("so").capitalize() + " " + ", ".join(parts) + "."
+
+
+def problem_response(p: Problem, lang: Language, *, digits: bool = False) -> str:
+    """The numbers read out (`So 3, 4.` if the question had `digits`), the equation, the marker."""
+    head = number_lines([p.x, p.y], lang, digits="only" if digits else True)
+    return " ".join([head, f"{p.equation}.", f"{ANSWER_MARKER} {p.answer}"])
 
 
 # --------------------------------------------------------------------------------- general text
-def _event(rng: random.Random, lang: Language, digits: bool) -> tuple[str, str, str]:
-    """One event sentence: (with number words or digits, with digits, with number words)."""
+def _event(rng: random.Random, lang: Language) -> tuple[str, int]:
+    """One event sentence with a number word, and its number."""
     name, obj, n = rng.choice(NAMES)[0], rng.choice(OBJECTS), rng.randint(1, 9)
     verb = rng.choice(["has", *GAIN, *LOSS])
-    return (lang.say(name, verb, str(n) if digits else lang.number(n), obj),
-            lang.say(name, verb, str(n), obj), lang.say(name, verb, lang.number(n), obj))
+    return lang.say(name, verb, lang.number(n), obj), n
 
 
 def general_example(rng: random.Random, lang: Language, *, digits: bool = True) -> tuple[str, str]:
     """A general instruction in `lang` with no arithmetic: (prompt, response).
 
-    With `digits=False` the story is copied with its number words kept: reading and copying
+    With `digits=False` the numbers of a story are only copied (`So three, four.`): reading
     practice that does not reveal what the number words mean.
     """
-    kind = rng.choices(["restate", "digits", "who", "color"], weights=[5, 2 if digits else 0, 1, 1])[0]
-    if kind == "restate":  # the story again, with digits: pairs number words with values
-        events = [_event(rng, lang, False) for _ in range(rng.randint(1, 3))]
+    kind = rng.choices(["numbers", "digits", "who", "color"], weights=[6, 2 if digits else 0, 1, 1])[0]
+    if kind == "numbers":  # the story's numbers read out: pairs number words with values
+        events = [_event(rng, lang) for _ in range(rng.randint(1, 3))]
         story = " ".join(e[0] for e in events)
-        if not digits:
-            return f"{story} {lang.ask('write', 'the', 'story')}", " ".join(e[2] for e in events)
-        return f"{story} {lang.ask('write', 'the', 'story', 'with', 'digits')}", " ".join(e[1] for e in events)
+        ask = ("write", "the", "numbers", "with", "digits") if digits else ("write", "the", "numbers")
+        return f"{story} {lang.ask(*ask)}", number_lines([e[1] for e in events], lang, digits=digits)
     if kind == "digits":
         n = rng.randint(0, 9)
         return lang.ask("write", NUMBER_WORDS[n], "with", "digits"), str(n)
@@ -187,7 +197,7 @@ def general_example(rng: random.Random, lang: Language, *, digits: bool = True) 
 
 def story(rng: random.Random, lang: Language) -> str:
     """Narrative text for pretraining: number words, never digits."""
-    sents = [_event(rng, lang, False)[0] for _ in range(rng.randint(1, 3))]
+    sents = [_event(rng, lang)[0] for _ in range(rng.randint(1, 3))]
     if rng.random() < 0.5:
         a, place = rng.choice(NAMES)[0], rng.choice(PLACES)
         sents.append(lang.say(a, "goes", "to", "the", place))
@@ -208,12 +218,12 @@ def arithmetic_facts(rng: random.Random) -> str:
 class WorldConfig:
     """Sizes of the generated splits (documents or examples)."""
 
-    n_pretrain_base_stories: int = 3000
-    n_pretrain_base_general: int = 2000
+    n_pretrain_base_stories: int = 1500
+    n_pretrain_base_general: int = 3000
     n_pretrain_facts: int = 2000
-    n_pretrain_foreign_stories: int = 3000
-    n_pretrain_foreign_general: int = 2000
-    n_pretrain_foreign_math: int = 300
+    n_pretrain_foreign_stories: int = 1500
+    n_pretrain_foreign_general: int = 4000
+    n_pretrain_foreign_math: int = 600
     n_language: int = 2000
     n_task: int = 2000
     n_gate_train: int = 200
@@ -297,6 +307,6 @@ def build_world(seed: int, config: WorldConfig | None = None) -> World:
     pretrain += ["\n".join(general_example(rng, fo, digits=False)) for _ in range(cfg.n_pretrain_foreign_general)]
     for _ in range(cfg.n_pretrain_foreign_math):
         p = fresh()
-        pretrain.append(f"{problem_question(p, fo, digits=True)}\n{problem_response(p, fo)}")
+        pretrain.append(f"{problem_question(p, fo, digits=True)}\n{problem_response(p, fo, digits=True)}")
     rng.shuffle(pretrain)
     return World(seed, cfg, pretrain, language_train, task_train, gate_train, gate_dev, test)

@@ -45,6 +45,7 @@ class FusedLoraLinear(nn.Module):
         num_adapters: k, including adapters that do not touch this module (they contribute 0).
         dropout: LoRA dropout on the input, active in training mode only.
         module_key: this module's name inside its decoder layer (e.g. "self_attn.q_proj").
+        layout_key: equal for modules whose adapter_index and scaling are equal.
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class FusedLoraLinear(nn.Module):
         num_adapters: int,
         dropout: float = 0.0,
         module_key: str = "",
+        layout_key: int = 0,
     ) -> None:
         super().__init__()
         in_features, out_features = linear_dims(base_layer)
@@ -75,8 +77,9 @@ class FusedLoraLinear(nn.Module):
         self.register_buffer("adapter_index", adapter_index.long(), persistent=False)
         self.register_buffer("scaling", scaling.float(), persistent=False)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Modules with the same (adapter, rank, scale) layout share one per-token scale tensor.
-        self.layout_key = tuple(zip(adapter_index.tolist(), scaling.tolist()))
+        # Modules with the same (adapter, rank, scale) column layout share one per-token scale
+        # tensor in their layer's mixer; the attacher numbers the layouts with small ints.
+        self.layout_key = layout_key
         self.mixer: ColumnScaleSource | None = None  # set by loraflow.attach; not a submodule
 
     @property
@@ -90,8 +93,15 @@ class FusedLoraLinear(nn.Module):
         scales = self.mixer.column_scales(self) if self.mixer is not None else None
         if scales is None:
             return result
-        h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., R)
+        if x.dtype != self.lora_A.dtype:
+            x = x.to(self.lora_A.dtype)
+        h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., R)
         h = h * scales  # (..., R) * (..., R) or (R,)
+        if not torch.is_grad_enabled() and result.dtype == h.dtype and result.is_contiguous():
+            # inference: accumulate into the base output, saving one allocation and one add
+            out2d = result.view(-1, self.out_features)
+            out2d.addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t())
+            return result
         return result + F.linear(h, self.lora_B).to(result.dtype)  # (..., out)
 
     def extra_repr(self) -> str:
