@@ -313,3 +313,20 @@ def test_lora_dropout_is_off_at_inference(tmp_path):
     model.train()
     with torch.no_grad(), model.only_adapter("zh"):
         assert not torch.equal(model(input_ids=ids).logits, first)  # and on in training
+
+
+def test_gate_gradients_equal_with_activation_checkpointing(tmp_path):
+    base = build_tiny_model("llama", num_layers=3)
+    adapters = _adapters(base, tmp_path, "llama", [("zh", {}), ("math", dict(r=8))])
+    grads = []
+    for checkpointing in (False, True):
+        model = LoraFlowModel.from_pretrained(copy.deepcopy(base), adapters, seed=0, gate_init_std=0.3)
+        model.train()
+        if checkpointing:
+            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ids = _ids(4)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.gates.named_parameters()})
+    assert all(g.abs().sum() > 0 for g in grads[0].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)

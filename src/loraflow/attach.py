@@ -70,7 +70,11 @@ class LayerMixer:
             self.state.last_weights[self.layer_index] = w
             if self.state.recorder is not None:
                 self.state.recorder[-1][self.layer_index] = w
-        self._hidden = None
+        if not torch.is_grad_enabled():
+            self._hidden = None
+        # With gradients on, the layer's input is kept until the layer's next call: activation
+        # checkpointing in transformers recomputes the layer's `forward` in backward without
+        # re-running the module hooks, and the recomputed fused layers must find it here.
         self._cache = {}
 
     def _gate_weights(self, module: FusedLoraLinear) -> torch.Tensor:
@@ -180,7 +184,7 @@ def _stack(adapters: list[LoraAdapter], module_path: str, base: nn.Module, dtype
         scaling += [weights.scale] * weights.rank
         dropouts.append(adapter.dropout)
     lora_A = torch.cat(a_parts, 0).to(dtype)  # (R, in)
-    lora_B = torch.cat(b_parts, 1).to(dtype)  # (out, R)
+    lora_B = torch.cat([b.t() for b in b_parts], 0).to(dtype).t()  # (out, R), a view of a contiguous (R, out)
     return lora_A, lora_B, torch.tensor(index), torch.tensor(scaling), max(dropouts)
 
 

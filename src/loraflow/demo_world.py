@@ -169,18 +169,20 @@ def _event(rng: random.Random, lang: Language) -> tuple[str, int]:
     return lang.say(name, verb, lang.number(n), obj), n
 
 
-def general_example(rng: random.Random, lang: Language, *, digits: bool = True) -> tuple[str, str]:
+def general_example(rng: random.Random, lang: Language, *, digits: bool = True,
+                    problem: Problem | None = None) -> tuple[str, str]:
     """A general instruction in `lang` with no arithmetic: (prompt, response).
 
     With `digits=False` the numbers of a story are only copied (`So three, four.`): reading
-    practice that does not reveal what the number words mean.
+    practice that does not reveal what the number words mean. A "numbers" story states the two
+    facts of `problem` (default: a random one) without its question.
     """
     kind = rng.choices(["numbers", "digits", "who", "color"], weights=[6, 2 if digits else 0, 1, 1])[0]
-    if kind == "numbers":  # the story's numbers read out: pairs number words with values
-        events = [_event(rng, lang) for _ in range(rng.randint(1, 3))]
-        story = " ".join(e[0] for e in events)
+    if kind == "numbers":  # a two-fact story's numbers read out: pairs number words with values
+        p = sample_problem(rng) if problem is None else problem
         ask = ("write", "the", "numbers", "with", "digits") if digits else ("write", "the", "numbers")
-        return f"{story} {lang.ask(*ask)}", number_lines([e[1] for e in events], lang, digits=digits)
+        story = " ".join(_facts(p, lang, False))
+        return f"{story} {lang.ask(*ask)}", number_lines([p.x, p.y], lang, digits=digits)
     if kind == "digits":
         n = rng.randint(0, 9)
         return lang.ask("write", NUMBER_WORDS[n], "with", "digits"), str(n)
@@ -298,13 +300,14 @@ def build_world(seed: int, config: WorldConfig | None = None) -> World:
     for _ in range(cfg.n_task):
         p = fresh()
         task_train.append({"prompt": problem_question(p, en), "completion": problem_response(p, en)})
-    language_train = [dict(zip(("prompt", "completion"), general_example(rng, fo))) for _ in range(cfg.n_language)]
+    language_train = [dict(zip(("prompt", "completion"), general_example(rng, fo, problem=fresh())))
+                      for _ in range(cfg.n_language)]
 
     pretrain = [story(rng, en) for _ in range(cfg.n_pretrain_base_stories)]
-    pretrain += ["\n".join(general_example(rng, en)) for _ in range(cfg.n_pretrain_base_general)]
+    pretrain += ["\n".join(general_example(rng, en, problem=fresh())) for _ in range(cfg.n_pretrain_base_general)]
     pretrain += [arithmetic_facts(rng) for _ in range(cfg.n_pretrain_facts)]
     pretrain += [story(rng, fo) for _ in range(cfg.n_pretrain_foreign_stories)]
-    pretrain += ["\n".join(general_example(rng, fo, digits=False)) for _ in range(cfg.n_pretrain_foreign_general)]
+    pretrain += ["\n".join(general_example(rng, fo, digits=False, problem=fresh())) for _ in range(cfg.n_pretrain_foreign_general)]
     for _ in range(cfg.n_pretrain_foreign_math):
         p = fresh()
         pretrain.append(f"{problem_question(p, fo, digits=True)}\n{problem_response(p, fo, digits=True)}")
