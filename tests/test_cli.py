@@ -45,3 +45,24 @@ def test_help_starts_fast_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(out.stdout) < 1.0
     subprocess.run([sys.executable, "-m", "loraflow.cli", "--help"], capture_output=True, check=True)
+
+
+def test_generate_prompts_file_text_and_jsonl(saved_base, capsys):
+    import json
+
+    from loraflow.cli import main
+
+    d = saved_base
+    (d / "p.txt").write_text("hello world\n\nthe answer\n")
+    (d / "p.jsonl").write_text(json.dumps({"prompt": "hello world"}) + "\n" + json.dumps({"prompt": "the answer"}) + "\n")
+    outs = []
+    for f in ("p.txt", "p.jsonl"):
+        rc = main(["generate", "--base", str(d / "base"), "--adapter", f"zh={d / 'zh'}", "--prompts-file", str(d / f),
+                   "--max-new-tokens", "4", "--mode", "single:zh"])
+        assert rc == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].count("=== prompt") == 2
+    (d / "bad.jsonl").write_text('{"text": "x"}\n')
+    rc = main(["generate", "--base", str(d / "base"), "--adapter", f"zh={d / 'zh'}", "--prompts-file",
+               str(d / "bad.jsonl")])
+    assert rc == 2 and "bad.jsonl" in capsys.readouterr().err

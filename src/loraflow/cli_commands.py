@@ -172,7 +172,8 @@ def _generate(sub) -> None:
     add_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    src.add_argument("--prompts-file", help="a text file with one prompt per line, or a JSONL file with 'prompt'")
+    src.add_argument("--prompts-file",
+                     help="a text file with one prompt per line, or a .jsonl file with a 'prompt' field per line")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--mode", default="gate", help="gate (default), off, single:NAME or static:w1,w2,...")
@@ -184,7 +185,6 @@ def _generate(sub) -> None:
 
 
 def _read_prompts(args) -> list[str]:
-    import json
     from pathlib import Path
 
     from loraflow.errors import LoraFlowError
@@ -202,8 +202,7 @@ def _read_prompts(args) -> list[str]:
         if missing:
             raise LoraFlowError(f"{path}: line {missing[0]} has no string 'prompt'")
         return [r["prompt"] for r in rows]
-    lines = [json.loads(x) if x.startswith('"') else x for x in path.read_text(encoding="utf-8").splitlines()]
-    return [x for x in lines if x.strip()]
+    return [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 def _run_generate(args: argparse.Namespace) -> int:

@@ -38,32 +38,33 @@ class DemoConfig:
     """Sizes and steps of one demo run (the full run and `--quick` differ only here)."""
 
     world: dict = field(default_factory=dict)  # WorldConfig overrides
-    vocab_size: int = 384
+    vocab_size: int = 1024
     hidden: int = 128
     layers: int = 4
     heads: int = 4
-    pretrain_steps: int = 300
+    pretrain_steps: int = 1000
     pretrain_batch: int = 16
     pretrain_seq_len: int = 128
     pretrain_lr: float = 3e-3
     lora_rank: int = 8
     lora_alpha: int = 16
-    lora_epochs: int = 1
-    lora_lr: float = 3e-3
+    lora_epochs: int = 3
+    lora_lr: float = 5e-3
     lora_batch: int = 16
     gate_epochs: int = 5
     gate_lr: float = 1e-2
     gate_batch: int = 8
-    max_new_tokens: int = 40
+    max_new_tokens: int = 32
     eval_batch: int = 125
     lorahub_budget: int = 40
 
 
 FULL = DemoConfig()
 QUICK = DemoConfig(
-    world={"n_pretrain_base_stories": 1000, "n_pretrain_base_general": 700, "n_pretrain_facts": 700,
-           "n_pretrain_foreign_stories": 1000, "n_pretrain_foreign_math": 100, "n_language": 600, "n_task": 600},
-    pretrain_steps=120, gate_epochs=2, lorahub_budget=10,
+    world={"n_pretrain_base_stories": 500, "n_pretrain_base_general": 1000, "n_pretrain_facts": 700,
+           "n_pretrain_foreign_stories": 500, "n_pretrain_foreign_general": 1300, "n_pretrain_foreign_math": 200,
+           "n_language": 600, "n_task": 600},
+    pretrain_steps=150, lora_epochs=1, gate_epochs=2, lorahub_budget=10,
 )
 
 

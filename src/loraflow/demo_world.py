@@ -145,12 +145,12 @@ def problem_question(p: Problem, lang: Language, *, digits: bool = False) -> str
 
 
 def number_lines(ns: list[int], lang: Language, *, digits: bool = True) -> str:
-    """The story's numbers, each word read out with its value: `So three is 3, four is 4.`
+    """The story's numbers, each word read out with its value: `So three: 3, four: 4.`
 
     Each number word is copied first and its value follows it, so the value depends only on the
     token just before it. With `digits=False` the words are only copied: `So three, four.`
     """
-    parts = [f"{lang.number(n)} {lang.w('is')} {n}" if digits == "words" or digits is True else
+    parts = [f"{lang.number(n)}: {n}" if digits == "words" or digits is True else
              (str(n) if digits == "only" else lang.number(n)) for n in ns]
     return lang.w("so").capitalize() + " " + ", ".join(parts) + "."
 
@@ -182,6 +182,8 @@ def general_example(rng: random.Random, lang: Language, *, digits: bool = True,
         p = sample_problem(rng) if problem is None else problem
         ask = ("write", "the", "numbers", "with", "digits") if digits else ("write", "the", "numbers")
         story = " ".join(_facts(p, lang, False))
+        if rng.random() < 0.5:  # reading a word problem aloud: its numbers (read out with `digits`)
+            return problem_question(p, lang), number_lines([p.x, p.y], lang, digits=digits)
         return f"{story} {lang.ask(*ask)}", number_lines([p.x, p.y], lang, digits=digits)
     if kind == "digits":
         n = rng.randint(0, 9)

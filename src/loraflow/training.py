@@ -196,10 +196,9 @@ def fit(
         raise LoraFlowError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
     if not train:
         raise LoraFlowError("the training set is empty")
-    model, optimizer = trainable.model, None
     optimizer = torch.optim.AdamW(trainable.parameters, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(trainable.model, optimizer)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
