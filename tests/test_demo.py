@@ -24,7 +24,7 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path):
                  "report/table.png", "fusion_weights.png", "fusion_weights.csv", "summary.json"]:
         assert (out / path).is_file(), path
     results = sorted(p.name for p in (out / "results").glob("*.json"))
-    assert results == ["avg.json", "base.json", "lorahub.json", "loraflow.json", "single_lang.json", "single_task.json"]
+    assert results == ["avg.json", "base.json", "loraflow.json", "lorahub.json", "single_lang.json", "single_task.json"]
     for name in results:
         res = json.loads((out / "results" / name).read_text())
         assert res["total"] == 250 and res["seed"] == 0 and 0 <= res["score"] <= 1

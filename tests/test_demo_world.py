@@ -65,3 +65,15 @@ def test_written_files_load_with_loraflow_data(tmp_path):
     assert len(load_examples(paths["language_train"])) == 300
     dev = load_examples(paths["gate_dev"])
     assert len(dev) == 50 and all(e.answer and e.response.endswith(e.answer) for e in dev)
+
+
+def test_number_readout_carries_the_sign_the_equation_needs():
+    w = build_world(0, SMALL)
+    for row in w.task_train + [{"completion": r["response"]} for r in w.gate_train]:
+        m = re.match(r"\w+ \w+: (\d), \w+: (-?\d)\. (\d) ([+-]) (\d) = (\d+)\.", row["completion"])
+        assert m, row["completion"]
+        x, y = int(m.group(1)), int(m.group(2))
+        assert (m.group(4) == "-") == (y < 0) and int(m.group(6)) == x + y
+    # the language LoRA also reads out the numbers of foreign word problems, without solving them
+    questions = [r for r in w.language_train if r["prompt"].endswith("?") and ":" in r["completion"]]
+    assert any("-" in r["completion"] for r in questions) and not any("=" in r["completion"] for r in questions)

@@ -323,7 +323,9 @@ def test_gate_gradients_equal_with_activation_checkpointing(tmp_path):
         model = LoraFlowModel.from_pretrained(copy.deepcopy(base), adapters, seed=0, gate_init_std=0.3)
         model.train()
         if checkpointing:
-            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from loraflow.training import _enable_checkpointing
+
+            _enable_checkpointing(model.model)
         ids = _ids(4)
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.gates.named_parameters()})

@@ -51,8 +51,8 @@ class DemoConfig:
     lora_epochs: int = 3
     lora_lr: float = 5e-3
     lora_batch: int = 16
-    gate_epochs: int = 5
-    gate_lr: float = 1e-2
+    gate_epochs: int = 15
+    gate_lr: float = 3e-2
     gate_batch: int = 8
     max_new_tokens: int = 32
     eval_batch: int = 125

@@ -6,13 +6,15 @@ Two languages share the people and the arithmetic and differ in every word:
 * the **foreign** language is generated from the seed: its own word for every English word,
   number words included (`Ann tiru zolo kapel.`). People's names are shared.
 
-A word problem is answered step by step: first the facts are restated with digits, then the
-equation, then the official marker: `Ann has 3 apples. She gets 4 apples. 3 + 4 = 7. The answer
-is: 7`. The two halves need two different skills, and the data splits them across the LoRAs:
+A word problem is answered step by step: first its numbers are read out, each number word with
+its value (an amount lost as negative), then the equation, then the official marker:
+`So seven: 7, two: -2. 7 - 2 = 5. The answer is: 5`. The two halves need two different skills,
+and the data splits them across the LoRAs:
 
-* `language_train` (language LoRA): foreign instructions with **no arithmetic**: restate a short
-  foreign story with digits, write a number word with digits, answer who/what questions. It is
-  the only data that pairs foreign number words with their values.
+* `language_train` (language LoRA): foreign instructions with **no arithmetic**: read out the
+  numbers of a short foreign story or of a foreign word problem (without solving it), write a
+  number word with digits, answer who/what questions. It is the only data that pairs foreign
+  number words (and gain/loss verbs) with their values.
 * `task_train` (task LoRA): base-language word problems with their step-by-step answers.
 * `gate_train` (200) / `gate_dev` / `test` (250): foreign word problems (number words in the
   question), answered as above in the foreign language: the restatement needs the language
@@ -144,20 +146,26 @@ def problem_question(p: Problem, lang: Language, *, digits: bool = False) -> str
     return " ".join(_facts(p, lang, digits) + [q])
 
 
-def number_lines(ns: list[int], lang: Language, *, digits: bool = True) -> str:
+def number_lines(ns: list[int], lang: Language, *, digits: bool | str = True, loss: bool = False) -> str:
     """The story's numbers, each word read out with its value: `So three: 3, four: 4.`
 
     Each number word is copied first and its value follows it, so the value depends only on the
-    token just before it. With `digits=False` the words are only copied: `So three, four.`
+    token just before it (and, with `loss`, on the story's verb: an amount lost is read out as
+    negative, `So seven: 7, two: -2.`, which is all the equation needs to know about the verb).
+    With `digits=False` the words are only copied: `So three, four.`; with `digits="only"` only
+    the values are written: `So 7, -2.`
     """
-    parts = [f"{lang.number(n)}: {n}" if digits == "words" or digits is True else
-             (str(n) if digits == "only" else lang.number(n)) for n in ns]
+    vals = [str(n) for n in ns]
+    if loss:
+        vals[-1] = f"-{ns[-1]}"
+    parts = [f"{lang.number(n)}: {v}" if digits is True else (v if digits == "only" else lang.number(n))
+             for n, v in zip(ns, vals)]
     return lang.w("so").capitalize() + " " + ", ".join(parts) + "."
 
 
 def problem_response(p: Problem, lang: Language, *, digits: bool = False) -> str:
     """The numbers read out (`So 3, 4.` if the question had `digits`), the equation, the marker."""
-    head = number_lines([p.x, p.y], lang, digits="only" if digits else True)
+    head = number_lines([p.x, p.y], lang, digits="only" if digits else True, loss=p.verb in LOSS)
     return " ".join([head, f"{p.equation}.", f"{ANSWER_MARKER} {p.answer}"])
 
 
@@ -183,8 +191,8 @@ def general_example(rng: random.Random, lang: Language, *, digits: bool = True,
         ask = ("write", "the", "numbers", "with", "digits") if digits else ("write", "the", "numbers")
         story = " ".join(_facts(p, lang, False))
         if rng.random() < 0.5:  # reading a word problem aloud: its numbers (read out with `digits`)
-            return problem_question(p, lang), number_lines([p.x, p.y], lang, digits=digits)
-        return f"{story} {lang.ask(*ask)}", number_lines([p.x, p.y], lang, digits=digits)
+            return problem_question(p, lang), number_lines([p.x, p.y], lang, digits=digits, loss=p.verb in LOSS)
+        return f"{story} {lang.ask(*ask)}", number_lines([p.x, p.y], lang, digits=digits, loss=p.verb in LOSS)
     if kind == "digits":
         n = rng.randint(0, 9)
         return lang.ask("write", NUMBER_WORDS[n], "with", "digits"), str(n)

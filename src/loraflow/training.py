@@ -388,7 +388,7 @@ def train_gate(
                                           granularity=granularity, torch_dtype=torch_dtype, seed=cfg.seed)
     model.freeze_all_but_gates()
     if cfg.gradient_checkpointing:
-        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model.model)
     if torch.cuda.is_available():
         model.to("cuda")
     meta = {"kind": "gate", "train": str(train_path), "dev": str(dev_path) if dev_path else None,
@@ -449,7 +449,7 @@ def train_lora(
                           task_type="CAUSAL_LM", bias="none")
     peft_model = get_peft_model(model, lora_cfg)
     if cfg.gradient_checkpointing:
-        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(peft_model.get_base_model())
     if torch.cuda.is_available():
         peft_model.to("cuda")
 
@@ -469,6 +469,14 @@ def train_lora(
               resume=resume, dev_accuracy=accuracy, run_info=meta)
     out_dir = Path(out_dir)
     return TrainResult(out_dir, out_dir / "best", out_dir / "last", sum(p.numel() for p in params), log)
+
+
+def _enable_checkpointing(model) -> None:
+    """Activation checkpointing of every decoder layer (non-reentrant), by the name this transformers has."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _lora_targets(model, requested: Sequence[str] | str | None) -> list[str] | str:
