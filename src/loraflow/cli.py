@@ -16,6 +16,14 @@ from loraflow.cli_commands import REGISTRARS
 from loraflow.errors import LoraFlowError
 
 
+_HELP_ORDER = ["demo", "generate", "inspect", "convert-gate", "train-gate", "train-lora", "eval", "score", "report"]
+
+
+def _help_position(register) -> int:
+    name = register.__name__.strip("_").replace("_", "-")
+    return _HELP_ORDER.index(name) if name in _HELP_ORDER else len(_HELP_ORDER)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraflow",
@@ -23,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"loraflow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in REGISTRARS:
+    for register in sorted(REGISTRARS, key=_help_position):
         register(sub)
     return parser
 
