@@ -170,3 +170,19 @@ def build_toy_lora_pair(tmp: Path) -> dict:
     (tmp / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gate_rows[16:]))
     return dict(base=base, adapters=adapters, train=tmp / "train.jsonl", dev=tmp / "dev.jsonl",
                 tokenizer=tokenizer, template=plain)
+
+
+def run_cli(args: list[str], *, processes: int = 1, timeout: int = 300):
+    """Run `loraflow ARGS` in a fresh process, or under `accelerate launch` with N CPU processes (gloo)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = [sys.executable, "-m", "loraflow.cli"]
+    if processes > 1:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "-m", "loraflow.cli"]
+    done = subprocess.run([*launcher, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_cli
 
 from loraflow.cli import main
 
@@ -100,15 +98,8 @@ def test_two_processes_give_identical_results(saved_base, math_test):
     args = ["eval", "--base", str(d / "base"), "--adapter", f"zh={d / 'zh'}", "--adapter", f"math={d / 'math'}",
             "--method", "avg", "--task", "math", "--lang", "zh", "--data", str(math_test), "--max-new-tokens", "6",
             "--batch-size", "1", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    one = subprocess.run([sys.executable, "-m", "loraflow.cli", *args, "--out", str(d / "one.json")], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
-                          "loraflow.cli", *args, "--out", str(d / "two.json")], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+    run_cli([*args, "--out", str(d / "one.json")])
+    run_cli([*args, "--out", str(d / "two.json")], processes=2)
     a, b = json.loads((d / "one.json").read_text()), json.loads((d / "two.json").read_text())
     assert b["num_processes"] == 2 and a["num_processes"] == 1
     assert a["examples"] == b["examples"] and a["score"] == b["score"]
