@@ -259,10 +259,8 @@ def strict_answer(text: str) -> Fraction | None:
         word = _first_word_after_last(text, marker)
         if word is not None:
             return parse_number(word)
-    last = None
-    for last in _NUMBER.finditer(text):
-        pass
-    return _match_value(last) if last else None
+    matches = list(_NUMBER.finditer(text))
+    return _match_value(matches[-1]) if matches else None
 
 
 def format_number(value: Fraction | None) -> str | None:
