@@ -595,12 +595,12 @@ def _demo(sub) -> None:
             "runs the same loraflow command a user would (printed as it runs). No network, no GPU."
         ),
         epilog=("examples:\n  loraflow demo                      # ~3 min on 2 cores, writes ./loraflow-demo\n"
-                "  loraflow demo --quick --out /tmp/d # ~35 s smoke run\n"
+                "  loraflow demo --quick --out /tmp/d # ~80 s, smaller and weaker\n"
                 "  loraflow demo --seed 1 --force     # another world, every step redone"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="loraflow-demo", help="artifact directory (default: ./loraflow-demo)")
-    p.add_argument("--quick", action="store_true", help="a smaller, faster run (about a minute; used by CI)")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (under 90 s; used by CI)")
     p.add_argument("--force", action="store_true", help="redo every step instead of reusing finished ones")
     add_seed(p)
     p.set_defaults(func=_run_demo)

@@ -64,7 +64,7 @@ QUICK = DemoConfig(
     world={"n_pretrain_base_stories": 500, "n_pretrain_base_general": 1000, "n_pretrain_facts": 700,
            "n_pretrain_foreign_stories": 500, "n_pretrain_foreign_general": 1300, "n_pretrain_foreign_math": 200,
            "n_language": 600, "n_task": 600},
-    pretrain_steps=150, lora_epochs=1, gate_epochs=2, lorahub_budget=10,
+    pretrain_steps=450, lora_epochs=2, gate_epochs=10, lorahub_budget=10,
 )
 
 
