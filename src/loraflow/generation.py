@@ -53,7 +53,6 @@ def generate_texts(
         capture_weights: also return each output token's fusion weights (LoraFlowModel in gate mode).
         progress: called with the number of prompts finished after each batch.
     """
-    tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     eos = tokenizer.eos_token_id
@@ -62,7 +61,8 @@ def generate_texts(
     results: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start:start + batch_size])
-        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
+        enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=add_special_tokens).to(device)
         kwargs = dict(
             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=list(eos_ids) or None,
