@@ -168,3 +168,20 @@ def test_select_by_dev_accuracy_records_accuracy_each_epoch(saved_base, capsys):
     rc = main(["train-gate", "--base", str(d / "base"), "--adapter", f"zh={d / 'zh'}", "--train", str(d / "t.jsonl"),
                "--out", str(d / "g2"), "--select-by", "dev_accuracy", "--no-progress"])
     assert rc == 2 and "dev set with answers" in capsys.readouterr().err
+
+
+def test_bf16_autocast_with_checkpointing_trains_fp32_gates(saved_base):
+    from safetensors.torch import load_file
+
+    d = saved_base
+    (d / "t.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a {i}"}) + "\n" for i in range(8)))
+    rc = main(["train-gate", "--base", str(d / "base"), "--adapter", f"zh={d / 'zh'}", "--adapter", f"math={d / 'math'}",
+               "--train", str(d / "t.jsonl"), "--out", str(d / "g"), "--template", "plain", "--epochs", "2",
+               "--batch-size", "4", "--lr", "1e-2", "--mixed-precision", "bf16", "--gradient-checkpointing",
+               "--no-progress"])
+    assert rc == 0
+    log = json.loads((d / "g" / "train_log.json").read_text())
+    assert log["config"]["mixed_precision"] == "bf16" and all(s["loss"] == s["loss"] for s in log["steps"])
+    gate = load_file(str(d / "g" / "last" / "gate.safetensors"))
+    assert all(v.dtype == torch.float32 for v in gate.values())
+    assert not torch.equal(gate["layers.0.bias"], torch.tensor([[-0.5, 0.5]]))  # it trained
