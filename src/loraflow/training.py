@@ -189,7 +189,12 @@ def fit(
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    from accelerate.state import AcceleratorState
+
     out_dir = Path(out_dir)
+    # Accelerate keeps one process-wide state; forget the previous run's precision (the process
+    # group, if any, is kept) so that several runs in one Python process may each choose their own.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.batch_size % world:
