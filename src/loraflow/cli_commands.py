@@ -110,7 +110,7 @@ def add_model_args(p: argparse.ArgumentParser, *, gate: bool = True) -> None:
 def build_model_from_args(args: argparse.Namespace, *, gate_required: bool = False):
     """A LoraFlowModel and its tokenizer from the options of add_model_args."""
     from loraflow.errors import LoraFlowError
-    from loraflow.model import LoraFlowModel
+    from loraflow.model import LoraFlowModel, load_tokenizer
 
     adapters = parse_adapters(args.adapter)
     gate = getattr(args, "gate", None)
@@ -121,17 +121,6 @@ def build_model_from_args(args: argparse.Namespace, *, gate_required: bool = Fal
         torch_dtype=args.dtype, device=args.device, seed=getattr(args, "seed", None),
     )
     return model, load_tokenizer(args.base)
-
-
-def load_tokenizer(base: str):
-    from transformers import AutoTokenizer
-
-    from loraflow.errors import LoraFlowError
-
-    try:
-        return AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError) as e:
-        raise LoraFlowError(f"{base}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
 
 
 def apply_mode(model, mode: str) -> None:
@@ -366,7 +355,7 @@ def _run_train_gate(args: argparse.Namespace) -> int:
     result = train_gate(
         args.base, parse_adapters(args.adapter), args.train, args.out, dev_path=args.dev,
         config=train_config_from_args(args), template=template_from_args(args),
-        tokenizer=load_tokenizer(args.base), temperature=args.temperature or 1.0, granularity=args.granularity,
+        temperature=args.temperature or 1.0, granularity=args.granularity,
         init_gate=args.gate, torch_dtype=args.dtype, resume=args.resume, data_format=args.data_format,
     )
     print(f"trainable parameters: {result.trainable_parameters:,} (gates only)")
@@ -404,7 +393,7 @@ def _run_train_lora(args: argparse.Namespace) -> int:
     targets = [t.strip() for t in args.target_modules.split(",")] if args.target_modules else None
     result = train_lora(
         args.base, args.train, args.out, dev_path=args.dev, config=train_config_from_args(args),
-        template=template_from_args(args), tokenizer=load_tokenizer(args.base), r=args.rank, alpha=args.alpha,
+        template=template_from_args(args), r=args.rank, alpha=args.alpha,
         dropout=args.dropout, target_modules=targets, torch_dtype=args.dtype, resume=args.resume,
         data_format=args.data_format,
     )

@@ -160,7 +160,9 @@ def evaluate(
         rows = rows[: cfg.limit]
     torch.manual_seed(cfg.seed)
     state = PartialState(cpu=not torch.cuda.is_available())
-    tokenizer = _tokenizer(base)
+    from loraflow.model import load_tokenizer
+
+    tokenizer = load_tokenizer(base)
     prompts = build_prompts(rows, cfg, tokenizer)
     model = _build_model(base, adapters, kind, gate if kind == "loraflow" else None, cfg, torch_dtype, device)
 
@@ -213,15 +215,6 @@ def evaluate(
         result["adapter_role"] = adapter_role
     write_json_atomic(out_path, result)
     return result
-
-
-def _tokenizer(base):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(base))
-    except (OSError, ValueError) as e:
-        raise LoraFlowError(f"{base}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
 
 
 def _build_model(base, adapters, kind, gate, cfg: EvalConfig, torch_dtype, device):

@@ -23,7 +23,7 @@ class Generation:
     weights: torch.Tensor | None = None
 
 
-def _new_token_ids(row: torch.Tensor, eos_ids: set[int], pad_id: int | None) -> list[int]:
+def _new_token_ids(row: torch.Tensor, eos_ids: set[int]) -> list[int]:
     out = []
     for t in row.tolist():
         if t in eos_ids:
@@ -84,7 +84,7 @@ def generate_texts(
             allw = torch.cat(frames, dim=2)  # (L, B, prompt_len + steps - 1, k)
             per_token = allw[:, :, prompt_len - 1:, :]
         for i, prompt in enumerate(batch):
-            ids = _new_token_ids(new[i], eos_ids, tokenizer.pad_token_id)
+            ids = _new_token_ids(new[i], eos_ids)
             text = truncate_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop_strings)
             w = per_token[:, i, : len(ids), :].cpu() if per_token is not None else None
             results.append(Generation(prompt=prompt, text=text, token_ids=ids, weights=w))

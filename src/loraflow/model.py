@@ -289,6 +289,19 @@ class LoraFlowModel(nn.Module):
         return self.model
 
 
+def load_tokenizer(base):
+    """The tokenizer saved with `base` (a path, hub name, or an in-memory model loaded from one)."""
+    from transformers import AutoTokenizer
+
+    path = base if isinstance(base, (str, os.PathLike)) else getattr(base.config, "name_or_path", None)
+    if not path:
+        raise LoraFlowError("pass tokenizer= when the base model is an in-memory module")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise LoraFlowError(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+
+
 def _load_base(base, torch_dtype, model_kwargs) -> nn.Module:
     if isinstance(base, nn.Module):
         return base

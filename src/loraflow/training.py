@@ -382,11 +382,11 @@ def train_gate(
 
     Writes OUT/best and OUT/last (loraflow gate directories), OUT/train_log.json.
     """
-    from loraflow.model import LoraFlowModel
+    from loraflow.model import LoraFlowModel, load_tokenizer
 
     cfg = config or TrainConfig()
     template = template or PromptTemplate()
-    tokenizer = tokenizer or _load_tokenizer(base)
+    tokenizer = tokenizer or load_tokenizer(base)
     train, dev, accuracy = _prepare_data(train_path, dev_path, tokenizer, template, cfg, data_format)
     torch.manual_seed(cfg.seed)
     model = LoraFlowModel.from_pretrained(base, adapters, gate=init_gate, temperature=temperature,
@@ -441,13 +441,13 @@ def train_lora(
     all attention and MLP projections). OUT/best and OUT/last are standard PEFT adapter directories."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
+    from loraflow.model import _load_base, load_tokenizer
+
     cfg = config or TrainConfig(lr=2e-4, epochs=3)
     template = template or PromptTemplate()
-    tokenizer = tokenizer or _load_tokenizer(base)
+    tokenizer = tokenizer or load_tokenizer(base)
     train, dev, accuracy = _prepare_data(train_path, dev_path, tokenizer, template, cfg, data_format)
     torch.manual_seed(cfg.seed)
-    from loraflow.model import _load_base
-
     model = _load_base(base, torch_dtype, {})
     targets = _lora_targets(model, target_modules)
     lora_cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
@@ -501,15 +501,3 @@ def _pairs(adapters) -> list[tuple[str, str]]:
 def _pad_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id
     return pad if pad is not None else tokenizer.eos_token_id
-
-
-def _load_tokenizer(base):
-    from transformers import AutoTokenizer
-
-    path = base if isinstance(base, (str, os.PathLike)) else getattr(base.config, "name_or_path", None)
-    if not path:
-        raise LoraFlowError("pass tokenizer= when the base model is an in-memory module")
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise LoraFlowError(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
