@@ -37,7 +37,7 @@ def install(model, variant: str) -> None:
     import torch
     import torch.nn.functional as F
 
-    from loraflow.fused_linear import FusedLoraLinear
+    from loraflow.core.fused_linear import FusedLoraLinear
 
     if not hasattr(FusedLoraLinear, "_library_forward"):
         FusedLoraLinear._library_forward = FusedLoraLinear.forward

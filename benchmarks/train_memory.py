@@ -9,10 +9,10 @@ Every configuration runs in its own fresh interpreter:
 
 * base forward: the base model, one forward over the first batch, no autograd.
 * loraflow forward (plain inference): LoraFlowModel (k = 2, dynamic gate), the same forward.
-* gate training: `loraflow.training.train_gate` over the whole file (`--examples`, batch
+* gate training: `loraflow.train.training.train_gate` over the whole file (`--examples`, batch
   `--batch-size`, one epoch, progress off): every step backpropagates through all layers to the gates.
 * the same with `gradient_checkpointing=True` (activations recomputed in the backward pass).
-* LoRA training step: `loraflow.training.train_lora` (PEFT, rank 16, the seven projections) on the
+* LoRA training step: `loraflow.train.training.train_lora` (PEFT, rank 16, the seven projections) on the
   first batch only, i.e. exactly one optimizer step.
 
 Each worker loads the base model first; its RSS then is the phase's starting point. Memory is the
@@ -95,8 +95,8 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from loraflow.data import PromptTemplate, collate, encode_examples, load_examples
-    from loraflow.training import TrainConfig, train_gate, train_lora
+    from loraflow.data.formats import PromptTemplate, collate, encode_examples, load_examples
+    from loraflow.train.training import TrainConfig, train_gate, train_lora
 
     set_threads(args.threads)
     assets = json.loads(Path(args.assets).read_text())

@@ -148,8 +148,8 @@ def build_toy_lora_pair(tmp: Path) -> dict:
 
     import torch
 
-    from loraflow.data import PromptTemplate
-    from loraflow.training import TrainConfig, train_lora
+    from loraflow.data.formats import PromptTemplate
+    from loraflow.train.training import TrainConfig, train_lora
 
     plain = PromptTemplate(kind="plain")
     tokenizer = build_tokenizer()

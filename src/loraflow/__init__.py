@@ -11,20 +11,20 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "LoraFlowModel": "loraflow.model",
-    "FusionGate": "loraflow.gate",
-    "GateConfig": "loraflow.gate",
-    "FusedLoraLinear": "loraflow.fused_linear",
-    "LoraFlowError": "loraflow.errors",
+    "LoraFlowModel": "loraflow.core.model",
+    "FusionGate": "loraflow.core.gate",
+    "GateConfig": "loraflow.core.gate",
+    "FusedLoraLinear": "loraflow.core.fused_linear",
+    "LoraFlowError": "loraflow.common.errors",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from loraflow.errors import LoraFlowError
-    from loraflow.fused_linear import FusedLoraLinear
-    from loraflow.gate import FusionGate, GateConfig
-    from loraflow.model import LoraFlowModel
+    from loraflow.common.errors import LoraFlowError
+    from loraflow.core.fused_linear import FusedLoraLinear
+    from loraflow.core.gate import FusionGate, GateConfig
+    from loraflow.core.model import LoraFlowModel
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,271 @@
+"""Attaching fused LoRA layers and fusion gates to an unmodified Hugging Face decoder model.
+
+Two mechanisms, nothing forked:
+- every adapted linear module is replaced (as a module) by a `FusedLoraLinear` wrapping it;
+- every decoder layer gets a forward pre-hook that reads the hidden state entering the layer
+  (before its input layernorm) and hands it to that layer's `LayerMixer`, and a forward hook
+  that records the layer's fusion weights and clears the per-call state.
+
+Decoder layers and adapted modules are found from the model and the adapter weights, never from
+hard-coded architecture names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from loraflow.core.adapters import LoraAdapter
+from loraflow.common.errors import LoraFlowError
+from loraflow.core.fused_linear import FusedLoraLinear, linear_dims
+from loraflow.core.gate import GateBank
+
+MODES = ("gate", "static", "off")
+
+
+@dataclass
+class FusionState:
+    """How the adapters are mixed right now; owned by the LoraFlowModel, read by every mixer.
+
+    mode "gate": per-token weights from the gates; "static": the same weights `static_weights`
+    (k,) for every token and layer; "off": base model only.
+    """
+
+    gates: GateBank
+    mode: str = "gate"
+    static_weights: torch.Tensor | None = None
+    num_layers: int = 0
+    last_weights: list[torch.Tensor | None] = field(default_factory=list)
+    recorder: list[list[torch.Tensor | None]] | None = None
+
+    def start_forward(self) -> None:
+        """Called as the first decoder layer starts: forget the previous forward's weights."""
+        self.last_weights = [None] * self.num_layers
+        if self.recorder is not None:
+            self.recorder.append([None] * self.num_layers)
+
+
+class LayerMixer:
+    """Per-decoder-layer fusion state: set by the layer's pre-hook, read by its fused linears."""
+
+    def __init__(self, layer_index: int, state: FusionState) -> None:
+        self.layer_index = layer_index
+        self.state = state
+        self._hidden: torch.Tensor | None = None
+        self._cache: dict = {}
+
+    def begin(self, hidden: torch.Tensor) -> None:
+        if self.layer_index == 0:
+            self.state.start_forward()
+        self._hidden = hidden
+        self._cache = {}
+
+    def end(self) -> None:
+        weights = self._cache.get("weights")
+        if weights is not None:
+            w = torch.stack(list(weights.values())).mean(0) if isinstance(weights, dict) else weights
+            w = w.detach()
+            self.state.last_weights[self.layer_index] = w
+            if self.state.recorder is not None:
+                self.state.recorder[-1][self.layer_index] = w
+        if not torch.is_grad_enabled():
+            self._hidden = None
+        # With gradients on, the layer's input is kept until the layer's next call: activation
+        # checkpointing in transformers recomputes the layer's `forward` in backward without
+        # re-running the module hooks, and the recomputed fused layers must find it here.
+        self._cache = {}
+
+    def _gate_weights(self, module: FusedLoraLinear) -> torch.Tensor:
+        if self._hidden is None:
+            raise RuntimeError("fused LoRA layer called outside its decoder layer's forward")
+        gates = self.state.gates
+        if gates.config.granularity == "module":
+            per_module = self._cache.setdefault("weights", {})
+            if module.module_key not in per_module:
+                per_module[module.module_key] = gates.gate(self.layer_index, module.module_key)(self._hidden)
+            return per_module[module.module_key]
+        if "weights" not in self._cache:
+            self._cache["weights"] = gates.gate(self.layer_index)(self._hidden)  # (B, T, k)
+        return self._cache["weights"]
+
+    def column_scales(self, module: FusedLoraLinear) -> torch.Tensor | None:
+        """Per-token (or static) scale of every rank column of `module`, or None when off."""
+        mode = self.state.mode
+        if mode == "off":
+            return None
+        granular = self.state.gates.config.granularity == "module" and mode == "gate"
+        key = (module.module_key if granular else None, module.layout_key)
+        scales = self._cache.get(key)
+        if scales is None:
+            if mode == "static":
+                weights = self.state.static_weights.to(module.scaling.device)  # (k,)
+            else:
+                weights = self._gate_weights(module)  # (B, T, k)
+            scales = (weights[..., module.adapter_index] * module.scaling).to(module.lora_A.dtype)
+            self._cache[key] = scales
+        return scales
+
+
+@dataclass
+class Attachment:
+    """What attach_adapters changed, so it can be undone."""
+
+    layers_path: str
+    mixers: list[LayerMixer]
+    replaced: list[tuple[nn.Module, str, nn.Module]]  # (parent, attribute, original module)
+    hooks: list = field(default_factory=list)
+    module_keys: list[list[str]] = field(default_factory=list)
+
+    def detach(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        for parent, attr, original in self.replaced:
+            setattr(parent, attr, original)
+        self.hooks, self.replaced = [], []
+
+
+def num_hidden_layers(model: nn.Module) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(config, "num_hidden_layers", None)
+    if not n:
+        raise LoraFlowError(f"unknown architecture {type(model).__name__}: its config has no num_hidden_layers")
+    return int(n)
+
+
+def hidden_size(model: nn.Module) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.hidden_size)
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder layers: as long as num_hidden_layers, holding the most parameters."""
+    n = num_hidden_layers(model)
+    candidates = [
+        (sum(p.numel() for p in mod.parameters()), name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) == n and n > 0
+    ]
+    if not candidates:
+        raise LoraFlowError(
+            f"unknown architecture {type(model).__name__}: found no list of {n} decoder layers in the model"
+        )
+    _, name, layers = max(candidates, key=lambda c: c[0])
+    return name, layers
+
+
+def _layer_of(module_path: str, layers_path: str, n: int) -> tuple[int, str] | None:
+    prefix = f"{layers_path}." if layers_path else ""
+    if not module_path.startswith(prefix):
+        return None
+    idx, _, key = module_path[len(prefix):].partition(".")
+    if not idx.isdigit() or int(idx) >= n or not key:
+        return None
+    return int(idx), key
+
+
+def _stack(adapters: list[LoraAdapter], module_path: str, base: nn.Module, dtype: torch.dtype):
+    in_f, out_f = linear_dims(base)
+    a_parts, b_parts, index, scaling, dropouts = [], [], [], [], []
+    for i, adapter in enumerate(adapters):
+        weights = adapter.modules.get(module_path)
+        if weights is None:
+            continue  # this adapter does not touch the module: it contributes 0
+        if weights.lora_A.shape[1] != in_f or weights.lora_B.shape[0] != out_f:
+            raise LoraFlowError(
+                f"adapter '{adapter.name}' ({adapter.path}) does not fit the base model: module {module_path} "
+                f"is {in_f}->{out_f} but the adapter has A {tuple(weights.lora_A.shape)}, "
+                f"B {tuple(weights.lora_B.shape)} (trained on another base?)"
+            )
+        a_parts.append(weights.lora_A)
+        b_parts.append(weights.lora_B)
+        index += [i] * weights.rank
+        scaling += [weights.scale] * weights.rank
+        dropouts.append(adapter.dropout)
+    lora_A = torch.cat(a_parts, 0).to(dtype)  # (R, in)
+    lora_B = torch.cat([b.t() for b in b_parts], 0).to(dtype).t()  # (out, R), a view of a contiguous (R, out)
+    return lora_A, lora_B, torch.tensor(index), torch.tensor(scaling), max(dropouts)
+
+
+def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], state: FusionState) -> Attachment:
+    """Replace every adapted module by a FusedLoraLinear and hook the decoder layers.
+
+    The adapters' tensors are moved into the stacked form and dropped from `adapters`, so the
+    weights are held once.
+
+    Raises:
+        LoraFlowError: an adapter names a module the model lacks, outside a decoder layer, of an
+            unsupported type, or of a different shape.
+    """
+    layers_path, layers = find_decoder_layers(model)
+    n = len(layers)
+    module_paths: dict[str, tuple[int, str]] = {}
+    for adapter in adapters:
+        for path in adapter.modules:
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                raise LoraFlowError(
+                    f"adapter '{adapter.name}' ({adapter.path}) targets {path}, which the base model "
+                    f"{type(model).__name__} does not have (trained on another base?)"
+                ) from None
+            where = _layer_of(path, layers_path, n)
+            if where is None:
+                raise LoraFlowError(
+                    f"adapter '{adapter.name}' ({adapter.path}) adapts {path}, which is outside the decoder "
+                    f"layers ({layers_path}); only modules inside decoder layers can be fused"
+                )
+            try:
+                linear_dims(module)
+            except TypeError as e:
+                raise LoraFlowError(f"adapter '{adapter.name}' ({adapter.path}): {path}: {e}") from None
+            module_paths[path] = where
+
+    state.num_layers = n
+    state.last_weights = [None] * n
+    mixers = [LayerMixer(i, state) for i in range(n)]
+    replaced = []
+    module_keys: list[list[str]] = [[] for _ in range(n)]
+    layouts: dict[tuple, int] = {}
+    for path, (layer_idx, key) in sorted(module_paths.items()):
+        base = model.get_submodule(path)
+        dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
+        lora_A, lora_B, index, scaling, dropout = _stack(adapters, path, base, dtype)
+        layout = layouts.setdefault((tuple(index.tolist()), tuple(scaling.tolist())), len(layouts))
+        fused = FusedLoraLinear(
+            base, lora_A.to(base.weight.device), lora_B.to(base.weight.device), index, scaling,
+            num_adapters=len(adapters), dropout=dropout, module_key=key, layout_key=layout,
+        ).to(base.weight.device)
+        fused.train(base.training)  # a new module starts in training mode; follow the model's mode
+        fused.mixer = mixers[layer_idx]
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        setattr(parent, attr, fused)
+        replaced.append((parent, attr, base))
+        module_keys[layer_idx].append(key)
+    for adapter in adapters:
+        adapter.modules.clear()  # the stacked copies are now the only ones
+
+    attachment = Attachment(layers_path, mixers, replaced, module_keys=module_keys)
+    for i, layer in enumerate(layers):
+        attachment.hooks.append(layer.register_forward_pre_hook(_pre_hook(mixers[i]), with_kwargs=True))
+        attachment.hooks.append(layer.register_forward_hook(_post_hook(mixers[i]), always_call=True))
+    return attachment
+
+
+def _pre_hook(mixer: LayerMixer):
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if hidden is None:
+            raise RuntimeError(f"decoder layer {mixer.layer_index} was called without hidden states")
+        mixer.begin(hidden)
+
+    return hook
+
+
+def _post_hook(mixer: LayerMixer):
+    def hook(module, args, output):
+        mixer.end()
+
+    return hook

@@ -1,0 +1,409 @@
+"""LoraFlowModel: a Hugging Face causal LM with k LoRA adapters fused per token by trained gates.
+
+    model = LoraFlowModel.from_pretrained("base", adapters={"zh": "lora-zh", "math": "lora-math"},
+                                          gate="zh_math.pt")
+    model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=64)
+
+Modes (explicit and reversible): gates (default), static weights (Avg / LoRAHub baselines), one
+adapter alone, or adapters off, all over the same fused layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loraflow.core.adapters import load_adapter
+from loraflow.core.attach import Attachment, FusionState, attach_adapters, hidden_size, num_hidden_layers
+from loraflow.core.checkpoints import (
+    is_official_gate_file,
+    load_gate_checkpoint,
+    load_official_gate,
+    save_gate_checkpoint,
+)
+from loraflow.common.errors import LoraFlowError
+from loraflow.core.fusion_spec import FusionSpec, parse_fusion
+from loraflow.core.gate import GateBank, GateConfig
+
+AdapterSpec = Mapping[str, "str | os.PathLike"] | Sequence[tuple[str, "str | os.PathLike"]]
+
+
+class LoraFlowModel(nn.Module):
+    """A base causal LM, k frozen LoRA adapters in fused layers, and trainable fusion gates.
+
+    Build with `from_pretrained`. `forward` and `generate` have the transformers contract.
+    Only `gate_parameters()` are trainable.
+    """
+
+    def __init__(self, model: nn.Module, gates: GateBank, state: FusionState, attachment: Attachment) -> None:
+        super().__init__()
+        self.model = model
+        self.gates = gates
+        self._state = state
+        self._attachment = attachment
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike | nn.Module,
+        adapters: AdapterSpec,
+        gate: str | os.PathLike | None = None,
+        *,
+        temperature: float | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        granularity: str = "layer",
+        device: str | torch.device | None = None,
+        gate_init_std: float = 1e-3,
+        gate_bias_init: Sequence[float] | None = None,
+        seed: int | None = None,
+        **model_kwargs,
+    ) -> LoraFlowModel:
+        """Load a base model, k PEFT LoRA adapters (in the given order) and a gate.
+
+        Args:
+            base: a model directory / hub name, or an already-built transformers model.
+            adapters: {name: adapter_dir} in gate-output order (for the official gates: language first,
+                then task), or a list of (name, dir) pairs.
+            gate: a loraflow gate directory, an official `.pt` gate file, or None for a fresh gate
+                (small random W; bias [-0.5, 0.5] for k=2 as the authors initialise).
+            temperature: softmax temperature; default the gate's own (1.0 for fresh/official gates).
+            torch_dtype: dtype for base and adapters (gates stay fp32).
+            granularity: for a fresh gate: "layer" (default), "model" or "module".
+            device: where to put the model (default: where transformers loads it, i.e. CPU).
+            seed: seeds the fresh gate's random initialisation.
+
+        Raises:
+            LoraFlowError: missing/corrupt files, adapters that do not fit the base, a gate that does
+                not match the adapters or the model, an unknown architecture, or k = 0.
+        """
+        pairs = list(adapters.items()) if isinstance(adapters, Mapping) else [tuple(p) for p in adapters]
+        if not pairs:
+            raise LoraFlowError("no adapters given: LoRA-Flow fuses k >= 1 LoRA adapters")
+        names = [str(n) for n, _ in pairs]
+        if len(set(names)) != len(names):
+            raise LoraFlowError(f"duplicate adapter names: {names}")
+        loaded = [load_adapter(name, path) for name, path in pairs]  # fail on bad adapters before the base
+        model = load_base(base, torch_dtype, model_kwargs)
+        if device is not None:
+            model.to(device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+        n_layers, d = num_hidden_layers(model), hidden_size(model)
+        summaries = [a.summary() for a in loaded]
+        if gate is None:
+            config = _make_config(names, d, n_layers, temperature or 1.0, granularity, model, None, summaries)
+            state_dict = None
+        elif is_official_gate_file(gate):
+            official_n, k, official_d, state_dict = load_official_gate(gate)
+            _check_official(gate, official_n, k, official_d, names, n_layers, d)
+            config = _make_config(names, d, n_layers, temperature or 1.0, "layer", model, None, summaries)
+        else:
+            config, state_dict = load_gate_checkpoint(gate)
+            _check_config(gate, config, names, n_layers, d, model)
+            if temperature is not None:
+                config.temperature = float(temperature)
+
+        state = FusionState(gates=None)  # gates set once the module keys are known
+        attachment = attach_adapters(model, loaded, state)
+        if config.granularity == "module" and gate is None:
+            config.module_keys = attachment.module_keys
+        elif config.granularity == "module" and config.module_keys != attachment.module_keys:
+            raise LoraFlowError(f"{gate}: module-level gate was trained for other adapted modules")
+        gates = GateBank(config)
+        if state_dict is None:
+            if seed is not None:
+                torch.manual_seed(seed)
+            gates.reset_parameters(std=gate_init_std, bias=tuple(gate_bias_init) if gate_bias_init else None)
+        else:
+            _load_gate_state(gates, state_dict, gate)
+        device_of_model = next(model.parameters()).device
+        gates.to(device_of_model)
+        state.gates = gates
+        return cls(model, gates, state, attachment).train(model.training)
+
+    # ----------------------------------------------------------------- the transformers contract
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def gate_config(self) -> GateConfig:
+        return self.gates.config
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.gates.config.adapter_names)
+
+    @property
+    def temperature(self) -> float:
+        return self.gates.config.temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self.gates.set_temperature(value)
+
+    # ----------------------------------------------------------------- gates
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The only trainable parameters: every gate's W and b."""
+        return list(self.gates.parameters())
+
+    def num_gate_parameters(self) -> int:
+        return sum(p.numel() for p in self.gates.parameters())
+
+    def freeze_all_but_gates(self) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in self.gates.parameters():
+            p.requires_grad_(True)
+
+    def gate_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.gates.state_dict().items()}
+
+    def load_gate(self, path: str | os.PathLike) -> None:
+        """Load gate weights from a loraflow gate directory or an official `.pt` file into this model."""
+        d, n = self.gates.config.hidden_size, self.gates.config.num_layers
+        if is_official_gate_file(path):
+            on, k, od, state = load_official_gate(path)
+            _check_official(path, on, k, od, self.adapter_names, n, d)
+        else:
+            config, state = load_gate_checkpoint(path)
+            _check_config(path, config, self.adapter_names, n, d, self.model)
+            if config.granularity != self.gates.config.granularity:
+                raise LoraFlowError(
+                    f"{path}: {config.granularity}-level gate, but this model has {self.gates.config.granularity}-level gates"
+                )
+        _load_gate_state(self.gates, state, path)
+
+    def save_gate(self, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Save the gates (config + safetensors) to `out_dir`, atomically."""
+        return save_gate_checkpoint(out_dir, self.gates.config, self.gates.state_dict(), extra=extra)
+
+    # ----------------------------------------------------------------- fusion modes
+    @property
+    def fusion_mode(self) -> str:
+        return self._state.mode
+
+    def set_gate_mode(self) -> None:
+        """Per-token weights from the gates (LoRA-Flow)."""
+        self._state.mode, self._state.static_weights = "gate", None
+
+    def set_static_weights(self, weights: Sequence[float] | Mapping[str, float] | torch.Tensor) -> None:
+        """Use the same weight per adapter for every token and layer (Avg, LoRAHub, single LoRA)."""
+        self._state.mode, self._state.static_weights = "static", self._weights_tensor(weights)
+
+    def set_single_adapter(self, name: str) -> None:
+        """Only adapter `name`, at its own scale (a one-hot static weight)."""
+        self.set_static_weights({n: float(n == name) for n in self._check_name(name)})
+
+    def set_adapters_off(self) -> None:
+        """The base model alone."""
+        self._state.mode, self._state.static_weights = "off", None
+
+    def set_fusion(self, spec: str | FusionSpec) -> None:
+        """Switch to the fusion a spec names: gate, off, single:NAME, avg or static:w1,w2,..."""
+        if not isinstance(spec, FusionSpec):
+            spec = parse_fusion(spec, self.adapter_names)
+        if spec.kind == "gate":
+            self.set_gate_mode()
+        elif spec.kind == "off":
+            self.set_adapters_off()
+        elif spec.kind == "single":
+            self.set_single_adapter(spec.adapter)
+        elif spec.kind == "static":
+            self.set_static_weights(list(spec.weights))
+        else:
+            raise LoraFlowError(f"fusion {spec} cannot be set on a model (it is a search run by evaluation)")
+
+    @contextlib.contextmanager
+    def static_weights(self, weights) -> Iterator[None]:
+        """Temporarily use static weights; the previous mode is restored on exit."""
+        with self._restoring():
+            self.set_static_weights(weights)
+            yield
+
+    @contextlib.contextmanager
+    def only_adapter(self, name: str) -> Iterator[None]:
+        with self._restoring():
+            self.set_single_adapter(name)
+            yield
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        with self._restoring():
+            self.set_adapters_off()
+            yield
+
+    @contextlib.contextmanager
+    def _restoring(self) -> Iterator[None]:
+        saved = (self._state.mode, self._state.static_weights)
+        try:
+            yield
+        finally:
+            self._state.mode, self._state.static_weights = saved
+
+    def _check_name(self, name: str) -> list[str]:
+        if name not in self.adapter_names:
+            raise LoraFlowError(f"unknown adapter '{name}'; adapters are {', '.join(self.adapter_names)}")
+        return self.adapter_names
+
+    def _weights_tensor(self, weights) -> torch.Tensor:
+        names = self.adapter_names
+        if isinstance(weights, Mapping):
+            unknown = sorted(set(weights) - set(names))
+            if unknown:
+                raise LoraFlowError(f"unknown adapter(s) {unknown}; adapters are {', '.join(names)}")
+            weights = [float(weights.get(n, 0.0)) for n in names]
+        w = torch.as_tensor(weights, dtype=torch.float32).flatten()
+        if w.numel() != len(names):
+            raise LoraFlowError(f"got {w.numel()} static weights for {len(names)} adapters ({', '.join(names)})")
+        return w.to(self.device)
+
+    # ----------------------------------------------------------------- inspection
+    @property
+    def last_fusion_weights(self) -> torch.Tensor | None:
+        """Gate weights of the last forward: (num_layers, batch, tokens, k), or None if no gate ran."""
+        ws = self._state.last_weights
+        if not ws or any(w is None for w in ws):
+            return None
+        return torch.stack(ws)
+
+    @contextlib.contextmanager
+    def record_fusion_weights(self) -> Iterator[list[torch.Tensor]]:
+        """Collect the gate weights of every forward inside the block (e.g. each generate step).
+
+        Yields a list that, on exit, holds one (num_layers, batch, tokens, k) tensor per forward;
+        `torch.cat(frames, dim=2)` gives the per-token weights of a whole generation.
+        """
+        frames: list[torch.Tensor] = []
+        self._state.recorder = []
+        try:
+            yield frames
+        finally:
+            raw, self._state.recorder = self._state.recorder, None
+            frames.extend(torch.stack(f) for f in raw if f and all(w is not None for w in f))
+
+    def detach_adapters(self) -> nn.Module:
+        """Undo the attachment: restore the original modules, remove the hooks, return the base model."""
+        self._attachment.detach()
+        return self.model
+
+
+def load_tokenizer(base):
+    """The tokenizer saved with `base` (a path, hub name, or an in-memory model loaded from one)."""
+    from transformers import AutoTokenizer
+
+    path = base if isinstance(base, (str, os.PathLike)) else getattr(base.config, "name_or_path", None)
+    if not path:
+        raise LoraFlowError("pass tokenizer= when the base model is an in-memory module")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise LoraFlowError(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def load_base(base, torch_dtype, model_kwargs) -> nn.Module:
+    if isinstance(base, nn.Module):
+        return base
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(torch_dtype, str) and torch_dtype != "auto":
+        torch_dtype = getattr(torch, torch_dtype)
+    path = Path(base)
+    if not path.exists() and (os.environ.get("HF_HUB_OFFLINE") == "1" or str(base).startswith((".", "/"))):
+        raise LoraFlowError(f"{base}: base model directory not found")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise LoraFlowError(f"{path}: no config.json (not a transformers model directory)")
+    kwargs = dict(model_kwargs)
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
+    except ValueError as e:  # unknown model_type / architecture
+        raise LoraFlowError(f"{base}: cannot load as a causal LM ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise LoraFlowError(f"{base}: cannot load the base model ({str(e).splitlines()[0]})") from None
+    return model.eval()
+
+
+def _make_config(names, d, n, temperature, granularity, model, module_keys, summaries) -> GateConfig:
+    try:
+        return GateConfig(
+            adapter_names=names, hidden_size=d, num_layers=n, temperature=temperature, granularity=granularity,
+            base_model=getattr(model.config, "name_or_path", None) or None,
+            model_type=getattr(model.config, "model_type", None),
+            module_keys=module_keys if module_keys is not None else ([] if granularity == "module" else None),
+            adapters=summaries,
+        )
+    except ValueError as e:
+        raise LoraFlowError(str(e)) from None
+
+
+def _check_official(path, n, k, d, names, model_layers, model_hidden) -> None:
+    problems = []
+    if k != len(names):
+        problems.append(f"it mixes {k} adapters but {len(names)} were given ({', '.join(names)})")
+    if n != model_layers:
+        problems.append(f"it has {n} layers but the base model has {model_layers}")
+    if d != model_hidden:
+        problems.append(f"its hidden size is {d} but the base model's is {model_hidden}")
+    if problems:
+        raise LoraFlowError(f"gate {path} does not match: " + "; ".join(problems))
+
+
+def _check_config(path, config: GateConfig, names, model_layers, model_hidden, model) -> None:
+    problems = []
+    if config.adapter_names != names:
+        if sorted(config.adapter_names) == sorted(names):
+            problems.append(f"adapter order is {','.join(config.adapter_names)} but {','.join(names)} was given")
+        else:
+            problems.append(f"it was trained for adapters {','.join(config.adapter_names)}, not {','.join(names)}")
+    if config.num_layers != model_layers:
+        problems.append(f"it has {config.num_layers} layers but the base model has {model_layers}")
+    if config.hidden_size != model_hidden:
+        problems.append(f"its hidden size is {config.hidden_size} but the base model's is {model_hidden}")
+    model_type = getattr(model.config, "model_type", None)
+    if config.model_type and model_type and config.model_type != model_type:
+        problems.append(f"it was trained on a {config.model_type} model, this is {model_type}")
+    if problems:
+        raise LoraFlowError(f"gate {path} does not match: " + "; ".join(problems))
+
+
+def _load_gate_state(gates: GateBank, state: dict[str, torch.Tensor], source) -> None:
+    """Load exactly the gate keys, collecting every missing/unexpected/mis-shaped key into one error."""
+    expected = gates.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:6]}{'...' if len(missing) > 6 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}")
+    if misshaped:
+        problems.append(f"mis-shaped {misshaped[:4]}{'...' if len(misshaped) > 4 else ''}")
+    if problems:
+        raise LoraFlowError(f"gate {source}: " + "; ".join(problems))
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(state[k].to(v.dtype))

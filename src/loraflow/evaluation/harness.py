@@ -1,0 +1,251 @@
+"""Evaluation: one cell of the paper's table (a method on a test set), with the official protocol.
+
+Methods, all over the same fused engine: `base`, `single:NAME`, `avg`, `static:w1,w2,...`,
+`lorahub` (static weights searched on a few-shot set) and `loraflow` (a trained gate).
+Generation is greedy and batched with left padding; under `accelerate launch` the test set is
+sharded over processes and gathered, giving the same result as one process. The raw outputs are
+written next to RESULT.json (`RESULT.outputs.jsonl`, the `loraflow score` input format), so every
+number can be audited and re-scored.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from loraflow.common.errors import LoraFlowError
+from loraflow.core.fusion_spec import parse_fusion
+from loraflow.data import protocol
+from loraflow.common.io import read_jsonl, write_json_atomic, write_jsonl_atomic
+
+METHODS_HELP = "base, single:NAME, avg, static:w1,w2,..., lorahub or loraflow"
+
+
+@dataclass
+class EvalConfig:
+    """How to evaluate (defaults: the official protocol).
+
+    Attributes:
+        task: "math" (MGSM-style rows: question, answer) or "code" (HumanEval-style rows).
+        lang: zh, ru or es: selects the official system prompt / code instruction.
+        template: "official" (the paper's evaluation prompts) or a training template preset
+            (llama2, released, paper, chat, plain) applied to the question.
+        system: override the official math system prompt.
+        max_new_tokens: generation budget (official: 512).
+        batch_size: prompts per generation batch.
+        mode: answer comparison, "official" or "strict".
+        limit: evaluate only the first N test rows (quick checks).
+        temperature: gate temperature for `loraflow` (default: the gate's own).
+        workers, timeout: code execution sandboxes and seconds per program (official: 3 s).
+        lorahub_budget, lorahub_bound, lorahub_l1: the LoRAHub search (40, 1.5, 0.05).
+        seed: seeds the LoRAHub search and anything random.
+    """
+
+    task: str
+    lang: str | None = None
+    template: str = "official"
+    system: str | None = None
+    max_new_tokens: int = 512
+    batch_size: int = 8
+    mode: str = "official"
+    limit: int | None = None
+    temperature: float | None = None
+    workers: int | None = None
+    timeout: float = 3.0
+    lorahub_budget: int = 40
+    lorahub_bound: float = 1.5
+    lorahub_l1: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task not in ("math", "code"):
+            raise ValueError(f"task: {self.task!r} is not math or code")
+        if self.template == "official" and self.lang not in ("zh", "ru", "es"):
+            raise ValueError(f"lang: the official prompts need --lang zh, ru or es (got {self.lang!r})")
+        if self.mode not in ("official", "strict"):
+            raise ValueError(f"mode: {self.mode!r} is not official or strict")
+        if self.max_new_tokens <= 0 or self.batch_size <= 0:
+            raise ValueError("max_new_tokens and batch_size must be > 0")
+
+
+def parse_method(method: str, adapter_names: list[str]) -> tuple[str, list[float] | str | None]:
+    """('base'|'single'|'static'|'lorahub'|'loraflow', detail) for `--method`; avg is static 1/k."""
+    spec = parse_fusion(method, adapter_names, option="--method", allow_search=True)
+    kind = {"gate": "loraflow", "off": "base"}.get(spec.kind, spec.kind)
+    detail = spec.adapter if kind == "single" else list(spec.weights) if kind == "static" else None
+    return kind, detail
+
+
+def build_prompts(rows: list[dict], cfg: EvalConfig, tokenizer) -> list[str]:
+    """The text each test row is turned into before generation."""
+    field = "question" if cfg.task == "math" else "prompt"
+    missing = [i for i, r in enumerate(rows, 1) if not isinstance(r.get(field), str)]
+    if missing:
+        raise LoraFlowError(f"test row {missing[0]} has no string {field!r} (is --task right?)")
+    if cfg.template == "official":
+        if cfg.task == "math":
+            return [protocol.build_math_prompt(r["question"], cfg.lang, cfg.system) for r in rows]
+        return [protocol.build_code_prompt(r["prompt"], cfg.lang) for r in rows]
+    from dataclasses import replace
+
+    from loraflow.data.formats import Example, PromptTemplate, encode_prompt
+
+    template = PromptTemplate.from_preset(cfg.template, lang=cfg.lang, task=cfg.task)
+    if cfg.system:
+        template = replace(template, system=cfg.system)
+    return [tokenizer.decode(encode_prompt(Example(prompt=r[field], response=""), tokenizer, template))
+            for r in rows]
+
+
+def evaluate(
+    base: str | os.PathLike,
+    adapters: list[tuple[str, str]],
+    method: str,
+    data_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    cfg: EvalConfig,
+    *,
+    gate: str | os.PathLike | None = None,
+    train_path: str | os.PathLike | None = None,
+    torch_dtype=None,
+    device: str | None = None,
+    label: str | None = None,
+    adapter_role: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate one method on one test file and write RESULT.json (+ raw outputs). Returns the result."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    from loraflow.evaluation import scoring
+    from loraflow.core.generation import generate_texts
+    from loraflow.common.provenance import versions
+
+    names = [n for n, _ in adapters]
+    kind, detail = parse_method(method, names)
+    if kind == "loraflow" and not gate:
+        raise LoraFlowError("--method loraflow needs --gate")
+    if kind == "lorahub" and not train_path:
+        raise LoraFlowError("--method lorahub needs --train (the few-shot set to search weights on)")
+    rows = read_jsonl(data_path)
+    if not rows:
+        raise LoraFlowError(f"{data_path}: no test rows")
+    if cfg.limit:
+        rows = rows[: cfg.limit]
+    torch.manual_seed(cfg.seed)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    from loraflow.core.model import load_tokenizer
+
+    tokenizer = load_tokenizer(base)
+    prompts = build_prompts(rows, cfg, tokenizer)
+    model = _build_model(base, adapters, kind, gate if kind == "loraflow" else None, cfg, torch_dtype, device)
+
+    static_weights = None
+    lorahub = None
+    if kind == "single":
+        model.set_single_adapter(detail)
+    elif kind == "static":
+        static_weights = detail
+        model.set_static_weights(detail)
+    elif kind == "base" and names:
+        model.set_adapters_off()
+    elif kind == "lorahub":
+        lorahub = _lorahub(model, tokenizer, train_path, cfg, progress and state.is_main_process)
+        static_weights = lorahub["weights"]
+        model.set_static_weights(static_weights)
+
+    mine = list(range(state.process_index, len(rows), state.num_processes))
+    bar = tqdm(total=len(mine), desc=f"eval {method}", disable=not (progress and state.is_main_process),
+               dynamic_ncols=True)
+    stops = protocol.MATH_STOP_STRINGS if cfg.task == "math" else ()
+    start = time.time()
+    gens = generate_texts(model, tokenizer, [prompts[i] for i in mine], max_new_tokens=cfg.max_new_tokens,
+                          batch_size=cfg.batch_size, stop_strings=stops, add_special_tokens=cfg.template == "official",
+                          progress=bar.update)
+    bar.close()
+    local = [(i, g.text) for i, g in zip(mine, gens)]
+    gathered = gather_object(local) if state.num_processes > 1 else local
+    if not state.is_main_process:
+        return {}
+    outputs = [text for _, text in sorted(gathered)]
+    result = scoring.score_predictions(cfg.task, rows, outputs, mode=cfg.mode, workers=cfg.workers,
+                                       timeout=cfg.timeout)
+    out_path = Path(out_path)
+    pred_path = out_path.with_suffix(".outputs.jsonl")
+    write_jsonl_atomic(pred_path, [{"index": i, "prompt": p, "output": o} for i, (p, o) in enumerate(zip(prompts, outputs))])
+    result.update({
+        "method": method, "lang": cfg.lang, "task": cfg.task, "seed": cfg.seed,
+        "base": str(base), "adapters": [[n, str(p)] for n, p in adapters],
+        "gate": str(gate) if gate else None, "static_weights": static_weights,
+        "predictions": pred_path.name, "data": str(data_path), "config": asdict(cfg),
+        "versions": versions(), "num_processes": state.num_processes,
+        "generation_seconds": round(time.time() - start, 2),
+    })
+    if lorahub:
+        result["lorahub"] = lorahub
+    if label:
+        result["label"] = label
+    if adapter_role:
+        result["adapter_role"] = adapter_role
+    write_json_atomic(out_path, result)
+    return result
+
+
+def _build_model(base, adapters, kind, gate, cfg: EvalConfig, torch_dtype, device):
+    import torch
+
+    if not adapters:
+        from loraflow.core.model import load_base
+
+        model = load_base(base, torch_dtype, {})
+    else:
+        from loraflow.core.model import LoraFlowModel
+
+        model = LoraFlowModel.from_pretrained(base, adapters, gate=gate, temperature=cfg.temperature,
+                                              torch_dtype=torch_dtype, seed=cfg.seed)
+    if device:
+        model.to(device)
+    elif torch.cuda.is_available():
+        model.to("cuda")
+    return model.eval()
+
+
+def _lorahub(model, tokenizer, train_path, cfg: EvalConfig, show: bool) -> dict:
+    """Search static weights on the few-shot set (same prompt template as the evaluation prompts)."""
+    from tqdm.auto import tqdm
+
+    from loraflow.evaluation.baselines import fewshot_loss_fn, lorahub_search
+    from loraflow.data.formats import encode_examples, load_examples
+    from loraflow.core.losses import response_token_count
+
+    template = _train_template(cfg)
+    examples = load_examples(train_path)
+    data = [x for x in encode_examples(examples, tokenizer, template, 4096) if response_token_count(x) > 0]
+    if not data:
+        raise LoraFlowError(f"{train_path}: no usable few-shot examples")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bar = tqdm(total=cfg.lorahub_budget, desc="lorahub search", disable=not show, dynamic_ncols=True)
+    found = lorahub_search(fewshot_loss_fn(model, data, pad, cfg.batch_size), len(model.adapter_names),
+                           budget=cfg.lorahub_budget, bound=cfg.lorahub_bound, l1=cfg.lorahub_l1, seed=cfg.seed,
+                           progress=lambda _: bar.update(1))
+    bar.close()
+    return {"weights": found.weights, "reuse_as": "static:" + ",".join(f"{w:.6g}" for w in found.weights), "loss": found.loss, "objective": found.objective,
+            "budget": cfg.lorahub_budget, "train": str(train_path), "history": found.history}
+
+
+def _train_template(cfg: EvalConfig):
+    """The training-side template matching the evaluation prompts (official: the paper's llama2 prompt)."""
+    from dataclasses import replace
+
+    from loraflow.data.formats import PromptTemplate
+
+    if cfg.template == "official":
+        template = PromptTemplate.paper(cfg.lang, cfg.task)
+    else:
+        template = PromptTemplate.from_preset(cfg.template, lang=cfg.lang, task=cfg.task)
+    return replace(template, system=cfg.system) if cfg.system else template

@@ -1,0 +1,417 @@
+"""Run untrusted, model-written Python programs and report whether they passed.
+
+Each program runs in its own `python -I -B` subprocess with:
+
+- a fresh temporary working directory (removed afterwards), with HOME and TMPDIR pointing into it;
+- an environment built from scratch (PATH, LANG, thread counts): nothing is inherited, so no
+  secret in the scorer's environment reaches the program;
+- stdin closed, stdout/stderr sent to unlinked temporary files (bounded by RLIMIT_FSIZE, so a
+  program that prints gigabytes cannot fill the scorer's memory);
+- resource limits set in `preexec_fn` (address space, CPU seconds, file size, no core files,
+  RLIMIT_NPROC);
+- its own session and process group (`start_new_session=True`); the whole group gets SIGKILL
+  at the wall-clock timeout and again after the program ends, so stray children die too;
+- a small bootstrap that installs a Python audit hook (PEP 578) before the program runs. The hook
+  refuses process creation (`os.fork`, `subprocess`, `os.system`, `os.exec*`, `posix_spawn`),
+  signals to other processes (`os.kill` of another pid, `os.killpg`), `ctypes`, sockets,
+  links, raising its own resource limits, and writes or deletions outside the working directory. (RLIMIT_NPROC does nothing when
+  the scorer runs as root, and a root scorer is common in containers: the hook covers that case.)
+
+Passing needs more than exit status 0: after the program (prompt + completion + tests +
+`check(entry_point)`) returns normally, the bootstrap reads a random per-run token from a pipe
+and prints it, then exits. The token is not in the program text, its argv or its environment, so
+a program that exits early (`sys.exit(0)`, `os._exit(0)`, `raise SystemExit`), silences the
+tests, or prints a made-up sentinel never counts as passed.
+
+Threat model: this contains the accidents and casual hostility of generated code (loops, fork
+bombs, huge allocations, big files, killing its parent, reading secrets from the environment). It
+is not a security boundary against code written to defeat it from inside the same interpreter
+(reading the token pipe or process memory, raw syscalls through a C extension); for that, run
+the scorer as an unprivileged user inside a container.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+try:  # POSIX only; imported here so that preexec_fn never imports in the forked child
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
+
+from loraflow.common.errors import LoraFlowError
+
+STATUSES = ("passed", "failed", "timeout", "error")
+
+# Exceptions that mean "the program could not be evaluated" rather than "its tests failed".
+_ERROR_EXCEPTIONS = ("SyntaxError", "IndentationError", "TabError", "MemoryError", "SandboxViolation")
+
+# The child's entire environment: nothing is inherited from the scorer.
+_BASE_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+# Runs as `python -I -B -c _BOOTSTRAP TOKEN_FD MAX_WRITE_OPENS` inside the sandbox directory.
+# It installs the audit hook, executes solution.py as __main__, and only if that returns normally
+# reads the token from TOKEN_FD, prints it and exits with status 0.
+_BOOTSTRAP = r'''
+import os as _os, sys as _sys
+
+def _loraflow_sandbox(token_fd, max_write_opens):
+    os, sys = _os, _sys
+    root = os.path.realpath(os.getcwd())
+    pid = os.getpid()
+    normpath, join, fsdecode, getcwd = os.path.normpath, os.path.join, os.fsdecode, os.getcwd
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    devices = ("/dev/null", "/dev/stdout", "/dev/stderr")
+    denied = frozenset((
+        "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
+        "subprocess.Popen", "os.killpg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.call_function",
+        "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
+        "os.symlink", "os.link", "os.chroot", "resource.setrlimit", "resource.prlimit",
+    ))
+    denied_imports = frozenset(("_ctypes", "ctypes", "_posixsubprocess"))
+    path_events = {
+        "os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1),
+        "os.chmod": (0,), "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,),
+        "shutil.rmtree": (0,), "os.mkfifo": (0,), "os.mknod": (0,),
+    }
+    watched = denied | {"open", "os.kill", "import"} | set(path_events)
+    write_opens = [0]
+
+    class SandboxViolation(PermissionError):
+        pass
+
+    SandboxViolation.__qualname__ = "SandboxViolation"
+
+    def inside(path):
+        if isinstance(path, int):
+            return True
+        try:
+            full = normpath(join(getcwd(), fsdecode(path)))
+        except Exception:
+            return False
+        return full == root or full.startswith(root + "/") or full in devices
+
+    def hook(event, args):
+        if event not in watched:
+            return
+        if event == "open":
+            path, mode, flags = (tuple(args) + (None, None, None))[:3]
+            writing = (isinstance(flags, int) and flags & write_flags) or (
+                isinstance(mode, str) and any(c in mode for c in "wax+"))
+            if not writing:
+                return
+            if not inside(path):
+                raise SandboxViolation("writing %r outside the sandbox is not allowed" % (path,))
+            write_opens[0] += 1
+            if write_opens[0] > max_write_opens:
+                raise SandboxViolation("too many files opened for writing")
+        elif event == "os.kill":
+            if args[0] != pid:
+                raise SandboxViolation("signalling another process is not allowed")
+        elif event == "import":
+            if args[0] in denied_imports:
+                raise SandboxViolation("import of %s is not allowed" % args[0])
+        elif event in denied:
+            raise SandboxViolation("%s is not allowed" % event)
+        else:
+            for i in path_events[event]:
+                if i < len(args) and not inside(args[i]):
+                    raise SandboxViolation("%s outside the sandbox is not allowed" % event)
+
+    # Unaudited ways to signal other processes.
+    import signal as _signal_mod, posix as _posix_mod
+    for mod, name in ((os, "pidfd_open"), (_posix_mod, "pidfd_open"),
+                      (_signal_mod, "pidfd_send_signal"), (sys.modules.get("_signal"), "pidfd_send_signal")):
+        if mod is not None and hasattr(mod, name):
+            delattr(mod, name)
+    sys.addaudithook(hook)
+
+    with open("solution.py", "rb") as f:
+        source = f.read()
+    code = compile(source, "solution.py", "exec")
+    main = sys.modules["__main__"]
+    main.__file__ = join(root, "solution.py")
+    sys.argv[:] = ["solution.py"]
+    exec(code, main.__dict__)
+
+    token = b""
+    while True:
+        chunk = os.read(token_fd, 256)
+        if not chunk:
+            break
+        token += chunk
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os.write(1, b"\n" + token + b"\n")
+    os._exit(0)
+
+_loraflow_sandbox(int(_sys.argv[1]), int(_sys.argv[2]))
+'''
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Resource limits for one sandboxed program (each applied with `resource.setrlimit`)."""
+
+    memory_bytes: int = 2 * 1024**3
+    """RLIMIT_AS: address space of the program's process (2 GiB)."""
+    file_size_bytes: int = 16 * 1024**2
+    """RLIMIT_FSIZE: largest file the program may write, stdout/stderr included (16 MiB)."""
+    max_processes: int = 1
+    """RLIMIT_NPROC: counts every process and thread of the user, so 1 means "no new ones".
+    The kernel does not enforce it for root; the audit hook refuses forks in that case too."""
+    max_write_opens: int = 64
+    """How many times the program may open a file for writing (bounds its disk use)."""
+    cpu_seconds: int | None = None
+    """RLIMIT_CPU in seconds; None: the wall-clock timeout rounded up, plus one second."""
+
+    def __post_init__(self) -> None:
+        for name in ("memory_bytes", "file_size_bytes", "max_processes", "max_write_opens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SandboxLimits.{name} must be >= 1, got {getattr(self, name)}")
+        if self.cpu_seconds is not None and self.cpu_seconds < 1:
+            raise ValueError(f"SandboxLimits.cpu_seconds must be >= 1 or None, got {self.cpu_seconds}")
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    """The outcome of one sandboxed program.
+
+    status: "passed" (ran to the end and printed the run's token, exit 0), "failed" (an
+    exception, e.g. a failed assert, or an exit before the tests completed), "timeout" (wall-clock
+    or CPU limit), or "error" (syntax error, crash, resource limit or sandbox violation).
+    """
+
+    status: str
+    detail: str
+    duration: float
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+def _rlimits(limits: SandboxLimits, timeout: float) -> list[tuple[int, int, int]]:
+    """The (resource, soft, hard) triples to set, computed in the parent and clipped to the current hard limits."""
+    cpu = limits.cpu_seconds if limits.cpu_seconds is not None else math.ceil(timeout) + 1
+    wanted = [
+        (resource.RLIMIT_AS, limits.memory_bytes, limits.memory_bytes),
+        (resource.RLIMIT_FSIZE, limits.file_size_bytes, limits.file_size_bytes),
+        (resource.RLIMIT_CORE, 0, 0),
+        (resource.RLIMIT_CPU, cpu, cpu + 1),
+        (resource.RLIMIT_NPROC, limits.max_processes, limits.max_processes),
+    ]
+    out = []
+    for res, soft, hard in wanted:
+        _, cur_hard = resource.getrlimit(res)
+        if cur_hard != resource.RLIM_INFINITY:
+            soft, hard = min(soft, cur_hard), min(hard, cur_hard)
+        out.append((res, soft, hard))
+    return out
+
+
+def _apply_rlimits(triples: list[tuple[int, int, int]]) -> None:
+    """preexec_fn: runs in the forked child before exec; only C calls, no imports, no allocation-heavy work."""
+    for res, soft, hard in triples:
+        resource.setrlimit(res, (soft, hard))
+
+
+def _kill_group(pgid: int, attempts: int = 20) -> None:
+    """SIGKILL every process in the group, repeating while members remain (a fork bomb races the kill)."""
+    for i in range(attempts):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        if i + 1 < attempts:
+            time.sleep(0.005)
+
+
+def _wait_exit(pid: int, deadline: float) -> bool:
+    """Wait for `pid` to exit WITHOUT reaping it (so its pid, our process-group id, stays reserved).
+
+    Returns False when the deadline passes first.
+    """
+    delay = 0.0005
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:
+            return True
+        now = time.monotonic()
+        if now >= deadline:
+            return False
+        time.sleep(min(delay, deadline - now))
+        delay = min(delay * 2, 0.02)
+
+
+def _last_line(text: str, limit: int = 200) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:limit] if lines else ""
+
+
+def _force_rmtree(path: str) -> None:
+    """Remove the sandbox directory even if the program made parts of it unreadable."""
+
+    def onerror(func, p, exc_info):  # noqa: ARG001
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            os.chmod(p, 0o700)
+        except OSError:
+            pass
+        try:
+            func(p)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onerror=onerror)
+    if os.path.exists(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_program(
+    program: str,
+    *,
+    timeout: float = 3.0,
+    limits: SandboxLimits | None = None,
+    python: str | None = None,
+) -> ExecutionResult:
+    """Run one untrusted Python program in the sandbox and say whether it passed.
+
+    Args:
+        program: the full program text (prompt + completion + tests + `check(...)`).
+        timeout: wall-clock seconds, interpreter start-up included.
+        limits: resource limits; `SandboxLimits()` by default.
+        python: the interpreter; the running one by default.
+
+    Returns:
+        An `ExecutionResult`; this function never raises because of what the program does.
+    """
+    if resource is None:  # pragma: no cover
+        raise LoraFlowError("the code sandbox needs a POSIX system (resource limits, process groups)")
+    if not timeout > 0:
+        raise LoraFlowError(f"timeout must be > 0 seconds, got {timeout}")
+    limits = limits or SandboxLimits()
+    start = time.monotonic()
+    token = secrets.token_hex(16)
+    workdir = tempfile.mkdtemp(prefix="loraflow-sandbox-")
+    read_fd = write_fd = -1
+    try:
+        with open(os.path.join(workdir, "solution.py"), "w", encoding="utf-8") as f:
+            f.write(program)
+        env = dict(_BASE_ENV, HOME=workdir, TMPDIR=workdir)
+        read_fd, write_fd = os.pipe()
+        os.write(write_fd, token.encode())
+        os.close(write_fd)
+        write_fd = -1
+        cmd = [python or sys.executable, "-I", "-B", "-c", _BOOTSTRAP, str(read_fd), str(limits.max_write_opens)]
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            try:
+                proc = subprocess.Popen(
+                    cmd,
+                    cwd=workdir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    pass_fds=(read_fd,),
+                    start_new_session=True,
+                    preexec_fn=functools.partial(_apply_rlimits, _rlimits(limits, timeout)),
+                )
+            except (OSError, subprocess.SubprocessError) as e:
+                return ExecutionResult("error", f"could not start the sandbox: {e}", time.monotonic() - start)
+            os.close(read_fd)
+            read_fd = -1
+            finished = _wait_exit(proc.pid, start + timeout)
+            # The leader is not reaped yet (alive or a zombie), so its pid, the group id, cannot have
+            # been reused: kill the whole group once, reap the leader, then kill any stragglers.
+            _kill_group(proc.pid, attempts=1)
+            returncode = proc.wait()
+            _kill_group(proc.pid)
+            duration = time.monotonic() - start
+            out.seek(0)
+            stdout = out.read()
+            err.seek(max(0, os.fstat(err.fileno()).st_size - 8192))
+            stderr = err.read().decode("utf-8", errors="replace")
+    finally:
+        for fd in (read_fd, write_fd):
+            if fd >= 0:
+                os.close(fd)
+        _force_rmtree(workdir)
+    return _classify(finished, returncode, token.encode() in stdout, stderr, timeout, duration)
+
+
+def _classify(finished: bool, rc: int, saw_token: bool, stderr: str, timeout: float, duration: float) -> ExecutionResult:
+    if not finished:
+        return ExecutionResult("timeout", f"timed out after {timeout:g} s", duration)
+    if rc == 0 and saw_token:
+        return ExecutionResult("passed", "", duration)
+    if rc < 0:
+        sig = -rc
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        if sig == signal.SIGXCPU:
+            return ExecutionResult("timeout", "CPU time limit exceeded (SIGXCPU)", duration)
+        if sig == signal.SIGXFSZ:
+            return ExecutionResult("error", "file size limit exceeded (SIGXFSZ)", duration)
+        return ExecutionResult("error", f"killed by {name}", duration)
+    if rc == 0:
+        return ExecutionResult("failed", "exited with status 0 before the tests completed", duration)
+    last = _last_line(stderr)
+    exc_name = last.split(":", 1)[0].rsplit(".", 1)[-1]
+    resource_limit = "[Errno 27]" in last  # EFBIG: RLIMIT_FSIZE (Python ignores SIGXFSZ)
+    status = "error" if exc_name in _ERROR_EXCEPTIONS or resource_limit else "failed"
+    return ExecutionResult(status, last or f"exited with status {rc}", duration)
+
+
+def run_programs(
+    programs: Sequence[str],
+    *,
+    workers: int | None = None,
+    timeout: float = 3.0,
+    limits: SandboxLimits | None = None,
+    python: str | None = None,
+) -> list[ExecutionResult]:
+    """Run many programs in parallel sandboxes (one subprocess per program), results in input order.
+
+    Args:
+        programs: full program texts.
+        workers: concurrent subprocesses; `default_workers()` by default.
+        timeout, limits, python: as in `run_program`.
+    """
+    workers = workers or default_workers()
+    if workers < 1:
+        raise LoraFlowError(f"workers must be >= 1, got {workers}")
+    if not programs:
+        return []
+    with ThreadPoolExecutor(max_workers=min(workers, len(programs)), thread_name_prefix="loraflow-sandbox") as pool:
+        return list(pool.map(lambda p: run_program(p, timeout=timeout, limits=limits, python=python), programs))
+
+
+def default_workers() -> int:
+    """Parallel sandboxes by default: the CPU count, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))

@@ -1,0 +1,457 @@
+"""Training: few-shot fusion gates (LoRA-Flow) and LoRA modules (PEFT), one shared loop.
+
+The loop runs under Hugging Face Accelerate, so `accelerate launch` gives DDP (or FSDP) on many
+GPUs, and `--mixed-precision bf16` autocast, with no code change. Each optimizer step sees exactly
+`batch_size` examples in total, whatever the number of processes and accumulation steps: the
+examples of a step are dealt round-robin to the processes, and the loss is the sum of the
+response-token losses divided by the number of response tokens in the *global* batch, so one
+process and two processes produce the same gradient.
+
+Checkpoints are written at each epoch end, atomically: `OUT/last` (with optimizer and scheduler
+state, for `--resume`) and `OUT/best` (by the chosen dev criterion). Ctrl-C leaves the last
+complete checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraflow.data.formats import Example, PromptTemplate, collate, encode_examples, load_examples
+from loraflow.common.errors import LoraFlowError
+from loraflow.common.io import atomic_dir, write_json_atomic
+from loraflow.common.provenance import versions
+from loraflow.core.losses import response_token_count, summed_loss
+
+logger = logging.getLogger(__name__)
+SELECT_BY = ("dev_loss", "dev_accuracy", "last")
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by gate and LoRA training (defaults: the official gate recipe).
+
+    Attributes:
+        epochs: passes over the training set (official: 5).
+        lr: peak learning rate (official best: 1e-3 or 1e-4 depending on the pair).
+        batch_size: examples per optimizer step, summed over processes and accumulation (official: 4 or 16).
+        grad_accum: micro-batches per step on each process (memory knob; does not change the result).
+        warmup_ratio: share of steps with linear warm-up before the cosine decay (official: 0.2).
+        weight_decay, betas, eps: AdamW (official: 0.1, (0.9, 0.95), 1e-5).
+        max_grad_norm: gradient clipping (official: 1.0).
+        max_length: token limit per example (official: 4096).
+        seed: seeds initialisation, data order and dropout.
+        mixed_precision: "no", "bf16" or "fp16" autocast (GPU).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        select_by: how `best` is chosen: "dev_loss", "dev_accuracy" (needs a dev set with answers) or "last".
+        dev_max_new_tokens: generation budget for dev accuracy.
+        progress: show progress bars.
+    """
+
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_ratio: float = 0.2
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-5
+    max_grad_norm: float = 1.0
+    max_length: int = 4096
+    seed: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    select_by: str = "dev_loss"
+    dev_max_new_tokens: int = 512
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
+                    "grad_accum": self.grad_accum, "max_length": self.max_length}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{name}: must be > 0, got {value}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision: {self.mixed_precision!r} is not one of no, bf16, fp16")
+        if self.select_by not in SELECT_BY:
+            raise ValueError(f"select_by: {self.select_by!r} is not one of {', '.join(SELECT_BY)}")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_dir: Path
+    last_dir: Path
+    trainable_parameters: int
+    log: dict = field(repr=False, default_factory=dict)
+
+
+@torch.no_grad()
+def mean_loss(model, dataset, batch_size: int, pad_id: int, accelerator) -> float:
+    """Mean response-token loss over `dataset`, sharded over processes."""
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, len(dataset), world))
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    for start in range(0, len(mine), batch_size):
+        items = [dataset[i] for i in mine[start:start + batch_size]]
+        batch = {k: v.to(accelerator.device) for k, v in collate(items, pad_id).items()}
+        with accelerator.autocast():
+            total[0] += summed_loss(model, batch).double()
+        total[1] += sum(response_token_count(x) for x in items)
+    total = accelerator.reduce(total, reduction="sum") if world > 1 else total
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+@dataclass
+class Trainable:
+    """What the loop needs to know about the thing being trained (gates or a LoRA)."""
+
+    model: Any  # the module called in forward
+    parameters: list[torch.nn.Parameter]
+    save: Callable[[Path], None]  # write the weights into a directory
+    load: Callable[[Path], None]  # read them back (for --resume)
+
+
+def fit(
+    trainable: Trainable,
+    train: Sequence[dict],
+    dev: Sequence[dict] | None,
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    pad_id: int,
+    resume: bool = False,
+    dev_accuracy: Callable[[Any], float] | None = None,
+    run_info: dict | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> dict:
+    """The training loop shared by gates and LoRAs. Returns the JSON log (also written to OUT/train_log.json)."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from accelerate.state import AcceleratorState
+
+    out_dir = Path(out_dir)
+    # Accelerate keeps one process-wide state; forget the previous run's precision (the process
+    # group, if any, is kept) so that several runs in one Python process may each choose their own.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.batch_size % world:
+        raise LoraFlowError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+    if not train:
+        raise LoraFlowError("the training set is empty")
+    optimizer = torch.optim.AdamW(trainable.parameters, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(trainable.model, optimizer)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+
+    log = {"config": asdict(cfg), "run": run_info or {}, "versions": versions(), "world_size": world,
+           "trainable_parameters": sum(p.numel() for p in trainable.parameters),
+           "steps": [], "epochs": [], "best": None}
+    start_epoch, best_value = 0, None
+    last_dir, best_dir = out_dir / "last", out_dir / "best"
+    if resume:
+        state_file = last_dir / "trainer_state.pt"
+        if not state_file.is_file():
+            raise LoraFlowError(f"{state_file}: no checkpoint to resume from")
+        trainable.load(last_dir)
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        log_file = out_dir / "train_log.json"
+        if log_file.is_file():
+            old = json.loads(log_file.read_text(encoding="utf-8"))
+            log["steps"], log["epochs"], log["best"] = old["steps"], old["epochs"], old["best"]
+            best_value = (old["best"] or {}).get("value")
+        log["resumed_from_epoch"] = start_epoch
+
+    def is_better(value: float) -> bool:
+        if best_value is None:
+            return True
+        return value > best_value if cfg.select_by == "dev_accuracy" else value < best_value
+
+    show = cfg.progress and accelerator.is_main_process
+    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, disable=not show, desc="train",
+               dynamic_ncols=True)
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # data order and dropout masks, identical on resume
+        order = torch.randperm(len(train)).tolist()
+        model.train()
+        for step in range(steps_per_epoch):
+            global_ids = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            tokens = max(1, sum(response_token_count(train[i]) for i in global_ids))
+            local = global_ids[rank::world]
+            micro = [local[j::cfg.grad_accum] for j in range(cfg.grad_accum)]
+            micro = [m for m in micro if m]
+            step_loss = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+            for j, ids in enumerate(micro):
+                batch = {k: v.to(accelerator.device) for k, v in collate([train[i] for i in ids], pad_id).items()}
+                sync = accelerator.no_sync(model) if (j < len(micro) - 1 and world > 1) else _null()
+                with sync, accelerator.autocast():
+                    loss_sum = summed_loss(model, batch)
+                    # DDP averages gradients over processes; scale so the result is sum / global tokens
+                    accelerator.backward(loss_sum / tokens * world)
+                step_loss += loss_sum.detach().double()
+            if not micro and world > 1:  # fewer examples than processes in the last step
+                accelerator.backward(sum(p.sum() for p in trainable.parameters) * 0.0)
+            step_loss = accelerator.reduce(step_loss, reduction="sum") if world > 1 else step_loss
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(trainable.parameters, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = (step_loss / tokens).item()
+            log["steps"].append({"step": epoch * steps_per_epoch + step + 1, "epoch": epoch + 1,
+                                 "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0]})
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}")
+
+        record = {"epoch": epoch + 1}
+        if dev:
+            record["dev_loss"] = mean_loss(model, dev, max(1, cfg.batch_size // world), pad_id, accelerator)
+        if dev_accuracy is not None:
+            record["dev_accuracy"] = dev_accuracy(accelerator.unwrap_model(model))
+        log["epochs"].append(record)
+        value = record.get(cfg.select_by)
+        new_best = cfg.select_by == "last" or value is None or is_better(value)  # no dev set: keep the last
+        if accelerator.is_main_process:
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
+
+            def write_last(d: Path) -> None:
+                trainable.save(d)
+                torch.save(state, d / "trainer_state.pt")
+
+            atomic_dir(last_dir, write_last)
+            if new_best:
+                best_value = value
+                log["best"] = {"epoch": epoch + 1, "criterion": cfg.select_by, "value": value}
+                atomic_dir(best_dir, trainable.save)
+            write_json_atomic(out_dir / "train_log.json", log)
+            summary = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch")
+            bar.write(f"epoch {epoch + 1}/{cfg.epochs}" + (f": {summary}" if summary else "")
+                      + (" (best)" if new_best else ""))
+        accelerator.wait_for_everyone()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+    bar.close()
+    accelerator.unwrap_model(model)
+    return log
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ----------------------------------------------------------------------------- datasets
+def _tokenized(path, tokenizer, template: PromptTemplate, max_length: int, fmt: str = "auto"):
+    examples = load_examples(path, fmt=fmt)
+    if not examples:
+        raise LoraFlowError(f"{path}: no examples")
+    data = encode_examples(examples, tokenizer, template, max_length)
+    usable = [x for x in data if response_token_count(x) > 0]
+    if len(usable) < len(data):
+        logger.warning("%s: %d of %d examples have no response token within max_length=%d and are left out",
+                       path, len(data) - len(usable), len(data), max_length)
+    if not usable:
+        raise LoraFlowError(f"{path}: no example has a response token within max_length={max_length}")
+    return examples, usable
+
+
+def _prepare_data(train_path, dev_path, tokenizer, template: PromptTemplate, cfg: TrainConfig, data_format: str):
+    """Tokenized train and dev sets, and the dev-accuracy function when --select-by dev_accuracy."""
+    _, train = _tokenized(train_path, tokenizer, template, cfg.max_length, data_format)
+    dev_examples, dev = _tokenized(dev_path, tokenizer, template, cfg.max_length) if dev_path else ([], None)
+    accuracy = None
+    if cfg.select_by == "dev_accuracy":
+        accuracy = _answer_accuracy(dev_examples, tokenizer, template, cfg.dev_max_new_tokens, cfg.batch_size)
+        if accuracy is None:
+            raise LoraFlowError(f"--select-by dev_accuracy needs a dev set with answers ({dev_path or 'no --dev'})")
+    return train, dev, accuracy
+
+
+def _answer_accuracy(examples: list[Example], tokenizer, template: PromptTemplate, max_new_tokens: int,
+                     batch_size: int) -> Callable[[Any], float] | None:
+    """Dev accuracy by greedy generation and the official math answer extraction, if the dev set has answers."""
+    graded = [e for e in examples if e.answer]
+    if not graded:
+        return None
+    from loraflow.data.formats import encode_prompt
+    from loraflow.core.generation import generate_texts
+    from loraflow.evaluation.scoring import score_math_example
+
+    prompts = [tokenizer.decode(encode_prompt(e, tokenizer, template)) for e in graded]
+
+    def accuracy(model) -> float:
+        was_training = model.training
+        model.eval()
+        outs = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        model.train(was_training)
+        return sum(score_math_example(o.text, e.answer)["correct"] for o, e in zip(outs, graded)) / len(graded)
+
+    return accuracy
+
+
+# ----------------------------------------------------------------------------- gates
+def train_gate(
+    base: str | os.PathLike | Any,
+    adapters: Sequence[tuple[str, str]] | dict,
+    train_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dev_path: str | os.PathLike | None = None,
+    config: TrainConfig | None = None,
+    template: PromptTemplate | None = None,
+    tokenizer=None,
+    temperature: float = 1.0,
+    granularity: str = "layer",
+    init_gate: str | os.PathLike | None = None,
+    torch_dtype=None,
+    resume: bool = False,
+    data_format: str = "auto",
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train LoRA-Flow fusion gates on a few-shot set; base and LoRAs stay frozen.
+
+    Writes OUT/best and OUT/last (loraflow gate directories), OUT/train_log.json.
+    """
+    from loraflow.core.model import LoraFlowModel, load_tokenizer
+
+    cfg = config or TrainConfig()
+    template = template or PromptTemplate()
+    tokenizer = tokenizer or load_tokenizer(base)
+    train, dev, accuracy = _prepare_data(train_path, dev_path, tokenizer, template, cfg, data_format)
+    torch.manual_seed(cfg.seed)
+    model = LoraFlowModel.from_pretrained(base, adapters, gate=init_gate, temperature=temperature,
+                                          granularity=granularity, torch_dtype=torch_dtype, seed=cfg.seed)
+    model.freeze_all_but_gates()
+    if cfg.gradient_checkpointing:
+        _enable_checkpointing(model.model)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    meta = {"kind": "gate", "train": str(train_path), "dev": str(dev_path) if dev_path else None,
+            "template": asdict(template), "temperature": temperature, "granularity": granularity}
+    trainable = Trainable(
+        model=model, parameters=model.gate_parameters(),
+        save=lambda d: _save_gate_into(model, d, meta, cfg),
+        load=lambda d: model.load_gate(d),
+    )
+    n = model.num_gate_parameters()
+    logger.info("trainable parameters: %d (gates only)", n)
+    log = fit(trainable, train, dev, cfg, out_dir, pad_id=_pad_id(tokenizer), resume=resume,
+              dev_accuracy=accuracy, on_epoch_end=on_epoch_end, run_info={**meta, "base": str(base) if not hasattr(base, "config") else None,
+                                               "adapters": [list(p) for p in _pairs(adapters)]})
+    out_dir = Path(out_dir)
+    return TrainResult(out_dir, out_dir / "best", out_dir / "last", n, log)
+
+
+def _save_gate_into(model, directory: Path, meta: dict, cfg: TrainConfig) -> None:
+    from loraflow.core.checkpoints import save_gate_checkpoint
+
+    save_gate_checkpoint(directory, model.gate_config, model.gates.state_dict(),
+                         extra={"training": meta, "seed": cfg.seed, "versions": versions()})
+
+
+# ----------------------------------------------------------------------------- LoRA modules
+def train_lora(
+    base: str | os.PathLike | Any,
+    train_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dev_path: str | os.PathLike | None = None,
+    config: TrainConfig | None = None,
+    template: PromptTemplate | None = None,
+    tokenizer=None,
+    r: int = 64,
+    alpha: float = 16,
+    dropout: float = 0.1,
+    target_modules: Sequence[str] | str | None = None,
+    torch_dtype=None,
+    resume: bool = False,
+    data_format: str = "auto",
+) -> TrainResult:
+    """Train one LoRA module with PEFT (defaults as the released LoRAs: r 64, alpha 16, dropout 0.1,
+    all attention and MLP projections). OUT/best and OUT/last are standard PEFT adapter directories."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    from loraflow.core.model import load_base, load_tokenizer
+
+    cfg = config or TrainConfig(lr=2e-4, epochs=3)
+    template = template or PromptTemplate()
+    tokenizer = tokenizer or load_tokenizer(base)
+    train, dev, accuracy = _prepare_data(train_path, dev_path, tokenizer, template, cfg, data_format)
+    torch.manual_seed(cfg.seed)
+    model = load_base(base, torch_dtype, {})
+    targets = _lora_targets(model, target_modules)
+    lora_cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                          task_type="CAUSAL_LM", bias="none")
+    peft_model = get_peft_model(model, lora_cfg)
+    if cfg.gradient_checkpointing:
+        _enable_checkpointing(peft_model.get_base_model())
+    if torch.cuda.is_available():
+        peft_model.to("cuda")
+
+    def save(d: Path) -> None:
+        peft_model.save_pretrained(str(d))
+
+    def load(d: Path) -> None:
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(peft_model, load_file(str(d / "adapter_model.safetensors")))
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    meta = {"kind": "lora", "train": str(train_path), "r": r, "alpha": alpha, "dropout": dropout,
+            "target_modules": sorted(targets) if not isinstance(targets, str) else targets,
+            "template": asdict(template)}
+    log = fit(Trainable(peft_model, params, save, load), train, dev, cfg, out_dir, pad_id=_pad_id(tokenizer),
+              resume=resume, dev_accuracy=accuracy, run_info=meta)
+    out_dir = Path(out_dir)
+    return TrainResult(out_dir, out_dir / "best", out_dir / "last", sum(p.numel() for p in params), log)
+
+
+def _enable_checkpointing(model) -> None:
+    """Activation checkpointing of every decoder layer (non-reentrant), by the name this transformers has."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _lora_targets(model, requested: Sequence[str] | str | None) -> list[str] | str:
+    """Requested targets, or the official seven projections where present, else every linear in the layers."""
+    if requested:
+        return list(requested) if not isinstance(requested, str) else requested
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    official = [t for t in LLAMA_TARGETS if t in names]
+    return official if official else "all-linear"
+
+
+def _pairs(adapters) -> list[tuple[str, str]]:
+    items = adapters.items() if isinstance(adapters, dict) else adapters
+    return [(str(n), str(p)) for n, p in items]
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else tokenizer.eos_token_id

@@ -1,0 +1,181 @@
+"""Gate checkpoints: the official .pt format (real sample file), conversion, safety, and mismatches."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from conftest import build_tiny_model, make_peft_adapter
+
+from loraflow import LoraFlowModel
+from loraflow.core.checkpoints import load_gate_checkpoint, load_official_gate
+from loraflow.cli import main
+from loraflow.common.errors import LoraFlowError
+
+
+@pytest.fixture
+def adapters(tmp_path, tiny_llama):
+    return {"zh": make_peft_adapter(tiny_llama, tmp_path / "zh", seed=1),
+            "math": make_peft_adapter(tiny_llama, tmp_path / "math", seed=2)}
+
+
+def test_convert_real_official_sample(shared_data, tmp_path, capsys):
+    src = shared_data / "official-gate-sample" / "gate_no_bias_llama2_7b.pt"
+    raw = torch.load(src, weights_only=True)  # independent read of the file
+    assert main(["convert-gate", "--official", str(src), "--adapters", "zh,math", "--out", str(tmp_path / "g"),
+                 "--temperature", "1.1"]) == 0
+    assert "32 layers" in capsys.readouterr().out
+    config, state = load_gate_checkpoint(tmp_path / "g")
+    assert (config.num_layers, config.hidden_size, config.adapter_names) == (32, 4096, ["zh", "math"])
+    assert config.temperature == 1.1
+    for i in range(32):
+        assert torch.equal(state[f"layers.{i}.weight"], raw[f"encoder.layers.{i}.lora_fusion_gate.weight"].float())
+        assert torch.equal(state[f"layers.{i}.bias"], torch.zeros(1, 2))  # the no-bias variant: b = 0
+    assert sum(v.numel() for v in state.values()) == 262_208
+
+
+def test_official_gate_with_bias_loads_bias(tmp_path):
+    sd = {"encoder.layers.0.lora_fusion_gate.weight": torch.randn(2, 8).half(),
+          "encoder.layers.0.weight_bias": torch.tensor([[-0.5, 0.5]]).half()}
+    torch.save(sd, tmp_path / "g.pt")
+    n, k, d, state = load_official_gate(tmp_path / "g.pt")
+    assert (n, k, d) == (1, 2, 8)
+    assert state["layers.0.bias"].tolist() == [[-0.5, 0.5]]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/loraflow-pwned",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"encoder.layers.0.lora_fusion_gate.weight": _Evil()}, f)
+    if os.path.exists("/tmp/loraflow-pwned"):
+        os.remove("/tmp/loraflow-pwned")
+    rc = main(["convert-gate", "--official", str(path), "--adapters", "a,b", "--out", str(tmp_path / "out")])
+    assert rc == 2
+    assert not os.path.exists("/tmp/loraflow-pwned")
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_bin_pickle_that_runs_code_is_refused(tmp_path, tiny_llama):
+    d = make_peft_adapter(tiny_llama, tmp_path / "a")
+    (d / "adapter_model.safetensors").unlink()
+    with open(d / "adapter_model.bin", "wb") as f:
+        pickle.dump({"x": _Evil()}, f)
+    with pytest.raises(LoraFlowError, match="refused"):
+        LoraFlowModel.from_pretrained(tiny_llama, {"a": d})
+
+
+def test_adapter_bin_with_plain_tensors_loads(tmp_path, tiny_llama):
+    from safetensors.torch import load_file
+
+    d = make_peft_adapter(tiny_llama, tmp_path / "a")
+    sd = load_file(str(d / "adapter_model.safetensors"))
+    ref = LoraFlowModel.from_pretrained(copy.deepcopy(tiny_llama), {"a": d})
+    (d / "adapter_model.safetensors").unlink()
+    torch.save(sd, d / "adapter_model.bin")
+    model = LoraFlowModel.from_pretrained(copy.deepcopy(tiny_llama), {"a": d})
+    ids = torch.arange(3, 12).view(1, -1)
+    with torch.no_grad(), model.only_adapter("a"), ref.only_adapter("a"):
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def _error(fn):
+    with pytest.raises(LoraFlowError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_adapter_from_another_base_is_rejected(tmp_path, tiny_llama):
+    other = build_tiny_model("llama")
+    other.config.hidden_size = 48
+    import transformers as tf
+
+    wide = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(
+        hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=320))
+    d = make_peft_adapter(wide, tmp_path / "wide")
+    msg = _error(lambda: LoraFlowModel.from_pretrained(tiny_llama, {"wide": d}))
+    assert "wide" in msg and "another base" in msg
+
+
+def test_gate_mismatches_are_named(tmp_path, tiny_llama, adapters):
+    model = LoraFlowModel.from_pretrained(copy.deepcopy(tiny_llama), adapters)
+    model.save_gate(tmp_path / "gate")
+    # wrong adapter order
+    msg = _error(lambda: LoraFlowModel.from_pretrained(copy.deepcopy(tiny_llama), dict(reversed(adapters.items())),
+                                                       gate=tmp_path / "gate"))
+    assert "order" in msg
+    # wrong k
+    msg = _error(lambda: LoraFlowModel.from_pretrained(copy.deepcopy(tiny_llama), {"zh": adapters["zh"]},
+                                                       gate=tmp_path / "gate"))
+    assert "zh,math" in msg
+    # wrong layer count / hidden size (official file)
+    torch.save({f"encoder.layers.{i}.lora_fusion_gate.weight": torch.zeros(2, 16) for i in range(3)},
+               tmp_path / "bad.pt")
+    msg = _error(lambda: LoraFlowModel.from_pretrained(copy.deepcopy(tiny_llama), adapters, gate=tmp_path / "bad.pt"))
+    assert "3 layers" in msg and "hidden size is 16" in msg
+    # a gate with k=3 for two adapters
+    torch.save({f"encoder.layers.{i}.lora_fusion_gate.weight": torch.zeros(3, 32) for i in range(2)},
+               tmp_path / "k3.pt")
+    msg = _error(lambda: LoraFlowModel.from_pretrained(copy.deepcopy(tiny_llama), adapters, gate=tmp_path / "k3.pt"))
+    assert "3 adapters" in msg
+
+
+def test_missing_and_corrupt_files(tmp_path, tiny_llama, adapters):
+    assert "not found" in _error(lambda: LoraFlowModel.from_pretrained(tiny_llama, {"x": tmp_path / "nope"}))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{not json")
+    assert "corrupt JSON" in _error(lambda: LoraFlowModel.from_pretrained(tiny_llama, {"x": bad}))
+    (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    (bad / "adapter_model.safetensors").write_bytes(b"garbage" * 10)
+    assert "corrupt safetensors" in _error(lambda: LoraFlowModel.from_pretrained(tiny_llama, {"x": bad}))
+    assert "k >= 1" in _error(lambda: LoraFlowModel.from_pretrained(tiny_llama, {}))
+    gate = tmp_path / "gate"
+    LoraFlowModel.from_pretrained(copy.deepcopy(tiny_llama), adapters).save_gate(gate)
+    (gate / "gate.safetensors").write_bytes(b"\x00" * 3)
+    assert "gate.safetensors" in _error(
+        lambda: LoraFlowModel.from_pretrained(copy.deepcopy(tiny_llama), adapters, gate=gate))
+
+
+def test_dora_adapters_are_refused(tmp_path, tiny_llama):
+    d = make_peft_adapter(tiny_llama, tmp_path / "dora", use_dora=True)
+    assert "DoRA" in _error(lambda: LoraFlowModel.from_pretrained(tiny_llama, {"d": d}))
+
+
+def test_unknown_architecture(tmp_path, adapters):
+    class NoLayers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"num_hidden_layers": 2, "hidden_size": 32})()
+            self.proj = torch.nn.Linear(32, 32)
+
+    assert "unknown architecture" in _error(lambda: LoraFlowModel.from_pretrained(NoLayers(), adapters))
+
+
+def test_failed_save_leaves_previous_gate_intact(tmp_path, tiny_llama, adapters, monkeypatch):
+    model = LoraFlowModel.from_pretrained(copy.deepcopy(tiny_llama), adapters, seed=0)
+    model.save_gate(tmp_path / "gate")
+    before = (tmp_path / "gate" / "gate.safetensors").read_bytes()
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with torch.no_grad():
+        model.gates.layers[0].weight.add_(1)
+    with pytest.raises(OSError):
+        model.save_gate(tmp_path / "gate")
+    assert (tmp_path / "gate" / "gate.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".gate")) == []

@@ -1,0 +1,48 @@
+"""LoRAHub search and Avg fusion over the fused engine."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from conftest import build_toy_lora_pair
+
+from loraflow import LoraFlowModel
+from loraflow.evaluation.baselines import average_weights, fewshot_loss_fn, lorahub_search
+from loraflow.data.formats import encode_examples, load_examples
+
+
+def test_average_weights():
+    assert average_weights(2) == [0.5, 0.5]
+    assert average_weights(4) == [0.25] * 4
+
+
+def test_lorahub_search_finds_known_optimum_within_bounds():
+    target = np.array([0.8, -0.3])
+    result = lorahub_search(lambda w: float(np.sum((np.array(w) - target) ** 2)), 2, budget=40, l1=0.0, seed=0)
+    assert len(result.history) == 40
+    assert result.history[0]["weights"] == [0.0, 0.0]  # LoRAHub starts from zero weights
+    assert np.abs(np.array(result.weights) - target).max() < 0.15
+    # bounds hold even when the optimum lies outside them
+    outside = lorahub_search(lambda w: float(np.sum((np.array(w) - 3.0) ** 2)), 2, budget=30, l1=0.0, seed=0)
+    assert all(-1.5 <= x <= 1.5 for h in outside.history for x in h["weights"])
+    assert min(outside.weights) > 1.2
+
+
+def test_lorahub_l1_penalty_is_mean_abs_weight():
+    result = lorahub_search(lambda w: 1.0, 3, budget=5, l1=0.05, seed=1)
+    for h in result.history:
+        assert h["objective"] == pytest.approx(1.0 + 0.05 * np.mean(np.abs(h["weights"])))
+
+
+def test_lorahub_finds_the_useful_adapter_on_toy_fewshot_set(tmp_path):
+    toy = build_toy_lora_pair(tmp_path)
+    model = LoraFlowModel.from_pretrained(copy.deepcopy(toy["base"]), toy["adapters"])
+    data = list(encode_examples(load_examples(toy["train"]), toy["tokenizer"], toy["template"], 64))
+    loss = fewshot_loss_fn(model, data, pad_id=0)
+    result = lorahub_search(loss, 2, budget=40, seed=0)
+    w_lang, w_task = result.weights
+    assert w_lang > 0.5 and w_lang > abs(w_task)
+    assert result.loss < loss([0.5, 0.5]) < loss([0.0, 0.0])
+    assert model.fusion_mode == "gate"  # the search restored the model's mode
