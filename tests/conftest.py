@@ -34,9 +34,10 @@ def shared_data_dir() -> Path:
     return SHARED_DATA
 
 
-def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320):
-    """A real byte-level BPE tokenizer (round-trips any text) trained on a few sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320, add_bos: bool = False):
+    """A real byte-level BPE tokenizer (round-trips any text) trained on a few sentences; with
+    `add_bos` it starts every sequence with `<s>` by itself, as Llama's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     texts = texts or [
@@ -55,6 +56,9 @@ def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
