@@ -156,3 +156,41 @@ def generate_texts(
         if tracker is not None and len(tracker.finished) < len(batch):
             progress(len(batch) - len(tracker.finished))  # rows that ran to max_new_tokens
     return results
+
+
+def gate_template(gate) -> "PromptTemplate | None":
+    """The prompt template a loraflow gate directory was trained with (None: not recorded, or an
+    official `.pt` gate)."""
+    import json
+    from pathlib import Path
+
+    from loraflow.core.checkpoints import CONFIG_NAME
+    from loraflow.data.formats import PromptTemplate
+
+    if gate is None or not (Path(gate) / CONFIG_NAME).is_file():
+        return None
+    try:
+        raw = json.loads((Path(gate) / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # the gate loader reports a corrupt file with its own message
+    record = ((raw.get("extra") or {}).get("training") or {}).get("template")
+    if not isinstance(record, dict):
+        return None
+    try:
+        return PromptTemplate.from_record(record)
+    except (TypeError, ValueError) as e:
+        raise LoraFlowError(f"{Path(gate) / CONFIG_NAME}: invalid recorded template ({e})") from None
+
+
+def choose_template(requested, gate, *, default: str) -> tuple:
+    """(template, note): `requested` when given, else the one the gate was trained with, else `default`.
+
+    The note says which was used and why, for the command to print; it is None when the user chose.
+    """
+    if requested is not None:
+        return requested, None
+    recorded = gate_template(gate)
+    if recorded is not None:
+        shown = recorded.name or recorded.kind
+        return recorded, f"using the template the gate was trained with: {shown} (--template to override)"
+    return default, f"using the {default} template (the gate records none; --template to choose)"

@@ -31,8 +31,8 @@ class EvalConfig:
     Attributes:
         task: "math" (MGSM-style rows: question, answer) or "code" (HumanEval-style rows).
         lang: zh, ru or es: selects the official system prompt / code instruction.
-        template: "official" (the paper's evaluation prompts) or a training template preset
-            (llama2, released, paper, chat, plain) applied to the question.
+        template: official (the paper's evaluation prompts), released, llama2, chat or plain
+            (see loraflow.data.templates); None: the template the gate was trained with, else official.
         system: override the official math system prompt.
         max_new_tokens: generation budget (official: 512).
         batch_size: prompts per generation batch.
@@ -46,7 +46,7 @@ class EvalConfig:
 
     task: str
     lang: str | None = None
-    template: str = "official"
+    template: str | None = None
     system: str | None = None
     max_new_tokens: int = 512
     batch_size: int = 8
@@ -79,25 +79,20 @@ def parse_method(method: str, adapter_names: list[str]) -> tuple[str, list[float
     return kind, detail
 
 
-def build_prompts(rows: list[dict], cfg: EvalConfig, tokenizer) -> list[str]:
-    """The text each test row is turned into before generation."""
+def build_prompts(rows: list[dict], cfg: EvalConfig, tokenizer, template=None) -> tuple[list[str], bool]:
+    """The text each test row is turned into before generation, and the `add_special_tokens` to
+    tokenise it with (loraflow.data.templates.render_prompt; official = the paper's prompts)."""
+    from loraflow.data.templates import render_prompt
+
     field = "question" if cfg.task == "math" else "prompt"
     missing = [i for i, r in enumerate(rows, 1) if not isinstance(r.get(field), str)]
     if missing:
         raise LoraFlowError(f"test row {missing[0]} has no string {field!r} (is --task right?)")
-    if cfg.template == "official":
-        if cfg.task == "math":
-            return [protocol.build_math_prompt(r["question"], cfg.lang, cfg.system) for r in rows]
-        return [protocol.build_code_prompt(r["prompt"], cfg.lang) for r in rows]
-    from dataclasses import replace
-
-    from loraflow.data.formats import Example, PromptTemplate, encode_prompt
-
-    template = PromptTemplate.from_preset(cfg.template, lang=cfg.lang, task=cfg.task)
-    if cfg.system:
-        template = replace(template, system=cfg.system)
-    return [tokenizer.decode(encode_prompt(Example(prompt=r[field], response=""), tokenizer, template))
-            for r in rows]
+    template = template if template is not None else (cfg.template or "official")
+    if template == "official" and cfg.lang not in ("zh", "ru", "es"):
+        raise LoraFlowError(f"the official prompts need --lang zh, ru or es (got {cfg.lang!r})")
+    rendered = [render_prompt(template, tokenizer, r[field], cfg.system, lang=cfg.lang, task=cfg.task) for r in rows]
+    return [r.text for r in rendered], bool(rendered) and rendered[0].add_special_tokens
 
 
 def evaluate(
@@ -135,14 +130,24 @@ def evaluate(
     rows = read_jsonl(data_path)
     if not rows:
         raise LoraFlowError(f"{data_path}: no test rows")
+    total_rows = len(rows)
     if cfg.limit:
         rows = rows[: cfg.limit]
     torch.manual_seed(cfg.seed)
     state = PartialState(cpu=not torch.cuda.is_available())
     from loraflow.core.model import load_tokenizer
 
+    import sys
+
+    from loraflow.core.generation import choose_template
+    from loraflow.data.templates import format_warning, make_template
+
     tokenizer = load_tokenizer(base)
-    prompts = build_prompts(rows, cfg, tokenizer)
+    template, note = choose_template(cfg.template, gate if kind == "loraflow" else None, default="official")
+    for line in (note, format_warning(template, tokenizer)):
+        if line and state.is_main_process:
+            print(f"loraflow eval: {line}", file=sys.stderr)
+    prompts, add_special = build_prompts(rows, cfg, tokenizer, template)
     model = _build_model(base, adapters, kind, gate if kind == "loraflow" else None, cfg, torch_dtype, device)
 
     static_weights = None
@@ -155,7 +160,7 @@ def evaluate(
     elif kind == "base" and names:
         model.set_adapters_off()
     elif kind == "lorahub":
-        lorahub = _lorahub(model, tokenizer, train_path, cfg, progress and state.is_main_process)
+        lorahub = _lorahub(model, tokenizer, train_path, cfg, progress and state.is_main_process, template)
         static_weights = lorahub["weights"]
         model.set_static_weights(static_weights)
 
@@ -165,7 +170,7 @@ def evaluate(
     stops = protocol.MATH_STOP_STRINGS if cfg.task == "math" else ()
     start = time.time()
     gens = generate_texts(model, tokenizer, [prompts[i] for i in mine], max_new_tokens=cfg.max_new_tokens,
-                          batch_size=cfg.batch_size, stop_strings=stops, add_special_tokens=cfg.template == "official",
+                          batch_size=cfg.batch_size, stop_strings=stops, add_special_tokens=add_special,
                           progress=bar.update)
     bar.close()
     local = [(i, g.text) for i, g in zip(mine, gens)]
@@ -183,6 +188,8 @@ def evaluate(
         "base": str(base), "adapters": [[n, str(p)] for n, p in adapters],
         "gate": str(gate) if gate else None, "static_weights": static_weights,
         "predictions": pred_path.name, "data": str(data_path), "config": asdict(cfg),
+        "template": asdict(make_template(template, lang=cfg.lang, task=cfg.task, system=cfg.system)),
+        "partial": len(rows) < total_rows, "data_rows": total_rows,
         "versions": versions(), "num_processes": state.num_processes,
         "generation_seconds": round(time.time() - start, 2),
     })
@@ -215,7 +222,7 @@ def _build_model(base, adapters, kind, gate, cfg: EvalConfig, torch_dtype, devic
     return model.eval()
 
 
-def _lorahub(model, tokenizer, train_path, cfg: EvalConfig, show: bool) -> dict:
+def _lorahub(model, tokenizer, train_path, cfg: EvalConfig, show: bool, template=None) -> dict:
     """Search static weights on the few-shot set (same prompt template as the evaluation prompts)."""
     from tqdm.auto import tqdm
 
@@ -223,7 +230,7 @@ def _lorahub(model, tokenizer, train_path, cfg: EvalConfig, show: bool) -> dict:
     from loraflow.data.formats import encode_examples, load_examples
     from loraflow.core.losses import response_token_count
 
-    template = _train_template(cfg)
+    template = _train_template(cfg, template)
     examples = load_examples(train_path)
     data = [x for x in encode_examples(examples, tokenizer, template, 4096) if response_token_count(x) > 0]
     if not data:
@@ -238,14 +245,9 @@ def _lorahub(model, tokenizer, train_path, cfg: EvalConfig, show: bool) -> dict:
             "budget": cfg.lorahub_budget, "train": str(train_path), "history": found.history}
 
 
-def _train_template(cfg: EvalConfig):
+def _train_template(cfg: EvalConfig, template=None):
     """The training-side template matching the evaluation prompts (official: the paper's llama2 prompt)."""
-    from dataclasses import replace
+    from loraflow.data.templates import make_template
 
-    from loraflow.data.formats import PromptTemplate
-
-    if cfg.template == "official":
-        template = PromptTemplate.paper(cfg.lang, cfg.task)
-    else:
-        template = PromptTemplate.from_preset(cfg.template, lang=cfg.lang, task=cfg.task)
-    return replace(template, system=cfg.system) if cfg.system else template
+    return make_template(template if template is not None else (cfg.template or "official"), lang=cfg.lang,
+                         task=cfg.task, system=cfg.system or None)
