@@ -163,9 +163,10 @@ def drawable(label: str, covered: set[int]) -> str:
 
 
 def inspect_prompt(model, tokenizer, prompt: str, out_png: str | os.PathLike, *, csv_path=None,
-                   max_new_tokens: int = 64, title: str | None = None) -> FusionTrace:
-    """Trace one prompt and write the heatmap (and CSV)."""
-    trace = trace_generation(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+                   max_new_tokens: int = 64, title: str | None = None, add_special_tokens: bool = False) -> FusionTrace:
+    """Trace one prompt (tokenised with `add_special_tokens`) and write the heatmap (and CSV)."""
+    trace = trace_generation(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
+                             add_special_tokens=add_special_tokens)
     to_png(trace, out_png, title=title)
     if csv_path:
         write_text_atomic(csv_path, to_csv(trace))

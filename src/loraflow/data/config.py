@@ -28,3 +28,15 @@ class PromptOptions:
         from loraflow.data.templates import make_template
 
         return make_template(self.template, lang=self.lang, task=self.task, system=self.system, cue=self.cue)
+
+
+@dataclass
+class PromptChoice:
+    """How `generate`, `inspect` (and serving) turn a question into the model's prompt."""
+
+    template: str | None = option(None, "prompt template: " + TEMPLATE_HELP + ". Default: the one the gate was "
+                                        "trained with, else chat when the tokenizer has a chat template, else plain",
+                                  choices=(*TEMPLATES, "paper"))
+    system: str | None = option(None, "system prompt (default: the template's; none for llama2 and chat)")
+    lang: str | None = option(None, "language code for --template official (zh, ru, es)")
+    task: str | None = option(None, "task for --template official (math, code)")
