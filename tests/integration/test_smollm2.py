@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraflow.core.model import load_base, load_tokenizer
+from loraflow.core.model import load_base
 
 pytestmark = pytest.mark.integration
 
@@ -19,8 +19,8 @@ def test_gguf_base_loads_dense_with_its_tokenizer(smollm2):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert not model.is_quantized and all(p.dtype == torch.float32 for p in model.parameters())
     assert "<|im_start|>" in tok.chat_template
-    # the tokenizer of the in-memory GGUF model is found again (its name_or_path is the GGUF's title)
-    assert load_tokenizer(model).chat_template == tok.chat_template
+    # load_tokenizer(model) finds the GGUF file again: its name_or_path is only the GGUF's title
+    assert model.config.name_or_path != str(smollm2["gguf"]) and model._loraflow_gguf == str(smollm2["gguf"])
 
 
 def test_saved_dir_reproduces_the_gguf_model(smollm2):

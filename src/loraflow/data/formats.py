@@ -7,7 +7,8 @@ Three pieces, used by gate training, LoRA training, dev-set selection and evalua
   the first line, or given explicitly.
 * `PromptTemplate` turns an `Example` into the prompt text and the response text:
   the official Llama-2 chat format (`llama2`), the tokenizer's own chat template (`chat`) or a
-  bare `{query}\\n` format (`plain`).
+  bare `{query}\\n` format (`plain`). The named templates users choose (official, released, ...)
+  and the prompt rendering for generation live in `loraflow.data.templates`.
 * `encode_example` / `encode_examples` / `collate` tokenise for causal-LM training with the loss on
   the response tokens only.
 
@@ -305,7 +306,8 @@ class PromptTemplate:
       Earlier turns follow Llama-2's multi-turn format: `<s>[INST] {u1} [/INST] {a1} </s><s>[INST] ...`.
     * `chat`: the tokenizer's own `chat_template` (`apply_chat_template` with the generation prompt),
       `{cue}` appended to it; target = what the template adds for the assistant turn (its own
-      end-of-turn tokens included, no extra EOS).
+      end-of-turn tokens included, no extra EOS). No system prompt unless one is given: a template
+      that would inject its own default (SmolLM2, Qwen2.5) gets an empty system turn instead.
     * `plain`: `{query}\\n{cue}` -> `{response}</s>` (no BOS; `{system}\\n\\n` in front when set),
       for models without chat formatting.
 
