@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from loraflow.common.errors import LoraFlowError
 from loraflow.core.fusion_spec import FusionSpec
@@ -74,12 +76,13 @@ class FusionPlan:
 class LayerCall:
     """One decoder layer's part of a call: its input and what the fused layers derived from it."""
 
-    __slots__ = ("hidden", "weights", "scales")
+    __slots__ = ("hidden", "weights", "scales", "projections")
 
     def __init__(self, hidden: torch.Tensor) -> None:
         self.hidden = hidden
-        self.weights: dict[str | None, torch.Tensor] = {}  # per gate key: (B, T, k) or static
-        self.scales: dict[tuple, torch.Tensor] = {}  # per (module key, layout key): column scales
+        self.weights: dict[str | None, torch.Tensor] = {}  # per gate key: (B, T, k)
+        self.scales: dict[int, torch.Tensor] = {}  # per input group (id): its column scales
+        self.projections: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per group: (x, scaled h)
 
 
 class CallContext:
@@ -91,6 +94,11 @@ class CallContext:
         self.layers: list[LayerCall | None] = [None] * engine.num_layers
         self.weights: list[torch.Tensor | None] = [None] * engine.num_layers
         self.token: Token | None = None
+        # A static fusion merged into the base weights is subtracted from every other fusion.
+        merged = engine.merged
+        self.offset = None if merged is None or plan is engine.merged_plan else merged
+        self.active = not plan.off if merged is None else self.offset is not None
+        self.constant_scales: dict[int, torch.Tensor] = {}  # per group layout, when no gate is in use
 
     def begin_layer(self, index: int, hidden: torch.Tensor) -> None:
         rows = self.plan.rows
@@ -108,50 +116,90 @@ class CallContext:
             ws = list(layer.weights.values())
             w = torch.stack(ws).mean(0) if len(ws) > 1 else ws[0]
             self.weights[index] = w.detach()
-        layer.weights, layer.scales = {}, {}
+        layer.weights, layer.scales, layer.projections = {}, {}, {}
         if not torch.is_grad_enabled():
             self.layers[index] = None
         # With gradients on, the layer's input is kept until the call's context is dropped:
         # activation checkpointing in transformers recomputes the layer's `forward` in backward
         # without re-running the module hooks, and the recomputed fused layers must find it here.
 
-    def column_scales(self, index: int, module) -> torch.Tensor | None:
-        """Per-token (or constant) scale of each rank column of `module`; None when adapters are off."""
-        plan = self.plan
-        if plan.off:
+    def lora_hidden(self, index: int, module, x: torch.Tensor) -> torch.Tensor | None:
+        """(N, R) = dropout(x) @ A^T scaled per column for `module`, or None when there is nothing to add.
+
+        Modules of one input group called with the same tensor share one projection.
+        """
+        if not self.active:
             return None
         layer = self.layers[index]
         if layer is None:
             raise RuntimeError(f"fused LoRA layer {module.module_key} called outside decoder layer {index}'s forward")
-        key = (module.module_key if plan.module_granular else None, module.layout_key)
+        group = module.group
+        lead = x.shape[:-1]
+        if self.plan.module_granular or (module.training and not isinstance(module.lora_dropout, nn.Identity)):
+            # one gate per module, or dropout drawn per module: nothing can be shared
+            w = self._weights(index, layer, module.module_key if self.plan.module_granular else None)
+            scales = self._to_columns(w, group)[..., module.columns]
+            h = F.linear(module.lora_dropout(x.to(group.lora_A.dtype)), module.lora_A).reshape(-1, scales.shape[-1])
+            return _scale(h, scales, lead)
+        key = id(group)
+        cached = layer.projections.get(key)
+        if cached is None or cached[0] is not x:
+            h = F.linear(x.to(group.lora_A.dtype).reshape(-1, x.shape[-1]), group.lora_A)  # (N, R_group)
+            cached = (x, _scale(h, self._group_scales(index, layer, group), lead))
+            layer.projections[key] = cached
+        h = cached[1]
+        return h if h.shape[1] == module.columns.stop - module.columns.start else h[:, module.columns]
+
+    def _group_scales(self, index: int, layer: LayerCall, group) -> torch.Tensor:
+        if not self.plan.gates:  # the same constants in every layer: once per call and layout
+            scales = self.constant_scales.get(group.layout_key)
+            if scales is None:
+                scales = self.constant_scales[group.layout_key] = self._to_columns(self._weights(index, layer, None),
+                                                                                   group)
+            return scales
+        key = id(group)
         scales = layer.scales.get(key)
         if scales is None:
-            w = self._weights(index, layer, module.module_key if plan.module_granular else None)
-            scales = (w[..., module.adapter_index] * module.scaling).to(module.lora_A.dtype)
-            layer.scales[key] = scales
+            scales = layer.scales[key] = self._to_columns(self._weights(index, layer, None), group)
         return scales
+
+    @staticmethod
+    def _to_columns(w: torch.Tensor, group) -> torch.Tensor:
+        """Adapter weights (..., k) -> per-column scales (..., R_group) in one small matmul."""
+        return (w @ group.column_map).to(group.lora_A.dtype)
 
     def _weights(self, index: int, layer: LayerCall, module_key: str | None) -> torch.Tensor:
         w = layer.weights.get(module_key)
         if w is not None:
             return w
         plan, hidden = self.plan, layer.hidden
-        static = plan.static.to(hidden.device) if plan.static is not None else None
-        w = static
+        w = plan.static.to(hidden.device) if plan.static is not None else None
         for name, mask in plan.gates:
             bank = self.engine.gates[name]
             gated = bank.gate(index, module_key if bank.config.granularity == "module" else None)(hidden)
             if mask is None:
                 w = gated  # (B, T, k)
             else:
-                other = w if w is not None else 0.0
-                w = torch.where(mask.to(hidden.device)[:, None, None], gated, other)  # (B, T, k)
-        layer.weights[module_key] = w
+                w = torch.where(mask.to(hidden.device)[:, None, None], gated, w if w is not None else 0.0)
+        if self.offset is not None:
+            w = -self.offset.to(hidden.device) if w is None else w - self.offset.to(hidden.device)
+        if plan.gates:
+            layer.weights[module_key] = w
         return w
 
     def finish(self) -> list[torch.Tensor | None]:
         """The weights each layer used (None where no gate ran)."""
         return self.weights
+
+
+def _scale(h: torch.Tensor, scales: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    """h (N, R) times column scales (R,), (*lead, R) or per-row (B, 1, R); in place at inference."""
+    r = h.shape[-1]
+    if scales.dim() > 1:
+        if scales.shape[:-1] != lead:  # per-row constants over several tokens
+            return (h.view(*lead, r) * scales).view(-1, r)
+        scales = scales.reshape(-1, r)
+    return h * scales if torch.is_grad_enabled() else h.mul_(scales)
 
 
 class FusionEngine:
@@ -164,6 +212,8 @@ class FusionEngine:
         self.gates: dict[str, GateBank] = {}
         self.default_gate = "default"
         self.default = FusionPlan("gate", gates=((self.default_gate, None),))
+        self.merged: torch.Tensor | None = None  # (k,) static weights merged into the base weights
+        self.merged_plan: FusionPlan | None = None
         self._replay: CallContext | None = None
 
     # ------------------------------------------------------------- plans

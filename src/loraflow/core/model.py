@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from loraflow.core.adapters import load_adapter
-from loraflow.core.attach import Attachment, attach_adapters, hidden_size, num_hidden_layers
+from loraflow.core.attach import Attachment, attach_adapters, hidden_size, merge, num_hidden_layers, unmerge
 from loraflow.core.checkpoints import (
     is_official_gate_file,
     load_gate_checkpoint,
@@ -46,6 +46,10 @@ class LoraFlowModel(nn.Module):
     The default fusion (set_gate_mode, set_static_weights, ...) is per-model configuration;
     `fusion(spec)` and `fusion_rows(specs)` choose a fusion for the forwards run inside them in
     the current thread (or asyncio task) only, so concurrent callers do not interfere.
+
+    A static default (single, avg, static:...) is merged into the base weights in eval mode, so it
+    runs at the base model's speed; the original weights are kept (on the CPU) and restored bit for
+    bit when the mode changes. Set `merge_static = False` to skip that (no copy kept).
     """
 
     def __init__(self, model: nn.Module, gates: GateBank, engine: FusionEngine, attachment: Attachment) -> None:
@@ -55,6 +59,7 @@ class LoraFlowModel(nn.Module):
         self.extra_gates = nn.ModuleDict()  # gates added with add_gate, by name (frozen)
         self._engine = engine
         self._attachment = attachment
+        self.merge_static = True
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -285,6 +290,27 @@ class LoraFlowModel(nn.Module):
 
     def _set_default(self, spec: FusionSpec) -> None:
         self._engine.set_default(self._engine.plan(spec, self.device))
+        self._sync_merge()
+
+    def _sync_merge(self) -> None:
+        """Merge the default fusion into the base weights when it is static (eval mode); else unmerge."""
+        plan = self._engine.default
+        if self.merge_static and not self.training and plan.label == "static":
+            if self._engine.merged_plan is not plan:
+                merge(self._attachment, self._engine, plan)
+        elif self._engine.merged is not None:
+            unmerge(self._attachment, self._engine)
+
+    def train(self, mode: bool = True) -> LoraFlowModel:
+        super().train(mode)
+        if "_engine" in self.__dict__:
+            self._sync_merge()  # training (LoRA dropout, gradients) runs unmerged
+        return self
+
+    @property
+    def merged(self) -> bool:
+        """Whether a static fusion is merged into the base weights right now."""
+        return self._engine.merged is not None
 
     def _spec(self, spec: str | FusionSpec) -> FusionSpec:
         return spec if isinstance(spec, FusionSpec) else parse_fusion(spec, self.adapter_names)
@@ -335,6 +361,7 @@ class LoraFlowModel(nn.Module):
             yield
         finally:
             self._engine.set_default(saved)
+            self._sync_merge()
 
     def _check_name(self, name: str) -> list[str]:
         if name not in self.adapter_names:
@@ -380,7 +407,8 @@ class LoraFlowModel(nn.Module):
                 frames.extend(torch.stack(f) for f in raw if f and all(w is not None for w in f))
 
     def detach_adapters(self) -> nn.Module:
-        """Undo the attachment: restore the original modules, remove the hooks, return the base model."""
+        """Undo the attachment: restore the original modules and weights, remove the hooks, return the base model."""
+        unmerge(self._attachment, self._engine)
         self._attachment.detach()
         return self.model
 
