@@ -30,13 +30,33 @@ class LayerMixer:
     def __init__(self, layer_index: int, engine: FusionEngine) -> None:
         self.layer_index = layer_index
         self.engine = engine
+        self.groups: list[LoraInputGroup] = []
+        self.layout_key: tuple = ()
+        self._column_maps: dict = {}
+
+    def set_groups(self, groups: list[LoraInputGroup]) -> None:
+        """The layer's input groups; their column maps side by side give all its scales in one matmul."""
+        self.groups = list(dict.fromkeys(groups))
+        start = 0
+        for g in self.groups:
+            g.layer_columns = slice(start, start + g.lora_A_t.shape[1])
+            start = g.layer_columns.stop
+        self.layout_key = tuple(g.layout_key for g in self.groups)
+        self._column_maps = {}
+
+    def column_map(self, device: torch.device) -> torch.Tensor:
+        """(k, R_layer): every group's column map, side by side (cached per device)."""
+        cmap = self._column_maps.get(device)
+        if cmap is None:
+            cmap = self._column_maps[device] = torch.cat([g.column_map.to(device) for g in self.groups], dim=1)
+        return cmap
 
     def lora_hidden(self, module: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         """`module`'s scaled low-rank hidden (N, R) for input x, or None when there is nothing to add."""
         ctx = self.engine.current()
         if ctx is None:
             raise RuntimeError(f"fused LoRA layer {module.module_key} called outside its model's forward")
-        return ctx.lora_hidden(self.layer_index, module, x)
+        return ctx.lora_hidden(self, module, x)
 
 
 @dataclass
@@ -238,10 +258,12 @@ def share_inputs(model: nn.Module, attachment: Attachment, engine: FusionEngine)
     for module in fused:
         key = (tuple(module.group.column_map.shape), tuple(module.group.column_map.flatten().tolist()))
         module.group.layout_key = layouts.setdefault(key, len(layouts))
+    for mixer in attachment.mixers:
+        mixer.set_groups([m.group for m in fused if m.layer_index == mixer.layer_index])
 
 
 def _group(members: list[FusedLoraLinear]) -> None:
-    lora_A = torch.cat([m.group.lora_A.data for m in members])
+    lora_A = torch.cat([m.group.lora_A.detach() for m in members])
     column_map = torch.cat([m.group.column_map for m in members], dim=1)
     group = LoraInputGroup(lora_A, column_map)
     start = 0

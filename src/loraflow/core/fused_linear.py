@@ -48,12 +48,18 @@ class LoraInputGroup(nn.Module):
 
     def __init__(self, lora_A: torch.Tensor, column_map: torch.Tensor, layout_key: int = 0) -> None:
         super().__init__()
-        self.lora_A = nn.Parameter(lora_A, requires_grad=False)
+        # held transposed, (in, R_group): x (N, in) @ lora_A_t is then one plain matmul, no transpose op
+        self.lora_A_t = nn.Parameter(lora_A.t().contiguous(), requires_grad=False)
         self.register_buffer("column_map", column_map.float(), persistent=False)
         self.layout_key = layout_key
 
+    @property
+    def lora_A(self) -> torch.Tensor:
+        """(R_group, in), a view."""
+        return self.lora_A_t.t()
+
     def extra_repr(self) -> str:
-        return f"in={self.lora_A.shape[1]}, rank_columns={self.lora_A.shape[0]}"
+        return f"in={self.lora_A_t.shape[0]}, rank_columns={self.lora_A_t.shape[1]}"
 
 
 class FusedLoraLinear(nn.Module):
@@ -120,7 +126,7 @@ class FusedLoraLinear(nn.Module):
     @property
     def lora_A(self) -> torch.Tensor:
         """The stacked A matrices, (R, in_features) (a view into the input group's)."""
-        return self.group.lora_A[self.columns]
+        return self.group.lora_A_t[:, self.columns].t()
 
     @property
     def lora_B(self) -> torch.Tensor:
@@ -152,7 +158,7 @@ class FusedLoraLinear(nn.Module):
         return result + (h @ self.lora_B_t).to(result.dtype).view(result.shape)
 
     def extra_repr(self) -> str:
-        shared = self.group.lora_A.shape[0] != self.lora_B_t.shape[0]
+        shared = self.group.lora_A_t.shape[1] != self.lora_B_t.shape[0]
         return (f"in={self.in_features}, out={self.out_features}, ranks={self.ranks}, k={self.num_adapters}"
                 + (f", A shared with its input group (columns {self.columns.start}:{self.columns.stop})"
                    if shared else ""))

@@ -83,8 +83,11 @@ class FusionGate(nn.Module):
         self.temperature = float(temperature)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden.to(self.weight.dtype), self.weight)  # (..., k)
-        return torch.softmax(logits / self.temperature, dim=-1) + self.bias[0]
+        x = hidden if hidden.dtype == self.weight.dtype else hidden.to(self.weight.dtype)
+        logits = F.linear(x, self.weight)  # (..., k)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return torch.softmax(logits, dim=-1) + (self.bias if logits.dim() > 1 else self.bias[0])
 
     def reset_parameters(self, *, std: float = 1e-3, bias: tuple[float, ...] | None = None) -> None:
         """Small random W (near-uniform softmax at start) and the official bias for k = 2."""
