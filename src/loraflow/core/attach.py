@@ -23,6 +23,7 @@ from loraflow.common.errors import LoraFlowError
 from loraflow.core.fused_linear import FusedLoraLinear, LoraInputGroup, linear_dims
 from loraflow.core.fusion_context import FusionEngine, FusionPlan
 from loraflow.core.fusion_spec import FusionSpec
+from loraflow.core.gate import GateBank
 
 class LayerMixer:
     """The link from one decoder layer's fused linears to the running call's state (no state of its own)."""
@@ -176,6 +177,11 @@ def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], engine: Fusio
                 linear_dims(module)
             except TypeError as e:
                 raise LoraFlowError(f"adapter '{adapter.name}' ({adapter.path}): {path}: {e}") from None
+            if module.weight.is_meta:
+                raise LoraFlowError(
+                    f"{path} is offloaded (its weights are on the meta device, e.g. device_map with CPU/disk "
+                    f"offload): its LoRA weights would be lost; load the base with every adapted layer on a device"
+                )
             module_paths[path] = where
 
     if engine.num_layers != n:
@@ -215,6 +221,20 @@ def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], engine: Fusio
         attachment.hooks.append(layer.register_forward_hook(_post_hook(engine, i), always_call=True))
     share_inputs(model, attachment, engine)
     return attachment
+
+
+def place_gates(gates: GateBank, attachment: Attachment) -> None:
+    """Put each gate where the layer (or module) it serves lives, for models spread over devices."""
+    fused = attachment.fused
+    if not fused:
+        return
+    granularity = gates.config.granularity
+    if granularity == "model":
+        gates.to(fused[0].weight.device)
+        return
+    for m in fused:
+        gate = gates.gate(m.layer_index, m.module_key if granularity == "module" else None)
+        gate.to(m.weight.device)
 
 
 # ----------------------------------------------------------------------------- input groups

@@ -83,11 +83,13 @@ class FusionGate(nn.Module):
         self.temperature = float(temperature)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = hidden if hidden.dtype == self.weight.dtype else hidden.to(self.weight.dtype)
-        logits = F.linear(x, self.weight)  # (..., k)
+        w = self.weight
+        x = hidden if hidden.dtype == w.dtype and hidden.device == w.device else hidden.to(w.device, w.dtype)
+        logits = F.linear(x, w)  # (..., k)
         if self.temperature != 1.0:
             logits = logits / self.temperature
-        return torch.softmax(logits, dim=-1) + (self.bias if logits.dim() > 1 else self.bias[0])
+        out = torch.softmax(logits, dim=-1) + (self.bias if logits.dim() > 1 else self.bias[0])
+        return out if out.device == hidden.device else out.to(hidden.device)  # a shared gate on another device
 
     def reset_parameters(self, *, std: float = 1e-3, bias: tuple[float, ...] | None = None) -> None:
         """Small random W (near-uniform softmax at start) and the official bias for k = 2."""

@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 from loraflow.core.adapters import load_adapter
-from loraflow.core.attach import Attachment, attach_adapters, hidden_size, merge, num_hidden_layers, unmerge
+from loraflow.core.attach import (
+    Attachment,
+    attach_adapters,
+    hidden_size,
+    merge,
+    num_hidden_layers,
+    place_gates,
+    unmerge,
+)
 from loraflow.core.checkpoints import (
     is_official_gate_file,
     load_gate_checkpoint,
@@ -140,8 +148,7 @@ class LoraFlowModel(nn.Module):
             gates.reset_parameters(std=gate_init_std, bias=tuple(gate_bias_init) if gate_bias_init else None)
         else:
             _load_gate_state(gates, state_dict, gate)
-        device_of_model = next(model.parameters()).device
-        gates.to(device_of_model)
+        place_gates(gates, attachment)
         engine.gates[gate_name] = gates
         engine.default_gate = gate_name
         engine.set_default(engine.plan(FusionSpec("gate")))
@@ -233,7 +240,7 @@ class LoraFlowModel(nn.Module):
                     raise LoraFlowError(f"{gate}: module-level gate was trained for other adapted modules")
             bank = GateBank(config)
             _load_gate_state(bank, state, gate)
-        bank.to(self.device)
+        place_gates(bank, self._attachment)
         for p in bank.parameters():
             p.requires_grad_(False)
         self.extra_gates[name] = bank
