@@ -326,3 +326,37 @@ def test_gate_and_adapter_paths_resolve_like_a_user_means_them(tmp_path, tiny_ll
     assert "gate_config.json: missing" in msg and str(parent / "zh_math") in msg
     msg = _error(lambda: load_adapter("x", tmp_path))
     assert "adapter_config.json: missing" in msg and str(adapters["zh"]) in msg
+
+
+def test_base_model_problems_are_one_line_errors(saved_base):
+    d = saved_base
+    weights = d / "base" / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    msg = _error(lambda: LoraFlowModel.from_pretrained(str(d / "base"), {"zh": d / "zh"}))
+    assert "truncated" in msg and str(d / "base") in msg
+    from safetensors.torch import load_file, save_file
+
+    weights.write_bytes(whole)
+    sd = load_file(str(weights))
+    key = next(iter(sd))
+    sd[key].view(-1)[0] = float("nan")
+    save_file(sd, str(weights), metadata={"format": "pt"})
+    assert "non-finite" in _error(lambda: LoraFlowModel.from_pretrained(str(d / "base"), {"zh": d / "zh"}))
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_temperature_is_never_silently_replaced(tiny_llama, adapters, tmp_path, temperature):
+    """`temperature or 1.0` turned 0 into 1.0; with a gate directory 0 and negatives gave NaN weights."""
+    LoraFlowModel.from_pretrained(copy.deepcopy(tiny_llama), adapters).save_gate(tmp_path / "g")
+    for gate in (None, tmp_path / "g"):
+        msg = _error(lambda: LoraFlowModel.from_pretrained(copy.deepcopy(tiny_llama), adapters, gate=gate,
+                                                           temperature=temperature))
+        assert "temperature" in msg
+
+
+def test_unavailable_devices_are_refused_before_loading(tiny_llama, adapters, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "tpu:7" in _error(lambda: LoraFlowModel.from_pretrained(tiny_llama, adapters, device="tpu:7"))
+    assert "CUDA is not available" in _error(lambda: LoraFlowModel.from_pretrained(tiny_llama, adapters,
+                                                                                   device="cuda:0"))

@@ -334,6 +334,7 @@ def score_predictions(
     timeout: float = CODE_TIMEOUT_S,
     *,
     apply_stop_strings: bool = True,
+    isolation: str = "bwrap",
 ) -> dict[str, Any]:
     """Score model outputs against the test rows (same order).
 
@@ -347,6 +348,7 @@ def score_predictions(
         timeout: seconds per program for code.
         apply_stop_strings: math only; cut outputs at `MATH_STOP_STRINGS` first, as generation
             with the official stop strings would have (a no-op on such outputs).
+        isolation: code only; how programs are contained (`loraflow.evaluation.sandbox.ISOLATIONS`).
 
     Returns:
         ``{"task", "mode", "score" (0..1), "correct", "total", "examples": [...]}``, plus
@@ -374,7 +376,7 @@ def score_predictions(
 
         english = _english_prompts_for(test_rows)
         programs = [assemble_program(row, postprocess_code(out), english) for row, out in zip(test_rows, outputs)]
-        runs = run_programs(programs, workers=workers, timeout=timeout)
+        runs = run_programs(programs, workers=workers, timeout=timeout, isolation=isolation)
         counts = {status: 0 for status in STATUSES}
         for i, (row, run) in enumerate(zip(test_rows, runs)):
             counts[run.status] += 1
@@ -415,6 +417,7 @@ def score_file(
     *,
     seed: int | None = None,
     metadata: Mapping[str, Any] | None = None,
+    isolation: str = "bwrap",
 ) -> dict[str, Any]:
     """Score a predictions file against a test file and (optionally) write RESULT.json atomically.
 
@@ -425,7 +428,7 @@ def score_file(
             model's text in the field ``output``.
         mode: "official" or "strict" (see `score_predictions`).
         out_path: where to write the result JSON; nothing is written when None.
-        workers, timeout: code execution settings.
+        workers, timeout, isolation: code execution settings.
         seed: recorded only (scoring is deterministic; sandbox tokens are never seeded).
         metadata: extra top-level fields for `loraflow report`, e.g. ``{"method": "loraflow",
             "lang": "zh"}``; they may not replace the fields scoring computes.
@@ -443,6 +446,10 @@ def score_file(
         raise LoraFlowError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     _check_mode(mode)
     check_execution_options(workers, timeout)
+    if task == "code":
+        from loraflow.evaluation.sandbox import isolation_command
+
+        isolation_command(isolation)  # fail closed before reading anything
     if out_path is not None:
         check_output_file(out_path, inputs=[data_path, predictions_path], what="result file")
     rows = read_jsonl(data_path)
@@ -459,7 +466,8 @@ def score_file(
     clash = sorted(set(metadata) & _COMPUTED_KEYS)
     if clash:
         raise LoraFlowError(f"metadata may not set the computed field(s) {', '.join(clash)}")
-    scored = score_predictions(task, rows, [p["output"] for p in preds], mode=mode, workers=workers, timeout=timeout)
+    scored = score_predictions(task, rows, [p["output"] for p in preds], mode=mode, workers=workers, timeout=timeout,
+                               isolation=isolation)
     examples = scored.pop("examples")
     result = {**scored, **metadata, "seed": seed, "examples": examples}
     result["config"] = {
@@ -471,6 +479,7 @@ def score_file(
         "predictions_sha256": _sha256(predictions_path),
         "workers": workers,
         "timeout": timeout,
+        "isolation": isolation if task == "code" else None,
         "seed": seed,
         "apply_stop_strings": task == "math",
     }
