@@ -108,12 +108,12 @@ def test_two_processes_give_identical_results(saved_base, math_test):
 
 # ----------------------------------------------------------------------------- hostile inputs (#9)
 @pytest.mark.parametrize("extra,needle", [
-    (["--limit", "-1"], "limit"), (["--limit", "0"], "limit"), (["--max-new-tokens", "0"], "max_new_tokens"),
-    (["--batch-size", "0"], "batch_size"), (["--batch-size", "-1"], "batch_size"),
-    (["--temperature", "0"], "temperature"), (["--temperature", "nan"], "temperature"),
-    (["--temperature", "-1"], "temperature"), (["--timeout", "nan"], "timeout"), (["--timeout", "inf"], "timeout"),
-    (["--lorahub-budget", "0"], "lorahub_budget"), (["--workers", "0"], "workers"),
-    (["--device", "tpu:7"], "tpu:7"), (["--device", "cuda:0"], "cuda"),
+    (["--limit", "-1"], "--limit"), (["--limit", "0"], "--limit"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--batch-size", "0"], "--batch-size"), (["--batch-size", "-1"], "--batch-size"),
+    (["--temperature", "0"], "--temperature"), (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "-1"], "--temperature"), (["--timeout", "nan"], "--timeout"), (["--timeout", "inf"], "--timeout"),
+    (["--lorahub-budget", "0"], "--lorahub-budget"), (["--workers", "0"], "--workers"),
+    (["--device", "tpu:7"], "tpu:7"), (["--device", "cuda:0"], "cuda"), (["--isolation", "none"], None),
 ])
 def test_bad_options_fail_before_any_work(saved_base, math_test, extra, needle, capsys, monkeypatch):
     import torch
@@ -121,6 +121,9 @@ def test_bad_options_fail_before_any_work(saved_base, math_test, extra, needle, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     d = saved_base
     out = d / "res" / "r.json"
+    if needle is None:  # a valid option, for contrast: the same command succeeds
+        assert _eval(d, "avg", out, *extra) == 0
+        return
     assert _eval(d, "avg", out, *extra) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
