@@ -29,13 +29,17 @@ from loraflow.core.attach import (
     place_gates,
     unmerge,
 )
+from loraflow.common.checks import check_positive
+from loraflow.common.errors import LoraFlowError
 from loraflow.core.checkpoints import (
+    check_finite,
     is_official_gate_file,
     load_gate_checkpoint,
     load_official_gate,
+    resolve_gate,
     save_gate_checkpoint,
 )
-from loraflow.common.errors import LoraFlowError
+from loraflow.core.devices import resolve_device
 from loraflow.core.fusion_context import FusionEngine, FusionPlan
 from loraflow.core.fusion_spec import FusionSpec, parse_fusion
 from loraflow.core.gate import GateBank, GateConfig
@@ -107,12 +111,21 @@ class LoraFlowModel(nn.Module):
                 not match the adapters or the model, an unknown architecture, or k = 0.
         """
         _check_gate_name(gate_name)
+        if temperature is not None:
+            try:
+                temperature = check_positive("temperature", temperature)
+            except ValueError as e:
+                raise LoraFlowError(f"--{e}") from None
         pairs = list(adapters.items()) if isinstance(adapters, Mapping) else [tuple(p) for p in adapters]
         if not pairs:
             raise LoraFlowError("no adapters given: LoRA-Flow fuses k >= 1 LoRA adapters")
         names = [str(n) for n, _ in pairs]
         if len(set(names)) != len(names):
             raise LoraFlowError(f"duplicate adapter names: {names}")
+        if device is not None:
+            device = resolve_device(str(device))
+        if gate is not None:
+            gate = resolve_gate(gate)
         loaded = [load_adapter(name, path) for name, path in pairs]  # fail on bad adapters before the base
         model = load_base(base, torch_dtype, model_kwargs)
         if device is not None:
@@ -123,12 +136,14 @@ class LoraFlowModel(nn.Module):
         n_layers, d = num_hidden_layers(model), hidden_size(model)
         summaries = [a.summary() for a in loaded]
         if gate is None:
-            config = _make_config(names, d, n_layers, temperature or 1.0, granularity, model, None, summaries)
+            config = _make_config(names, d, n_layers, 1.0 if temperature is None else temperature, granularity, model,
+                                  None, summaries)
             state_dict = None
         elif is_official_gate_file(gate):
             official_n, k, official_d, state_dict = load_official_gate(gate)
             _check_official(gate, official_n, k, official_d, names, n_layers, d)
-            config = _make_config(names, d, n_layers, temperature or 1.0, "layer", model, None, summaries)
+            config = _make_config(names, d, n_layers, 1.0 if temperature is None else temperature, "layer", model,
+                                  None, summaries)
         else:
             config, state_dict = load_gate_checkpoint(gate)
             _check_config(gate, config, names, n_layers, d, model)
@@ -453,13 +468,24 @@ def load_base(base, torch_dtype, model_kwargs) -> nn.Module:
     kwargs = dict(model_kwargs)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
     except ValueError as e:  # unknown model_type / architecture
-        raise LoraFlowError(f"{base}: cannot load as a causal LM ({str(e).splitlines()[0]})") from None
+        raise LoraFlowError(f"{base}: cannot load as a causal LM ({_first_line(e)})") from None
+    except PermissionError as e:
+        raise LoraFlowError(f"{e.filename or base}: cannot read the base model (permission denied)") from None
     except OSError as e:
-        raise LoraFlowError(f"{base}: cannot load the base model ({str(e).splitlines()[0]})") from None
+        raise LoraFlowError(f"{base}: cannot load the base model ({_first_line(e)})") from None
+    except (SafetensorError, RuntimeError, EOFError, UnicodeDecodeError) as e:  # truncated or corrupt weights
+        raise LoraFlowError(f"{base}: corrupt or truncated model weights ({_first_line(e)})") from None
+    check_finite(dict(model.named_parameters()), base)
     return model.eval()
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _make_config(names, d, n, temperature, granularity, model, module_keys, summaries) -> GateConfig:
