@@ -54,7 +54,9 @@ def read_prompts(opts: GenerateOptions) -> list[str]:
         if missing:
             raise LoraFlowError(f"{path}: line {missing[0]} has no string 'prompt'")
         return [r["prompt"] for r in rows]
-    return [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    from loraflow.common.io import read_text_lines
+
+    return [x for x in read_text_lines(path, what="prompts file") if x.strip()]
 
 
 def render_questions(questions: list[str], choice: PromptChoice, gate, tokenizer, verb: str) -> tuple[list[str], bool]:
@@ -78,6 +80,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from loraflow.common.errors import LoraFlowError
     from loraflow.core.fusion_spec import parse_fusion
     from loraflow.core.generation import generate_texts
     from loraflow.core.inspection import readable_tokens
@@ -86,6 +89,8 @@ def run_generate(args: argparse.Namespace) -> int:
     model_opts, choice, opts = build(ModelOptions, args), build(PromptChoice, args), build(GenerateOptions, args)
     torch.manual_seed(opts.seed)
     questions = read_prompts(opts)
+    if not questions or any(not p.strip() for p in questions):
+        raise LoraFlowError("--prompt: empty prompt" if opts.prompt else f"{opts.prompts_file}: no prompts")
     model, tokenizer = model_opts.load(seed=opts.seed)
     prompts, add_special = render_questions(questions, choice, model_opts.gate, tokenizer, "generate")
     model.set_fusion(parse_fusion(opts.mode, model.adapter_names, option="--mode"))
@@ -134,8 +139,13 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     from loraflow.core.inspection import inspect_prompt
 
+    from loraflow.common.io import check_output_file
+
     build(RuntimeOptions, args).apply()
     model_opts, choice, opts = build(ModelOptions, args), build(PromptChoice, args), build(InspectOptions, args)
+    check_output_file(opts.out, what="heatmap file")  # before the model loads and generates
+    if opts.csv:
+        check_output_file(opts.csv, inputs=[opts.out], what="CSV file")
     torch.manual_seed(opts.seed)
     model, tokenizer = model_opts.load(seed=opts.seed)
     (prompt,), add_special = render_questions([opts.prompt], choice, model_opts.gate, tokenizer, "inspect")

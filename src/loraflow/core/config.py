@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loraflow.common.checks import check_int, check_positive
 from loraflow.common.errors import LoraFlowError
 from loraflow.common.options import option
 from loraflow.core.devices import DEVICE_HELP, DTYPE_HELP, DTYPES
@@ -48,13 +49,15 @@ class ModelOptions:
         if self.deprecated_temperature is not None:
             import warnings
 
+            self.deprecated_temperature = check_positive("deprecated_temperature", self.deprecated_temperature)
+
             warnings.warn("--temperature is deprecated: it sets the gate's softmax temperature; use "
                           "--gate-temperature (or --sampling-temperature for sampling)", FutureWarning, stacklevel=2)
             if self.temperature is None:
                 self.temperature = self.deprecated_temperature
             self.deprecated_temperature = None
-        if self.temperature is not None and not (0 < self.temperature < float("inf")):
-            raise ValueError(f"temperature: must be a finite number > 0, got {self.temperature}")
+        if self.temperature is not None:
+            self.temperature = check_positive("temperature", self.temperature)
 
     @property
     def base_path(self) -> str:
@@ -137,6 +140,8 @@ class InspectOptions:
 
     def __post_init__(self) -> None:
         _check_positive(max_new_tokens=self.max_new_tokens)
+        if not self.prompt.strip():
+            raise ValueError("prompt: the prompt is empty")
 
 
 @dataclass
@@ -148,11 +153,11 @@ class ConvertGateOptions:
     out: str = option(help="output gate directory")
     temperature: float = option(1.0, "temperature to record (the authors used 1.1 for zh/ru math)")
     base_model: str | None = option(None, "base model name to record (informational)")
+    force: bool = option(False, "replace an --out directory that loraflow did not write")
     seed: int = option(0, "random seed (nothing here is random; accepted for uniformity)")
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature: must be a number > 0, got {self.temperature}")
+        self.temperature = check_positive("temperature", self.temperature)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -161,5 +166,4 @@ class ConvertGateOptions:
 
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"{name}: must be > 0, got {value}")
+        check_int(name, value, low=1)
