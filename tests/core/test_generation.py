@@ -69,3 +69,23 @@ def test_progress_moves_when_a_row_finishes_not_at_batch_end(lm):
     seen = []
     outs = generate_texts(model, tok2, PROMPTS, max_new_tokens=4, batch_size=3, progress=seen.append)
     assert outs[0].token_ids == [] and seen == [1, 2]
+
+
+def test_a_character_cut_by_max_new_tokens_leaves_no_replacement_char(lm):
+    from conftest import build_tokenizer
+
+    model, _ = lm
+    tok = build_tokenizer()
+    ids = tok("猫", add_special_tokens=False)["input_ids"]  # not in its training text: split into bytes
+    assert "\ufffd" in tok.decode(ids[:1])  # byte-level BPE: the first token is part of a character
+
+    class Echo(torch.nn.Module):  # "generates" exactly the first byte token of 猫
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, **kwargs):
+            return torch.cat([input_ids, torch.tensor([[ids[0]]] * input_ids.shape[0])], dim=1)
+
+    out = generate_texts(Echo(), tok, ["q"], max_new_tokens=1)[0]
+    assert out.token_ids == ids[:1] and out.text == ""

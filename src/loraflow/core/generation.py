@@ -150,7 +150,8 @@ def generate_texts(
             per_token = allw[:, :, prompt_len - 1:, :]
         for i, prompt in enumerate(batch):
             ids = _new_token_ids(new[i], eos_ids)
-            text = truncate_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop_strings)
+            # a character cut by max_new_tokens decodes as U+FFFD: it is no text, leave it out
+            text = truncate_at_stop(tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd"), stop_strings)
             w = per_token[:, i, : len(ids), :].cpu() if per_token is not None else None
             results.append(Generation(prompt=prompt, text=text, token_ids=ids, weights=w))
         if tracker is not None and len(tracker.finished) < len(batch):
