@@ -214,7 +214,7 @@ def release_process_group(*, wait: bool = True) -> None:
 
 def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: Path, pred_path: Path,
               cfg: EvalConfig, state, *, gate, train_path, torch_dtype, device, label, adapter_role,
-              progress) -> dict[str, Any]:
+              progress, total_rows: int) -> dict[str, Any]:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
