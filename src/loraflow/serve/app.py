@@ -53,7 +53,7 @@ def create_app(server) -> FastAPI:
     async def health() -> Response:
         if server.engine.running:
             return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "down", "error": server.engine.error}, status_code=503)
+        return JSONResponse({"status": "down"}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -120,13 +120,12 @@ class Engine:
         self._device = next(model.parameters()).device
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.error: str | None = None  # set if the loop died
 
     # ----------------------------------------------------------------- handler side
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request; raises Overloaded when the queue is full or the engine is not running."""
-        if self._stop.is_set() or self.error is not None:
-            raise Overloaded("the engine is shutting down" if self.error is None else f"the engine failed: {self.error}")
+        if self._stop.is_set():
+            raise Overloaded("the server is shutting down")
         if request.params.seed is None and request.params.temperature > 0:
             with self._seed_lock:
                 seed = self._seeds.randrange(2**63)
@@ -151,22 +150,29 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="loraflow-engine", daemon=True)
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Ask the loop to end (safe from a signal handler); it ends every open request as cancelled."""
+        self._stop.set()
+
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the current step, end every open request as cancelled, join the thread."""
+        """Stop the loop after its current step and join it; every open request ends as cancelled."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("the engine thread did not stop within %s s", timeout)
+                return
             self._thread = None
-        self._finish_all("cancelled", None)
+        self._finish_all("cancelled", None)  # requests queued after the loop ended
 
     def _loop(self) -> None:
-        try:
-            while not self._stop.is_set():
+        while not self._stop.is_set():
+            try:
                 self.step(wait=0.05)
-        except Exception as e:  # the model failed: tell every client instead of hanging them
-            logger.exception("engine loop failed")
-            self.error = f"{type(e).__name__}: {e}"
-            self._finish_all("error", self.error)
+            except Exception as e:  # a failed decode step: fail its rows, keep serving the others
+                logger.exception("decode step failed")
+                self._fail_rows(f"{type(e).__name__}: {e}")
+        self._finish_all("cancelled", None)
 
     # ----------------------------------------------------------------- one scheduling step
     @torch.inference_mode()
@@ -201,7 +207,13 @@ class Engine:
         return rows
 
     def _prefill(self, rows: list[_Row]) -> None:
-        logits = self._batch.prefill([r.request.prompt_ids for r in rows], [r.request.fusion for r in rows])
+        try:
+            logits = self._batch.prefill([r.request.prompt_ids for r in rows], [r.request.fusion for r in rows])
+        except Exception as e:  # the running batch is untouched: only the newcomers fail
+            logger.exception("prefill failed")
+            for row in rows:
+                self._emit(row.request, Update("", 0, "error", f"{type(e).__name__}: {e}"))
+            return
         self._rows.extend(rows)
         self.metrics.prompt_tokens.inc(sum(len(r.request.prompt_ids) for r in rows))
         self._consume(logits, rows, offset=len(self._rows) - len(rows))
@@ -255,12 +267,20 @@ class Engine:
         self._rows = [r for i, r in enumerate(self._rows) if i not in gone]
         self.metrics.batch_size.set(len(self._rows))
 
+    def _fail_rows(self, error: str) -> None:
+        """End every running row with `error` and start from an empty batch."""
+        for row in self._rows:
+            self._emit(row.request, Update("", len(row.tokens), "error", error))
+        self._rows = []
+        self._batch = DecodeBatch(self.model)
+        self.metrics.batch_size.set(0)
+
     def _finish_all(self, reason: str, error: str | None) -> None:
-        """End every running and queued request (shutdown or a failed step)."""
+        """End every running and queued request (at shutdown)."""
         for row in self._rows:
             self._emit(row.request, Update("", len(row.tokens), reason, error))
         self._rows = []
-        self._batch.keep([])
+        self._batch = DecodeBatch(self.model)
         while True:
             try:
                 request = self._queue.get_nowait()

@@ -149,12 +149,9 @@ class Server:
     # ----------------------------------------------------------------- running
     def run(self, *, log_level: str = "warning", out=None) -> None:
         """Listen on config.host:config.port until Ctrl-C (or SIGTERM); print where and what is served."""
-        import uvicorn
-
         out = out or sys.stdout
         sock = bind(self.config.host, self.config.port)
-        server = uvicorn.Server(uvicorn.Config(self.app, log_level=log_level,
-                                               timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+        server = _uvicorn(self.app, self.engine, log_level)
         print(f"loraflow serve: listening on {url_of(sock)} (OpenAI API under /v1; Ctrl-C stops)", file=out)
         for m in self.served:
             print(f"  model {m.name!r}: {m.kind}, fusion {m.fusion}", file=out)
@@ -171,11 +168,8 @@ class Server:
         import asyncio
         import time
 
-        import uvicorn
-
         sock = bind(host, port)
-        server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning",
-                                               timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+        server = _uvicorn(self.app, self.engine, "warning")
         server.install_signal_handlers = lambda: None  # only the main thread may; the caller owns signals
         thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])),
                                   name="loraflow-http", daemon=True)
@@ -189,10 +183,23 @@ class Server:
         try:
             yield url_of(sock)
         finally:
+            self.engine.request_stop()  # open streams end now instead of holding up the shutdown
             server.should_exit = True
             thread.join(timeout + GRACEFUL_SHUTDOWN_S)
             sock.close()
             self.engine.stop()
+
+
+def _uvicorn(app, engine, log_level: str):
+    """A uvicorn server whose Ctrl-C / SIGTERM first stops the engine, so open streams end at once."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            engine.request_stop()
+            super().handle_exit(sig, frame)
+
+    return _Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
 
 
 def bind(host: str, port: int) -> socket.socket:
