@@ -2,9 +2,10 @@
 
 Two mechanisms, nothing forked:
 - every adapted linear module is replaced (as a module) by a `FusedLoraLinear` wrapping it;
-- every decoder layer gets a forward pre-hook that reads the hidden state entering the layer
-  (before its input layernorm) and hands it to that layer's `LayerMixer`, and a forward hook
-  that records the layer's fusion weights and clears the per-call state.
+- the module running the decoder layers gets hooks that open and close one call's state (a
+  `CallContext`, see `loraflow.core.fusion_context`); every decoder layer gets a forward pre-hook
+  that hands the hidden state entering the layer (before its input layernorm) to that state, and
+  a forward hook that records the layer's fusion weights and drops what the layer no longer needs.
 
 Decoder layers and adapted modules are found from the model and the adapter weights, never from
 hard-coded architecture names.
@@ -20,92 +21,21 @@ from torch import nn
 from loraflow.core.adapters import LoraAdapter
 from loraflow.common.errors import LoraFlowError
 from loraflow.core.fused_linear import FusedLoraLinear, linear_dims
-from loraflow.core.gate import GateBank
-
-MODES = ("gate", "static", "off")
-
-
-@dataclass
-class FusionState:
-    """How the adapters are mixed right now; owned by the LoraFlowModel, read by every mixer.
-
-    mode "gate": per-token weights from the gates; "static": the same weights `static_weights`
-    (k,) for every token and layer; "off": base model only.
-    """
-
-    gates: GateBank
-    mode: str = "gate"
-    static_weights: torch.Tensor | None = None
-    num_layers: int = 0
-    last_weights: list[torch.Tensor | None] = field(default_factory=list)
-    recorder: list[list[torch.Tensor | None]] | None = None
-
-    def start_forward(self) -> None:
-        """Called as the first decoder layer starts: forget the previous forward's weights."""
-        self.last_weights = [None] * self.num_layers
-        if self.recorder is not None:
-            self.recorder.append([None] * self.num_layers)
-
+from loraflow.core.fusion_context import FusionEngine
 
 class LayerMixer:
-    """Per-decoder-layer fusion state: set by the layer's pre-hook, read by its fused linears."""
+    """The link from one decoder layer's fused linears to the running call's state (no state of its own)."""
 
-    def __init__(self, layer_index: int, state: FusionState) -> None:
+    def __init__(self, layer_index: int, engine: FusionEngine) -> None:
         self.layer_index = layer_index
-        self.state = state
-        self._hidden: torch.Tensor | None = None
-        self._cache: dict = {}
-
-    def begin(self, hidden: torch.Tensor) -> None:
-        if self.layer_index == 0:
-            self.state.start_forward()
-        self._hidden = hidden
-        self._cache = {}
-
-    def end(self) -> None:
-        weights = self._cache.get("weights")
-        if weights is not None:
-            w = torch.stack(list(weights.values())).mean(0) if isinstance(weights, dict) else weights
-            w = w.detach()
-            self.state.last_weights[self.layer_index] = w
-            if self.state.recorder is not None:
-                self.state.recorder[-1][self.layer_index] = w
-        if not torch.is_grad_enabled():
-            self._hidden = None
-        # With gradients on, the layer's input is kept until the layer's next call: activation
-        # checkpointing in transformers recomputes the layer's `forward` in backward without
-        # re-running the module hooks, and the recomputed fused layers must find it here.
-        self._cache = {}
-
-    def _gate_weights(self, module: FusedLoraLinear) -> torch.Tensor:
-        if self._hidden is None:
-            raise RuntimeError("fused LoRA layer called outside its decoder layer's forward")
-        gates = self.state.gates
-        if gates.config.granularity == "module":
-            per_module = self._cache.setdefault("weights", {})
-            if module.module_key not in per_module:
-                per_module[module.module_key] = gates.gate(self.layer_index, module.module_key)(self._hidden)
-            return per_module[module.module_key]
-        if "weights" not in self._cache:
-            self._cache["weights"] = gates.gate(self.layer_index)(self._hidden)  # (B, T, k)
-        return self._cache["weights"]
+        self.engine = engine
 
     def column_scales(self, module: FusedLoraLinear) -> torch.Tensor | None:
-        """Per-token (or static) scale of every rank column of `module`, or None when off."""
-        mode = self.state.mode
-        if mode == "off":
-            return None
-        granular = self.state.gates.config.granularity == "module" and mode == "gate"
-        key = (module.module_key if granular else None, module.layout_key)
-        scales = self._cache.get(key)
-        if scales is None:
-            if mode == "static":
-                weights = self.state.static_weights.to(module.scaling.device)  # (k,)
-            else:
-                weights = self._gate_weights(module)  # (B, T, k)
-            scales = (weights[..., module.adapter_index] * module.scaling).to(module.lora_A.dtype)
-            self._cache[key] = scales
-        return scales
+        """Per-token (or constant) scale of every rank column of `module`, or None when off."""
+        ctx = self.engine.current()
+        if ctx is None:
+            raise RuntimeError(f"fused LoRA layer {module.module_key} called outside its model's forward")
+        return ctx.column_scales(self.layer_index, module)
 
 
 @dataclass
@@ -188,7 +118,7 @@ def _stack(adapters: list[LoraAdapter], module_path: str, base: nn.Module, dtype
     return lora_A, lora_B, torch.tensor(index), torch.tensor(scaling), max(dropouts)
 
 
-def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], state: FusionState) -> Attachment:
+def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], engine: FusionEngine) -> Attachment:
     """Replace every adapted module by a FusedLoraLinear and hook the decoder layers.
 
     The adapters' tensors are moved into the stacked form and dropped from `adapters`, so the
@@ -222,9 +152,9 @@ def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], state: Fusion
                 raise LoraFlowError(f"adapter '{adapter.name}' ({adapter.path}): {path}: {e}") from None
             module_paths[path] = where
 
-    state.num_layers = n
-    state.last_weights = [None] * n
-    mixers = [LayerMixer(i, state) for i in range(n)]
+    if engine.num_layers != n:
+        raise ValueError(f"engine made for {engine.num_layers} layers, the model has {n}")
+    mixers = [LayerMixer(i, engine) for i in range(n)]
     replaced = []
     module_keys: list[list[str]] = [[] for _ in range(n)]
     layouts: dict[tuple, int] = {}
@@ -248,24 +178,34 @@ def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], state: Fusion
         adapter.modules.clear()  # the stacked copies are now the only ones
 
     attachment = Attachment(layers_path, mixers, replaced, module_keys=module_keys)
+    stack = model.get_submodule(layers_path.rpartition(".")[0])  # the module that runs the layers
+    attachment.hooks.append(stack.register_forward_pre_hook(lambda module, args: engine.begin_call()))
+    attachment.hooks.append(
+        stack.register_forward_hook(lambda module, args, output: engine.end_call(), always_call=True)
+    )
     for i, layer in enumerate(layers):
-        attachment.hooks.append(layer.register_forward_pre_hook(_pre_hook(mixers[i]), with_kwargs=True))
-        attachment.hooks.append(layer.register_forward_hook(_post_hook(mixers[i]), always_call=True))
+        attachment.hooks.append(layer.register_forward_pre_hook(_pre_hook(engine, i), with_kwargs=True))
+        attachment.hooks.append(layer.register_forward_hook(_post_hook(engine, i), always_call=True))
     return attachment
 
 
-def _pre_hook(mixer: LayerMixer):
+def _pre_hook(engine: FusionEngine, index: int):
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
         if hidden is None:
-            raise RuntimeError(f"decoder layer {mixer.layer_index} was called without hidden states")
-        mixer.begin(hidden)
+            raise RuntimeError(f"decoder layer {index} was called without hidden states")
+        ctx = engine.running()
+        if ctx is None:
+            raise RuntimeError(f"decoder layer {index} was called outside its model's forward")
+        ctx.begin_layer(index, hidden)
 
     return hook
 
 
-def _post_hook(mixer: LayerMixer):
+def _post_hook(engine: FusionEngine, index: int):
     def hook(module, args, output):
-        mixer.end()
+        ctx = engine.running()
+        if ctx is not None:
+            ctx.end_layer(index)
 
     return hook

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from loraflow.core.adapters import load_adapter
-from loraflow.core.attach import Attachment, FusionState, attach_adapters, hidden_size, num_hidden_layers
+from loraflow.core.attach import Attachment, attach_adapters, hidden_size, num_hidden_layers
 from loraflow.core.checkpoints import (
     is_official_gate_file,
     load_gate_checkpoint,
@@ -27,24 +28,32 @@ from loraflow.core.checkpoints import (
     save_gate_checkpoint,
 )
 from loraflow.common.errors import LoraFlowError
+from loraflow.core.fusion_context import FusionEngine, FusionPlan
 from loraflow.core.fusion_spec import FusionSpec, parse_fusion
 from loraflow.core.gate import GateBank, GateConfig
 
 AdapterSpec = Mapping[str, "str | os.PathLike"] | Sequence[tuple[str, "str | os.PathLike"]]
+_GATE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 class LoraFlowModel(nn.Module):
     """A base causal LM, k frozen LoRA adapters in fused layers, and trainable fusion gates.
 
     Build with `from_pretrained`. `forward` and `generate` have the transformers contract.
-    Only `gate_parameters()` are trainable.
+    Only `gate_parameters()` (the default gate's) are trainable; gates added with `add_gate` are
+    frozen and selected per call with `fusion(FusionSpec("gate", gate=NAME))` or per row.
+
+    The default fusion (set_gate_mode, set_static_weights, ...) is per-model configuration;
+    `fusion(spec)` and `fusion_rows(specs)` choose a fusion for the forwards run inside them in
+    the current thread (or asyncio task) only, so concurrent callers do not interfere.
     """
 
-    def __init__(self, model: nn.Module, gates: GateBank, state: FusionState, attachment: Attachment) -> None:
+    def __init__(self, model: nn.Module, gates: GateBank, engine: FusionEngine, attachment: Attachment) -> None:
         super().__init__()
         self.model = model
         self.gates = gates
-        self._state = state
+        self.extra_gates = nn.ModuleDict()  # gates added with add_gate, by name (frozen)
+        self._engine = engine
         self._attachment = attachment
 
     # ----------------------------------------------------------------- construction
@@ -62,6 +71,7 @@ class LoraFlowModel(nn.Module):
         gate_init_std: float = 1e-3,
         gate_bias_init: Sequence[float] | None = None,
         seed: int | None = None,
+        gate_name: str = "default",
         **model_kwargs,
     ) -> LoraFlowModel:
         """Load a base model, k PEFT LoRA adapters (in the given order) and a gate.
@@ -77,11 +87,13 @@ class LoraFlowModel(nn.Module):
             granularity: for a fresh gate: "layer" (default), "model" or "module".
             device: where to put the model (default: where transformers loads it, i.e. CPU).
             seed: seeds the fresh gate's random initialisation.
+            gate_name: the name of this gate among the model's gates (see `add_gate`).
 
         Raises:
             LoraFlowError: missing/corrupt files, adapters that do not fit the base, a gate that does
                 not match the adapters or the model, an unknown architecture, or k = 0.
         """
+        _check_gate_name(gate_name)
         pairs = list(adapters.items()) if isinstance(adapters, Mapping) else [tuple(p) for p in adapters]
         if not pairs:
             raise LoraFlowError("no adapters given: LoRA-Flow fuses k >= 1 LoRA adapters")
@@ -110,8 +122,8 @@ class LoraFlowModel(nn.Module):
             if temperature is not None:
                 config.temperature = float(temperature)
 
-        state = FusionState(gates=None)  # gates set once the module keys are known
-        attachment = attach_adapters(model, loaded, state)
+        engine = FusionEngine(n_layers, names)
+        attachment = attach_adapters(model, loaded, engine)
         if config.granularity == "module" and gate is None:
             config.module_keys = attachment.module_keys
         elif config.granularity == "module" and config.module_keys != attachment.module_keys:
@@ -125,8 +137,10 @@ class LoraFlowModel(nn.Module):
             _load_gate_state(gates, state_dict, gate)
         device_of_model = next(model.parameters()).device
         gates.to(device_of_model)
-        state.gates = gates
-        return cls(model, gates, state, attachment).train(model.training)
+        engine.gates[gate_name] = gates
+        engine.default_gate = gate_name
+        engine.set_default(engine.plan(FusionSpec("gate")))
+        return cls(model, gates, engine, attachment).train(model.training)
 
     # ----------------------------------------------------------------- the transformers contract
     def forward(self, *args, **kwargs):
@@ -176,6 +190,50 @@ class LoraFlowModel(nn.Module):
     def gate_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.gates.state_dict().items()}
 
+    @property
+    def gate_names(self) -> list[str]:
+        """Names of the model's gates; the first is the default gate (`model.gates`)."""
+        return list(self._engine.gates)
+
+    def add_gate(self, name: str, gate: str | os.PathLike | GateBank) -> None:
+        """Add another gate over the same adapters, selectable per call or per row by `name`.
+
+        Args:
+            name: letters, digits, '_' or '-'; not already used.
+            gate: a loraflow gate directory, an official `.pt` gate file, or a GateBank.
+
+        Raises:
+            LoraFlowError: a bad or taken name, or a gate that does not fit the adapters or the model.
+        """
+        _check_gate_name(name)
+        if name in self._engine.gates:
+            raise LoraFlowError(f"gate name '{name}' is taken; gates are {', '.join(self.gate_names)}")
+        d, n = self.gates.config.hidden_size, self.gates.config.num_layers
+        keys = self._attachment.module_keys
+        if isinstance(gate, GateBank):
+            bank = gate
+            _check_config(f"'{name}'", bank.config, self.adapter_names, n, d, self.model)
+            if bank.config.granularity == "module" and bank.config.module_keys != keys:
+                raise LoraFlowError(f"gate '{name}': module-level gate was made for other adapted modules")
+        else:
+            if is_official_gate_file(gate):
+                on, k, od, state = load_official_gate(gate)
+                _check_official(gate, on, k, od, self.adapter_names, n, d)
+                config = GateConfig.from_dict({**self.gates.config.to_dict(), "granularity": "layer",
+                                               "temperature": 1.0, "module_keys": None})
+            else:
+                config, state = load_gate_checkpoint(gate)
+                _check_config(gate, config, self.adapter_names, n, d, self.model)
+                if config.granularity == "module" and config.module_keys != keys:
+                    raise LoraFlowError(f"{gate}: module-level gate was trained for other adapted modules")
+            bank = GateBank(config)
+            _load_gate_state(bank, state, gate)
+        bank.to(self.device)
+        for p in bank.parameters():
+            p.requires_grad_(False)
+        self.extra_gates[name] = bank
+        self._engine.gates[name] = bank
+
     def load_gate(self, path: str | os.PathLike) -> None:
         """Load gate weights from a loraflow gate directory or an official `.pt` file into this model."""
         d, n = self.gates.config.hidden_size, self.gates.config.num_layers
@@ -198,15 +256,16 @@ class LoraFlowModel(nn.Module):
     # ----------------------------------------------------------------- fusion modes
     @property
     def fusion_mode(self) -> str:
-        return self._state.mode
+        """The default fusion's kind: "gate", "static" or "off"."""
+        return self._engine.default.label
 
-    def set_gate_mode(self) -> None:
-        """Per-token weights from the gates (LoRA-Flow)."""
-        self._state.mode, self._state.static_weights = "gate", None
+    def set_gate_mode(self, gate: str | None = None) -> None:
+        """Per-token weights from the gates (LoRA-Flow): the default gate, or the gate named `gate`."""
+        self._set_default(FusionSpec("gate", gate=gate))
 
     def set_static_weights(self, weights: Sequence[float] | Mapping[str, float] | torch.Tensor) -> None:
         """Use the same weight per adapter for every token and layer (Avg, LoRAHub, single LoRA)."""
-        self._state.mode, self._state.static_weights = "static", self._weights_tensor(weights)
+        self._set_default(FusionSpec("static", weights=tuple(self._weights_tensor(weights).tolist())))
 
     def set_single_adapter(self, name: str) -> None:
         """Only adapter `name`, at its own scale (a one-hot static weight)."""
@@ -214,22 +273,41 @@ class LoraFlowModel(nn.Module):
 
     def set_adapters_off(self) -> None:
         """The base model alone."""
-        self._state.mode, self._state.static_weights = "off", None
+        self._set_default(FusionSpec("off"))
 
     def set_fusion(self, spec: str | FusionSpec) -> None:
-        """Switch to the fusion a spec names: gate, off, single:NAME, avg or static:w1,w2,..."""
-        if not isinstance(spec, FusionSpec):
-            spec = parse_fusion(spec, self.adapter_names)
-        if spec.kind == "gate":
-            self.set_gate_mode()
-        elif spec.kind == "off":
-            self.set_adapters_off()
-        elif spec.kind == "single":
+        """Switch to the fusion a spec names: gate, gate:NAME, off, single:NAME, avg or static:w1,w2,..."""
+        spec = self._spec(spec)
+        if spec.kind == "single":
             self.set_single_adapter(spec.adapter)
-        elif spec.kind == "static":
-            self.set_static_weights(list(spec.weights))
         else:
-            raise LoraFlowError(f"fusion {spec} cannot be set on a model (it is a search run by evaluation)")
+            self._set_default(spec)
+
+    def _set_default(self, spec: FusionSpec) -> None:
+        self._engine.set_default(self._engine.plan(spec, self.device))
+
+    def _spec(self, spec: str | FusionSpec) -> FusionSpec:
+        return spec if isinstance(spec, FusionSpec) else parse_fusion(spec, self.adapter_names)
+
+    @contextlib.contextmanager
+    def fusion(self, spec: str | FusionSpec) -> Iterator[None]:
+        """Use `spec` for every forward / generate inside the block, in this thread only.
+
+        The thread-safe alternative to the setters: the model's default is left alone.
+        """
+        with self._engine.selecting(self._engine.plan(self._spec(spec), self.device)):
+            yield
+
+    @contextlib.contextmanager
+    def fusion_rows(self, specs: Sequence[str | FusionSpec]) -> Iterator[None]:
+        """Row i of every batch run inside the block uses fusion specs[i] (in this thread only).
+
+        Gate rows get their gate's per-token weights, static rows constants, single rows one
+        adapter, off rows none; every forward inside must have len(specs) rows.
+        """
+        plan = self._engine.row_plan([self._spec(s) for s in specs], self.device)
+        with self._engine.selecting(plan):
+            yield
 
     @contextlib.contextmanager
     def static_weights(self, weights) -> Iterator[None]:
@@ -252,11 +330,11 @@ class LoraFlowModel(nn.Module):
 
     @contextlib.contextmanager
     def _restoring(self) -> Iterator[None]:
-        saved = (self._state.mode, self._state.static_weights)
+        saved: FusionPlan = self._engine.default
         try:
             yield
         finally:
-            self._state.mode, self._state.static_weights = saved
+            self._engine.set_default(saved)
 
     def _check_name(self, name: str) -> list[str]:
         if name not in self.adapter_names:
@@ -278,8 +356,11 @@ class LoraFlowModel(nn.Module):
     # ----------------------------------------------------------------- inspection
     @property
     def last_fusion_weights(self) -> torch.Tensor | None:
-        """Gate weights of the last forward: (num_layers, batch, tokens, k), or None if no gate ran."""
-        ws = self._state.last_weights
+        """Gate weights of this thread's last forward: (num_layers, batch, tokens, k), or None if no gate ran.
+
+        Rows with a constant fusion (fusion_rows) show their constants.
+        """
+        ws = self._engine.last_weights()
         if not ws or any(w is None for w in ws):
             return None
         return torch.stack(ws)
@@ -292,17 +373,21 @@ class LoraFlowModel(nn.Module):
         `torch.cat(frames, dim=2)` gives the per-token weights of a whole generation.
         """
         frames: list[torch.Tensor] = []
-        self._state.recorder = []
-        try:
-            yield frames
-        finally:
-            raw, self._state.recorder = self._state.recorder, None
-            frames.extend(torch.stack(f) for f in raw if f and all(w is not None for w in f))
+        with self._engine.recording() as raw:
+            try:
+                yield frames
+            finally:
+                frames.extend(torch.stack(f) for f in raw if f and all(w is not None for w in f))
 
     def detach_adapters(self) -> nn.Module:
         """Undo the attachment: restore the original modules, remove the hooks, return the base model."""
         self._attachment.detach()
         return self.model
+
+
+def _check_gate_name(name: str) -> None:
+    if not isinstance(name, str) or not _GATE_NAME.match(name):
+        raise LoraFlowError(f"gate name {name!r}: use letters, digits, '_' or '-'")
 
 
 def load_tokenizer(base):

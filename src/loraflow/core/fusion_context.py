@@ -1,0 +1,284 @@
+"""Per-call fusion state: which fusion each batch row uses, and each layer's input, for one forward.
+
+A model's default fusion (gate / static / off) is configuration, held by its `FusionEngine`. What
+one forward needs while it runs (the resolved plan, the hidden state entering each decoder layer,
+the weights computed from it) lives in a `CallContext` reached through a `contextvars.ContextVar`,
+never on the modules. Threads each have their own context, so two threads running the same model
+with different fusions never see each other's state; asyncio tasks get a copy of their creator's.
+
+    with model.fusion_rows([FusionSpec("gate"), FusionSpec("static", weights=(0.5, 0.5))]):
+        model(input_ids=two_rows)          # row 0 mixed by the gate, row 1 by constants
+
+The ContextVars hold read-only mappings {engine key: value}, replaced (never mutated) on every
+change, so two models used in one thread keep their own entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+
+from loraflow.common.errors import LoraFlowError
+from loraflow.core.fusion_spec import FusionSpec
+from loraflow.core.gate import GateBank
+
+_EMPTY: Mapping = MappingProxyType({})
+_CALLS: ContextVar[Mapping[str, CallContext]] = ContextVar("loraflow_calls", default=_EMPTY)
+_SELECTIONS: ContextVar[Mapping[str, FusionPlan]] = ContextVar("loraflow_selections", default=_EMPTY)
+_RECORDERS: ContextVar[Mapping[str, list]] = ContextVar("loraflow_recorders", default=_EMPTY)
+_LAST: ContextVar[Mapping[str, list]] = ContextVar("loraflow_last_weights", default=_EMPTY)
+
+
+def _set(var: ContextVar, key: str, value) -> Token:
+    """Set var[key] = value (or drop key when value is None) by replacing the mapping."""
+    new = dict(var.get())
+    if value is None:
+        new.pop(key, None)
+    else:
+        new[key] = value
+    return var.set(MappingProxyType(new))
+
+
+@dataclass(frozen=True, eq=False)
+class FusionPlan:
+    """A resolved fusion: constant weights plus the gates some (or all) rows read.
+
+    Attributes:
+        label: "gate", "static", "off" (one fusion for all rows) or "rows" (per-row).
+        static: constant weights, (k,) for all rows or (B, 1, k) per row (zeros on gate and off
+            rows); None when no row has a constant part.
+        gates: (gate name, row mask (B,) bool or None for every row) per gate in use.
+        rows: the batch size the plan was made for (None: any).
+        module_granular: some gate in use has one gate per module (weights differ per module).
+        specs: what the plan was made from (for merging static modes and for messages).
+    """
+
+    label: str
+    static: torch.Tensor | None = None
+    gates: tuple[tuple[str, torch.Tensor | None], ...] = ()
+    rows: int | None = None
+    module_granular: bool = False
+    specs: tuple[FusionSpec, ...] = ()
+
+    @property
+    def off(self) -> bool:
+        return self.static is None and not self.gates
+
+
+class LayerCall:
+    """One decoder layer's part of a call: its input and what the fused layers derived from it."""
+
+    __slots__ = ("hidden", "weights", "scales")
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.hidden = hidden
+        self.weights: dict[str | None, torch.Tensor] = {}  # per gate key: (B, T, k) or static
+        self.scales: dict[tuple, torch.Tensor] = {}  # per (module key, layout key): column scales
+
+
+class CallContext:
+    """The state of one forward of one model: the plan, each layer's input, and the weights used."""
+
+    def __init__(self, engine: FusionEngine, plan: FusionPlan) -> None:
+        self.engine = engine
+        self.plan = plan
+        self.layers: list[LayerCall | None] = [None] * engine.num_layers
+        self.weights: list[torch.Tensor | None] = [None] * engine.num_layers
+        self.token: Token | None = None
+
+    def begin_layer(self, index: int, hidden: torch.Tensor) -> None:
+        rows = self.plan.rows
+        if rows is not None and hidden.shape[0] != rows:
+            raise LoraFlowError(
+                f"fusion_rows: {rows} fusion specs for a batch of {hidden.shape[0]} rows (one spec per row)"
+            )
+        self.layers[index] = LayerCall(hidden)
+
+    def end_layer(self, index: int) -> None:
+        layer = self.layers[index]
+        if layer is None:
+            return
+        if layer.weights and self.plan.gates:
+            ws = list(layer.weights.values())
+            w = torch.stack(ws).mean(0) if len(ws) > 1 else ws[0]
+            self.weights[index] = w.detach()
+        layer.weights, layer.scales = {}, {}
+        if not torch.is_grad_enabled():
+            self.layers[index] = None
+        # With gradients on, the layer's input is kept until the call's context is dropped:
+        # activation checkpointing in transformers recomputes the layer's `forward` in backward
+        # without re-running the module hooks, and the recomputed fused layers must find it here.
+
+    def column_scales(self, index: int, module) -> torch.Tensor | None:
+        """Per-token (or constant) scale of each rank column of `module`; None when adapters are off."""
+        plan = self.plan
+        if plan.off:
+            return None
+        layer = self.layers[index]
+        if layer is None:
+            raise RuntimeError(f"fused LoRA layer {module.module_key} called outside decoder layer {index}'s forward")
+        key = (module.module_key if plan.module_granular else None, module.layout_key)
+        scales = layer.scales.get(key)
+        if scales is None:
+            w = self._weights(index, layer, module.module_key if plan.module_granular else None)
+            scales = (w[..., module.adapter_index] * module.scaling).to(module.lora_A.dtype)
+            layer.scales[key] = scales
+        return scales
+
+    def _weights(self, index: int, layer: LayerCall, module_key: str | None) -> torch.Tensor:
+        w = layer.weights.get(module_key)
+        if w is not None:
+            return w
+        plan, hidden = self.plan, layer.hidden
+        static = plan.static.to(hidden.device) if plan.static is not None else None
+        w = static
+        for name, mask in plan.gates:
+            bank = self.engine.gates[name]
+            gated = bank.gate(index, module_key if bank.config.granularity == "module" else None)(hidden)
+            if mask is None:
+                w = gated  # (B, T, k)
+            else:
+                other = w if w is not None else 0.0
+                w = torch.where(mask.to(hidden.device)[:, None, None], gated, other)  # (B, T, k)
+        layer.weights[module_key] = w
+        return w
+
+    def finish(self) -> list[torch.Tensor | None]:
+        """The weights each layer used (None where no gate ran)."""
+        return self.weights
+
+
+class FusionEngine:
+    """A model's fusion configuration (default plan, named gates) and the entry to per-call state."""
+
+    def __init__(self, num_layers: int, adapter_names: Sequence[str]) -> None:
+        self.key = uuid.uuid4().hex
+        self.num_layers = num_layers
+        self.adapter_names = list(adapter_names)
+        self.gates: dict[str, GateBank] = {}
+        self.default_gate = "default"
+        self.default = FusionPlan("gate", gates=((self.default_gate, None),))
+        self._replay: CallContext | None = None
+
+    # ------------------------------------------------------------- plans
+    def set_default(self, plan: FusionPlan) -> None:
+        if plan.rows is not None:
+            raise LoraFlowError("a per-row fusion can only be used for one call (model.fusion_rows)")
+        self.default = plan
+
+    def plan(self, spec: FusionSpec, device: torch.device | None = None) -> FusionPlan:
+        """The plan that applies `spec` to every row."""
+        weights, gate = self._row(spec)
+        if gate is not None:
+            return FusionPlan("gate", gates=((gate, None),), module_granular=self._module_granular([gate]),
+                              specs=(spec,))
+        if spec.kind == "off":
+            return FusionPlan("off", specs=(spec,))
+        return FusionPlan("static", static=weights.to(device), specs=(spec,))
+
+    def row_plan(self, specs: Sequence[FusionSpec], device: torch.device | None = None) -> FusionPlan:
+        """The plan that gives row i fusion specs[i] (one spec per batch row)."""
+        specs = tuple(specs)
+        if not specs:
+            raise LoraFlowError("fusion_rows: need one fusion spec per batch row, got none")
+        if all(s == specs[0] for s in specs):
+            uniform = self.plan(specs[0], device)
+            return FusionPlan(uniform.label, uniform.static, uniform.gates, len(specs), uniform.module_granular,
+                              specs)
+        rows = [self._row(s) for s in specs]
+        static = torch.stack([w for w, _ in rows])  # (B, k), zeros on gate/off rows
+        names = list(dict.fromkeys(g for _, g in rows if g is not None))
+        gates = tuple((name, torch.tensor([g == name for _, g in rows], device=device)) for name in names)
+        return FusionPlan(
+            "rows", static=static[:, None, :].to(device) if static.any() else None, gates=gates, rows=len(specs),
+            module_granular=self._module_granular(names), specs=specs,
+        )
+
+    def _row(self, spec: FusionSpec) -> tuple[torch.Tensor, str | None]:
+        """(constant weights (k,), gate name or None) of one row's fusion."""
+        k = len(self.adapter_names)
+        zeros = torch.zeros(k)
+        if spec.kind == "gate":
+            name = spec.gate or self.default_gate
+            if name not in self.gates:
+                raise LoraFlowError(f"unknown gate '{name}'; this model's gates are {', '.join(self.gates)}")
+            return zeros, name
+        if spec.kind == "off":
+            return zeros, None
+        if spec.kind == "single":
+            if spec.adapter not in self.adapter_names:
+                raise LoraFlowError(
+                    f"unknown adapter '{spec.adapter}'; adapters are {', '.join(self.adapter_names)}"
+                )
+            return torch.tensor([float(n == spec.adapter) for n in self.adapter_names]), None
+        if spec.kind == "static":
+            w = torch.as_tensor(spec.weights, dtype=torch.float32).flatten()
+            if w.numel() != k:
+                raise LoraFlowError(
+                    f"got {w.numel()} static weights for {k} adapters ({', '.join(self.adapter_names)})"
+                )
+            if not torch.isfinite(w).all():
+                raise LoraFlowError(f"static weights must be finite numbers, got {spec.weights}")
+            return w, None
+        raise LoraFlowError(f"fusion {spec} cannot be set on a model (it is a search run by evaluation)")
+
+    def _module_granular(self, gate_names: Sequence[str]) -> bool:
+        return any(self.gates[n].config.granularity == "module" for n in gate_names)
+
+    # ------------------------------------------------------------- per-call scope
+    @contextlib.contextmanager
+    def selecting(self, plan: FusionPlan) -> Iterator[None]:
+        """Use `plan` for every forward of this model in the current context, until exit."""
+        token = _set(_SELECTIONS, self.key, plan)
+        try:
+            yield
+        finally:
+            _SELECTIONS.reset(token)
+
+    def begin_call(self) -> None:
+        """Start a forward: resolve the plan and make a fresh CallContext current."""
+        plan = _SELECTIONS.get().get(self.key) or self.default
+        ctx = CallContext(self, plan)
+        ctx.token = _set(_CALLS, self.key, ctx)
+        if torch.is_grad_enabled():
+            self._replay = ctx  # for activation-checkpoint recomputation in backward (see CallContext.end_layer)
+
+    def end_call(self) -> None:
+        """End a forward: publish its weights (last_weights, recorders), drop the CallContext."""
+        ctx = _CALLS.get().get(self.key)
+        if ctx is None:
+            return
+        weights = ctx.finish()
+        _CALLS.reset(ctx.token)
+        recorder = _RECORDERS.get().get(self.key)
+        if recorder is not None:
+            recorder.append(list(weights))
+        _set(_LAST, self.key, weights)  # persists in the caller's context: "the last call", per thread
+
+    def running(self) -> CallContext | None:
+        """The context of the forward running in the current context, if any."""
+        return _CALLS.get().get(self.key)
+
+    def current(self) -> CallContext | None:
+        """The running call's context; in backward recomputation (no call running), the last one with grad."""
+        ctx = _CALLS.get().get(self.key)
+        return ctx if ctx is not None else self._replay
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list]:
+        """Collect, per forward in this context, the list of per-layer weights."""
+        frames: list = []
+        token = _set(_RECORDERS, self.key, frames)
+        try:
+            yield frames
+        finally:
+            _RECORDERS.reset(token)
+
+    def last_weights(self) -> list[torch.Tensor | None]:
+        return _LAST.get().get(self.key, [])
