@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from conftest import build_tiny_model, build_tokenizer, make_peft_adapter
@@ -21,35 +20,27 @@ def save_tiny_setup(root: Path, *, chat_template: bool = True) -> dict:
     tokenizer.save_pretrained(root / "base")
     make_peft_adapter(model, root / "zh", seed=1)
     make_peft_adapter(model, root / "math", seed=2, r=8)
-    return {"base": root / "base", "adapters": {"zh": root / "zh", "math": root / "math"}}
+    adapters = {"zh": root / "zh", "math": root / "math"}
+    gates = {}
+    for name, seed in (("zh-math", 3), ("g2", 4)):  # random gates whose weights vary from token to token
+        from loraflow.core.model import LoraFlowModel
+
+        LoraFlowModel.from_pretrained(root / "base", adapters, seed=seed, gate_init_std=0.5).save_gate(root / name)
+        gates[name] = root / name
+    return {"base": root / "base", "adapters": adapters, "gates": gates}
 
 
 def load_model(setup: dict):
+    """The same model a server loads from `setup`: both gates by name, the first the default."""
     from loraflow.core.model import LoraFlowModel, load_tokenizer
 
-    model = LoraFlowModel.from_pretrained(setup["base"], setup["adapters"], seed=0)
+    (first, path), *rest = setup["gates"].items()
+    model = LoraFlowModel.from_pretrained(setup["base"], setup["adapters"], path, gate_name=first, seed=0)
+    for name, path in rest:
+        model.add_gate(name, path)
     return model.eval(), load_tokenizer(setup["base"])
 
 
-@contextlib.contextmanager
 def fusion_alone(model, spec):
     """Run the whole model with one fusion (the reference a batched row must match)."""
-    whole = getattr(model, "fusion", None)
-    if whole is not None:
-        with whole(spec):
-            yield
-        return
-    if spec.kind == "static":
-        ctx = model.static_weights(list(spec.weights))
-    elif spec.kind == "single":
-        ctx = model.only_adapter(spec.adapter)
-    elif spec.kind == "off":
-        ctx = model.adapters_disabled()
-    else:
-        raise NotImplementedError(spec)
-    with ctx:
-        yield
-
-
-def per_row_fusion_available(model) -> bool:
-    return hasattr(model, "fusion_rows")
+    return model.fusion(spec)

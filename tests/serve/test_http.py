@@ -14,7 +14,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from serve_helpers import fusion_alone, load_model, per_row_fusion_available, save_tiny_setup
+from serve_helpers import fusion_alone, load_model, save_tiny_setup
 
 from loraflow.core.fusion_spec import FusionSpec
 from loraflow.core.generation import generate_texts
@@ -24,7 +24,8 @@ openai = pytest.importorskip("openai")
 
 MAX_LEN = 8192  # beyond the tiny model's 256 trained positions (RoPE extends), so a long request outlasts any test
 LONG = dict(max_tokens=MAX_LEN - 100, extra_body={"ignore_eos": True})  # a request that runs until dropped
-FUSIONS = {"zh": FusionSpec("single", adapter="zh"), "math": FusionSpec("single", adapter="math"),
+FUSIONS = {"zh-math": FusionSpec("gate", gate="zh-math"), "g2": FusionSpec("gate", gate="g2"),
+           "zh": FusionSpec("single", adapter="zh"), "math": FusionSpec("single", adapter="math"),
            "tiny": FusionSpec("off"), "mix": FusionSpec("static", weights=(0.7, 0.5))}
 
 
@@ -40,8 +41,8 @@ def reference(setup):
 
 def _server(setup, **config) -> Server:
     config = ServeConfig(**{"max_model_len": MAX_LEN, "served_model_name": "tiny", "seed": 0, **config})
-    return Server.from_pretrained(setup["base"], setup["adapters"], fusions={"mix": "static:0.7,0.5"},
-                                  config=config, device="cpu")
+    return Server.from_pretrained(setup["base"], setup["adapters"], gates=setup["gates"],
+                                  fusions={"mix": "static:0.7,0.5"}, config=config, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +95,13 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 # --------------------------------------------------------------------------- happy paths
 def test_models_lists_every_served_fusion(client):
     models = {m.id: m for m in client.models.list().data}
-    assert list(models) == ["zh", "math", "tiny", "mix"]
+    assert list(models) == ["zh-math", "g2", "zh", "math", "tiny", "mix"]
     assert {k: m.model_extra["fusion"] for k, m in models.items()} == {
-        "zh": "single:zh", "math": "single:math", "tiny": "off", "mix": "static:0.7,0.5"}
+        "zh-math": "gate:zh-math", "g2": "gate:g2", "zh": "single:zh", "math": "single:math", "tiny": "off",
+        "mix": "static:0.7,0.5"}
 
 
-@pytest.mark.parametrize("model", ["zh", "tiny", "mix"])
+@pytest.mark.parametrize("model", ["zh-math", "g2", "zh", "tiny", "mix"])
 def test_greedy_chat_equals_the_library_generation(client, reference, model):
     ref_model, tok = reference
     reply = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, max_tokens=12, seed=3)
@@ -157,6 +159,9 @@ def test_request_fusion_field_overrides_the_model(client):
     preset = client.chat.completions.create(model="mix", **ask)
     off = client.chat.completions.create(model="mix", extra_body={"fusion": "off"}, **ask)
     base = client.chat.completions.create(model="tiny", **ask)
+    gate_field = client.chat.completions.create(model="zh", extra_body={"fusion": {"gate": "g2"}}, **ask)
+    gate_name = client.chat.completions.create(model="g2", **ask)
+    assert gate_field.choices[0].message.content == gate_name.choices[0].message.content
     assert by_field.choices[0].message.content == by_name.choices[0].message.content
     assert weights.choices[0].message.content == preset.choices[0].message.content
     assert off.choices[0].message.content == base.choices[0].message.content
@@ -164,12 +169,11 @@ def test_request_fusion_field_overrides_the_model(client):
 
 
 def test_mixed_fusions_in_one_batch_equal_each_request_alone(server, client):
-    if not per_row_fusion_available(server.model):
-        pytest.skip("needs core's per-row fusion API (model.fusion_rows)")
     asks = [dict(model=m, messages=[{"role": "user", "content": f"q{i} hello"}], temperature=0, max_tokens=16)
-            for i, m in enumerate(["zh", "math", "tiny", "mix", "zh", "mix"])]
+            for i, m in enumerate(["zh-math", "zh", "math", "tiny", "g2", "mix", "zh-math"])]
     asks.append(dict(model="tiny", messages=MESSAGES, temperature=0, max_tokens=16,
                      extra_body={"fusion": {"weights": {"zh": 0.2, "math": 0.9}}}))
+    asks.append(dict(model="zh", messages=MESSAGES, temperature=0, max_tokens=16, extra_body={"fusion": {"gate": "g2"}}))
     alone = [client.chat.completions.create(**a).choices[0].message.content for a in asks]
     # A long request keeps the batch occupied, so every request below decodes next to other fusions.
     with client.completions.create(model="math", prompt="x", stream=True, **LONG) as blocker:
@@ -217,7 +221,7 @@ def test_invalid_requests_get_400_with_the_reason(client, kwargs, words):
 
 
 def test_unknown_model_is_404(client):
-    with pytest.raises(openai.NotFoundError, match="does not exist; served models: zh, math, tiny, mix") as err:
+    with pytest.raises(openai.NotFoundError, match="does not exist; served models: zh-math, g2, zh, math, tiny, mix") as err:
         client.chat.completions.create(model="gpt-4", messages=MESSAGES)
     assert err.value.body["code"] == "model_not_found"
 

@@ -14,9 +14,8 @@ Each forward runs inside `model.fusion_rows(specs)`, so every row is mixed with 
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -112,7 +111,7 @@ class DecodeBatch:
         return logits
 
     def _forward(self, ids, mask, positions, cache, fusions) -> torch.Tensor:
-        with fusion_rows(self.model, fusions):
+        with self.model.fusion_rows(fusions):
             out = self.model(
                 input_ids=ids.to(self._device), attention_mask=mask.to(self._device),
                 position_ids=positions.to(self._device), use_cache=True, **{self._cache_kw: cache}, **self._extra,
@@ -148,22 +147,3 @@ class DecodeBatch:
             layer.values = layer.values.index_select(0, index)[:, :, cut:, :]
         self.lengths = lengths
         self.fusions = [self.fusions[i] for i in rows]
-
-
-@contextlib.contextmanager
-def fusion_rows(model, fusions: Sequence[FusionSpec]) -> Iterator[None]:
-    """Every forward inside uses fusions[i] for batch row i."""
-    per_row = getattr(model, "fusion_rows", None)
-    if per_row is not None:
-        with per_row(list(fusions)):
-            yield
-        return
-    # TODO(serve): remove once core's per-row fusion API has landed; until then, one fusion per batch.
-    if len(set(fusions)) > 1:
-        raise NotImplementedError("this model cannot mix fusions within one batch")
-    saved = (model._state.mode, model._state.static_weights)
-    try:
-        model.set_fusion(fusions[0])
-        yield
-    finally:
-        model._state.mode, model._state.static_weights = saved

@@ -95,9 +95,12 @@ class Server:
                 raise LoraFlowError(f"--gate {name}={path}: not found")
         device = resolve_device(device)
         tokenizer = load_tokenizer(base)
-        model = LoraFlowModel.from_pretrained(base, dict(adapters), None, torch_dtype=resolve_dtype(dtype, device),
-                                              device=device, seed=config.seed)
-        for name, path in gates.items():
+        named = list(gates.items())
+        first_name, first_path = named[0] if named else ("default", None)  # no gates: a fresh one, never served
+        model = LoraFlowModel.from_pretrained(base, dict(adapters), first_path, gate_name=first_name,
+                                              torch_dtype=resolve_dtype(dtype, device), device=device,
+                                              seed=config.seed)
+        for name, path in named[1:]:
             model.add_gate(name, path)
         torch.manual_seed(config.seed)
         return cls(model, tokenizer, served, config)
