@@ -194,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((n, kind, wall, n * args.max_tokens / wall, percentile(lat, 0.5), percentile(lat, 0.95)))
     print(f"\nModel: {described}; 2 random rank-16 LoRAs on every projection; fusions mixed over "
           f"{', '.join(mixed_pool)}; {args.max_tokens} greedy tokens per request; torch threads {args.threads}; "
-          f"{args.rounds} rounds (medians).\nMachine: {machine_info()}\n")
+          f"{args.rounds} rounds (medians).\n")
+    for key, value in machine_info(args.threads, 0).items():
+        print(f"- {key}: {value}")
+    print()
     print("| clients | workload | wall (s) | tokens/s | p50 latency (s) | p95 latency (s) | wall / sequential |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for n, kind, wall, tps, p50, p95 in rows:

@@ -7,6 +7,8 @@ References are independent of the batching code: a full forward over each row's 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from serve_helpers import fusion_alone, load_model, save_tiny_setup
@@ -185,3 +187,35 @@ def test_cancelled_rows_leave_at_the_next_step(model_tok):
     engine.step()
     assert len(engine._batch) == 1 and drop.out["reason"] == "cancelled"
     assert engine.metrics.registry.get_sample_value("loraflow_batch_size") == 1
+
+
+def _wait(request, timeout: float = 30.0) -> None:
+    finished = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if request._done:
+            return
+        finished.wait(0.01)
+    raise AssertionError("the request did not finish")
+
+
+def test_a_failed_step_fails_its_rows_and_the_engine_keeps_serving(model_tok):
+    model, tok = model_tok
+    engine = Engine(model, tok, max_model_len=256)
+    victim = _request([5, 6], MIX, max_tokens=20, ignore_eos=True)
+    engine.submit(victim)
+    engine.step()
+
+    def broken(tokens):
+        raise RuntimeError("device lost")  # what an out-of-memory error would look like
+
+    engine._batch.decode = broken
+    engine.start()
+    try:
+        _wait(victim)
+        assert victim.out["reason"] == "error"
+        after = _request([5, 6], MIX, max_tokens=3)
+        engine.submit(after)
+        _wait(after)
+        assert after.out["reason"] in ("stop", "length") and engine.running
+    finally:
+        engine.stop()

@@ -99,6 +99,9 @@ def test_models_lists_every_served_fusion(client):
     assert {k: m.model_extra["fusion"] for k, m in models.items()} == {
         "zh-math": "gate:zh-math", "g2": "gate:g2", "zh": "single:zh", "math": "single:math", "tiny": "off",
         "mix": "static:0.7,0.5"}
+    assert client.models.retrieve("g2").model_extra["fusion"] == "gate:g2"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
 
 
 @pytest.mark.parametrize("model", ["zh-math", "g2", "zh", "tiny", "mix"])

@@ -1,6 +1,6 @@
 """The FastAPI app: OpenAI-compatible routes over a `Server`'s engine.
 
-    GET  /v1/models            the served names (each a fusion; see loraflow.serve.registry)
+    GET  /v1/models[/NAME]     the served names (each a fusion; see loraflow.serve.registry)
     POST /v1/chat/completions  chat, rendered by the tokenizer's chat template
     POST /v1/completions       plain prompts
     GET  /health               200 while the engine runs, 503 otherwise
@@ -30,7 +30,7 @@ from loraflow.serve.registry import UnknownModel
 from loraflow.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the remaining context
-ENDPOINTS = ("/v1/models", "/v1/chat/completions", "/v1/completions")
+ENDPOINTS = ("/v1/models", "/v1/chat/completions", "/v1/completions")  # metric labels; others count as "other"
 
 
 def create_app(server) -> FastAPI:
@@ -59,11 +59,21 @@ def create_app(server) -> FastAPI:
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def card(m) -> dict:
+        return {"id": m.name, "object": "model", "created": created, "owned_by": "loraflow", "root": m.name,
+                "parent": None, "fusion": str(m.fusion), "kind": m.kind}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        data = [{"id": m.name, "object": "model", "created": created, "owned_by": "loraflow",
-                 "root": m.name, "parent": None, "fusion": str(m.fusion), "kind": m.kind} for m in server.served]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [card(m) for m in server.served]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict:
+        found = server.served.models.get(name)
+        if found is None:
+            raise APIError(404, f"the model '{name}' does not exist", type="not_found_error", param="model",
+                           code="model_not_found")
+        return card(found)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:

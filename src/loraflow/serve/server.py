@@ -161,9 +161,12 @@ class Server:
         out.flush()
         try:
             server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after its graceful shutdown
+            pass
         finally:
             sock.close()
             self.engine.stop()
+        print("loraflow serve: stopped", file=out)
 
     @contextlib.contextmanager
     def running(self, host: str = "127.0.0.1", port: int = 0, *, timeout: float = 30.0) -> Iterator[str]:
