@@ -64,4 +64,12 @@ def test_no_upward_imports(path: Path):
 def test_the_checker_sees_lazy_and_from_imports(tmp_path: Path):
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from loraflow.cli.main import main\nfrom loraflow import demo\n", encoding="utf-8")
-    assert [m for _, m in _imports(probe)] == ["loraflow.cli.main", "loraflow.demo"]
+    assert sorted(m for _, m in _imports(probe)) == ["loraflow.cli.main", "loraflow.demo"]
+
+
+def test_public_api_is_importable_from_the_top_package():
+    import loraflow
+
+    for name in loraflow.__all__:
+        assert getattr(loraflow, name) is not None, name
+    assert callable(loraflow.evaluate) and callable(loraflow.train_gate)  # functions, not subpackages

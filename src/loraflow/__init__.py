@@ -1,7 +1,11 @@
 """loraflow: LoRA-Flow dynamic fusion of LoRA adapters for Hugging Face causal LMs.
 
-Heavy dependencies (torch, transformers) are imported lazily, so `import loraflow` and the
-CLI's help stay fast.
+The public API is importable from here; each name is loaded from its package on first use, so
+`import loraflow` and the CLI's help stay fast (no torch until a model is touched).
+
+Packages, lowest layer first (a package imports only its own layer and lower ones):
+common (errors, atomic IO, options, provenance) < data (formats, templates, protocol) < core
+(the fusion engine) < evaluation < train < serve < demo < cli.
 """
 
 from __future__ import annotations
@@ -15,6 +19,24 @@ _LAZY = {
     "FusionGate": "loraflow.core.gate",
     "GateConfig": "loraflow.core.gate",
     "FusedLoraLinear": "loraflow.core.fused_linear",
+    "FusionSpec": "loraflow.core.fusion_spec",
+    "parse_fusion": "loraflow.core.fusion_spec",
+    "load_tokenizer": "loraflow.core.model",
+    "generate_texts": "loraflow.core.generation",
+    "inspect_prompt": "loraflow.core.inspection",
+    "convert_official_gate": "loraflow.core.checkpoints",
+    "PromptTemplate": "loraflow.data.formats",
+    "load_examples": "loraflow.data.formats",
+    "TrainConfig": "loraflow.train.config",
+    "GateTrainConfig": "loraflow.train.config",
+    "LoraTrainConfig": "loraflow.train.config",
+    "train_gate": "loraflow.train.training",
+    "train_lora": "loraflow.train.training",
+    "EvalConfig": "loraflow.evaluation.harness",
+    "evaluate": "loraflow.evaluation.harness",
+    "score_file": "loraflow.evaluation.scoring",
+    "write_report": "loraflow.evaluation.report",
+    "run_demo": "loraflow.demo.pipeline",
     "LoraFlowError": "loraflow.common.errors",
 }
 
@@ -22,9 +44,20 @@ __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from loraflow.common.errors import LoraFlowError
+    from loraflow.core.checkpoints import convert_official_gate
     from loraflow.core.fused_linear import FusedLoraLinear
+    from loraflow.core.fusion_spec import FusionSpec, parse_fusion
     from loraflow.core.gate import FusionGate, GateConfig
-    from loraflow.core.model import LoraFlowModel
+    from loraflow.core.generation import generate_texts
+    from loraflow.core.inspection import inspect_prompt
+    from loraflow.core.model import LoraFlowModel, load_tokenizer
+    from loraflow.data.formats import PromptTemplate, load_examples
+    from loraflow.demo.pipeline import run_demo
+    from loraflow.evaluation.harness import EvalConfig, evaluate
+    from loraflow.evaluation.report import write_report
+    from loraflow.evaluation.scoring import score_file
+    from loraflow.train.config import GateTrainConfig, LoraTrainConfig, TrainConfig
+    from loraflow.train.training import train_gate, train_lora
 
 
 def __getattr__(name: str) -> Any:

@@ -1,9 +1,4 @@
-"""The `loraflow` command line: a thin map from subcommands to library functions.
-
-The subcommands and their arguments live in `loraflow.cli.commands`; each runs through a
-function that imports the heavy library code lazily, so `loraflow --help` and the model-free
-commands (`score`, `report`) start fast.
-"""
+"""`loraflow`: the parser (verbs in workflow order) and the one place errors become exit codes."""
 
 from __future__ import annotations
 
@@ -12,16 +7,21 @@ import sys
 from collections.abc import Sequence
 
 from loraflow import __version__
-from loraflow.cli.commands import REGISTRARS
+from loraflow.cli import demo, evaluation, gates, generate, training
 from loraflow.common.errors import LoraFlowError
 
-
-_HELP_ORDER = ["demo", "generate", "inspect", "convert-gate", "train-gate", "train-lora", "eval", "score", "report"]
-
-
-def _help_position(register) -> int:
-    name = register.__name__.strip("_").replace("_", "-")
-    return _HELP_ORDER.index(name) if name in _HELP_ORDER else len(_HELP_ORDER)
+# Workflow order: what `loraflow --help` lists, first to last.
+VERBS = [
+    demo.add_demo,
+    training.add_train_lora,
+    training.add_train_gate,
+    gates.add_convert_gate,
+    generate.add_generate,
+    generate.add_inspect,
+    evaluation.add_eval,
+    evaluation.add_score,
+    evaluation.add_report,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"loraflow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in sorted(REGISTRARS, key=_help_position):
-        register(sub)
+    for add in VERBS:
+        add(sub)
     return parser
 
 
@@ -51,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"loraflow {args.command}: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

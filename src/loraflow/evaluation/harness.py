@@ -18,7 +18,9 @@ from typing import Any
 
 from loraflow.common.errors import LoraFlowError
 from loraflow.core.fusion_spec import parse_fusion
+from loraflow.common.options import option
 from loraflow.data import protocol
+from loraflow.data.protocol import CODE_TIMEOUT_S, MATH_MAX_NEW_TOKENS, MODES, TASKS
 from loraflow.common.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 
 METHODS_HELP = "base, single:NAME, avg, static:w1,w2,..., lorahub or loraflow"
@@ -26,39 +28,27 @@ METHODS_HELP = "base, single:NAME, avg, static:w1,w2,..., lorahub or loraflow"
 
 @dataclass
 class EvalConfig:
-    """How to evaluate (defaults: the official protocol).
+    """How to evaluate (defaults: the official protocol)."""
 
-    Attributes:
-        task: "math" (MGSM-style rows: question, answer) or "code" (HumanEval-style rows).
-        lang: zh, ru or es: selects the official system prompt / code instruction.
-        template: "official" (the paper's evaluation prompts) or a training template preset
-            (llama2, released, paper, chat, plain) applied to the question.
-        system: override the official math system prompt.
-        max_new_tokens: generation budget (official: 512).
-        batch_size: prompts per generation batch.
-        mode: answer comparison, "official" or "strict".
-        limit: evaluate only the first N test rows (quick checks).
-        temperature: gate temperature for `loraflow` (default: the gate's own).
-        workers, timeout: code execution sandboxes and seconds per program (official: 3 s).
-        lorahub_budget, lorahub_bound, lorahub_l1: the LoRAHub search (40, 1.5, 0.05).
-        seed: seeds the LoRAHub search and anything random.
-    """
-
-    task: str
-    lang: str | None = None
-    template: str = "official"
-    system: str | None = None
-    max_new_tokens: int = 512
-    batch_size: int = 8
-    mode: str = "official"
-    limit: int | None = None
-    temperature: float | None = None
-    workers: int | None = None
-    timeout: float = 3.0
-    lorahub_budget: int = 40
-    lorahub_bound: float = 1.5
-    lorahub_l1: float = 0.05
-    seed: int = 0
+    task: str = option(help="what the test file holds: math (MGSM-style question/answer) or code (HumanEval-style)",
+                       choices=TASKS)
+    lang: str | None = option(None, "language code of the test set: zh, ru or es for the official prompts (any "
+                                    "code with other templates; it labels the column in `loraflow report`)")
+    template: str = option("official", "official (the paper's evaluation prompts) or a training template: "
+                                       "llama2, released, paper, chat, plain")
+    system: str | None = option(None, "override the math system prompt")
+    max_new_tokens: int = option(MATH_MAX_NEW_TOKENS, "generation budget (official: 512)")
+    batch_size: int = option(8, "prompts per generation batch")
+    mode: str = option("official", "answer comparison: official (the authors' extraction) or strict (numbers by "
+                                   "value)", choices=MODES)
+    limit: int | None = option(None, "evaluate only the first N rows (quick checks)")
+    temperature: float | None = option(None, "gate temperature for loraflow (default: the gate's own)", cli=False)
+    workers: int | None = option(None, "parallel code-execution sandboxes (default: CPU count, at most 8)")
+    timeout: float = option(CODE_TIMEOUT_S, "seconds per program for code (official: 3)")
+    lorahub_budget: int = option(40, "LoRAHub search evaluations")
+    lorahub_bound: float = option(1.5, "LoRAHub weight bound", cli=False)
+    lorahub_l1: float = option(0.05, "LoRAHub L1 regularisation", cli=False)
+    seed: int = option(0, "seeds the LoRAHub search and anything random")
 
     def __post_init__(self) -> None:
         if self.task not in ("math", "code"):
@@ -69,6 +59,20 @@ class EvalConfig:
             raise ValueError(f"mode: {self.mode!r} is not official or strict")
         if self.max_new_tokens <= 0 or self.batch_size <= 0:
             raise ValueError("max_new_tokens and batch_size must be > 0")
+
+
+@dataclass
+class EvalRun:
+    """Which method runs on which test file, and where its result goes."""
+
+    method: str = option(help="base, single:NAME, avg (equal weights), static:w1,w2,..., lorahub (needs --train) or "
+                              "loraflow (needs --gate)")
+    data: str = option(help="test JSONL (MGSM-style question/answer, or HumanEval-style)")
+    out: str = option(help="RESULT.json path (raw outputs go to RESULT.outputs.jsonl)")
+    train: str | None = option(None, "few-shot set for --method lorahub")
+    label: str | None = option(None, "row name in `loraflow report` (default: from --method)")
+    adapter_role: str | None = option(None, "for single:NAME, the paper's row name", choices=("language", "task"))
+    progress: bool = option(True, "progress bars", flag="--no-progress")
 
 
 def parse_method(method: str, adapter_names: list[str]) -> tuple[str, list[float] | str | None]:

@@ -27,6 +27,7 @@ import os
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
 from functools import lru_cache
@@ -36,6 +37,7 @@ from typing import Any
 
 from loraflow.common.errors import LoraFlowError
 from loraflow.common.io import read_jsonl, write_json_atomic
+from loraflow.common.options import option
 from loraflow.common.provenance import versions
 from loraflow.data.protocol import CODE_TIMEOUT_S, MODES, TASKS, truncate_at_stop
 
@@ -394,6 +396,25 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@dataclass
+class ScoreOptions:
+    """`loraflow score`: a predictions file scored against its test file, no model needed."""
+
+    task: str = option(help="what the test file holds", choices=TASKS)
+    data: str = option(help="test file: math rows with 'question'/'answer', code rows with 'task_id', 'prompt', "
+                            "'test', 'entry_point'", metavar="TEST.jsonl")
+    predictions: str = option(help="one JSON object per test row, same order, model text in 'output'",
+                              metavar="PRED.jsonl")
+    out: str = option(help="where to write the result (atomically)", metavar="RESULT.json")
+    mode: str = option("official", "math answer matching: the authors' exact extraction, or numbers compared by "
+                                   "value (code is scored the same in both)", choices=MODES)
+    workers: int | None = option(None, "parallel code sandboxes (default: CPU count, at most 8)")
+    timeout: float = option(CODE_TIMEOUT_S, "seconds per code program")
+    method: str | None = option(None, "recorded in the result for `loraflow report` (e.g. loraflow, avg, single:zh)")
+    lang: str | None = option(None, "recorded in the result for `loraflow report` (e.g. zh, ru, es)")
+    seed: int = option(0, "random seed (recorded)")
 
 
 def score_file(

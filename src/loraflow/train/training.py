@@ -29,64 +29,11 @@ from loraflow.data.formats import Example, PromptTemplate, collate, encode_examp
 from loraflow.common.errors import LoraFlowError
 from loraflow.common.io import atomic_dir, write_json_atomic
 from loraflow.common.provenance import versions
+from loraflow.train.config import GateTrainConfig, LoraTrainConfig, TrainConfig  # noqa: F401  (TrainConfig re-exported)
 from loraflow.core.losses import response_token_count, summed_loss
 
 logger = logging.getLogger(__name__)
-SELECT_BY = ("dev_loss", "dev_accuracy", "last")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings shared by gate and LoRA training (defaults: the official gate recipe).
-
-    Attributes:
-        epochs: passes over the training set (official: 5).
-        lr: peak learning rate (official best: 1e-3 or 1e-4 depending on the pair).
-        batch_size: examples per optimizer step, summed over processes and accumulation (official: 4 or 16).
-        grad_accum: micro-batches per step on each process (memory knob; does not change the result).
-        warmup_ratio: share of steps with linear warm-up before the cosine decay (official: 0.2).
-        weight_decay, betas, eps: AdamW (official: 0.1, (0.9, 0.95), 1e-5).
-        max_grad_norm: gradient clipping (official: 1.0).
-        max_length: token limit per example (official: 4096).
-        seed: seeds initialisation, data order and dropout.
-        mixed_precision: "no", "bf16" or "fp16" autocast (GPU).
-        gradient_checkpointing: recompute activations in backward to save memory.
-        select_by: how `best` is chosen: "dev_loss", "dev_accuracy" (needs a dev set with answers) or "last".
-        dev_max_new_tokens: generation budget for dev accuracy.
-        progress: show progress bars.
-    """
-
-    epochs: int = 5
-    lr: float = 1e-3
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup_ratio: float = 0.2
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-5
-    max_grad_norm: float = 1.0
-    max_length: int = 4096
-    seed: int = 0
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    select_by: str = "dev_loss"
-    dev_max_new_tokens: int = 512
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        positive = {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
-                    "grad_accum": self.grad_accum, "max_length": self.max_length}
-        for name, value in positive.items():
-            if value <= 0:
-                raise ValueError(f"{name}: must be > 0, got {value}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision: {self.mixed_precision!r} is not one of no, bf16, fp16")
-        if self.select_by not in SELECT_BY:
-            raise ValueError(f"select_by: {self.select_by!r} is not one of {', '.join(SELECT_BY)}")
-        self.betas = tuple(self.betas)
 
 
 @dataclass
@@ -324,8 +271,8 @@ def train_gate(
     config: TrainConfig | None = None,
     template: PromptTemplate | None = None,
     tokenizer=None,
-    temperature: float = 1.0,
-    granularity: str = "layer",
+    temperature: float = GateTrainConfig.temperature,
+    granularity: str = GateTrainConfig.granularity,
     init_gate: str | os.PathLike | None = None,
     torch_dtype=None,
     resume: bool = False,
@@ -338,7 +285,7 @@ def train_gate(
     """
     from loraflow.core.model import LoraFlowModel, load_tokenizer
 
-    cfg = config or TrainConfig()
+    cfg = config or GateTrainConfig()
     template = template or PromptTemplate()
     tokenizer = tokenizer or load_tokenizer(base)
     train, dev, accuracy = _prepare_data(train_path, dev_path, tokenizer, template, cfg, data_format)
@@ -383,9 +330,9 @@ def train_lora(
     config: TrainConfig | None = None,
     template: PromptTemplate | None = None,
     tokenizer=None,
-    r: int = 64,
-    alpha: float = 16,
-    dropout: float = 0.1,
+    r: int = LoraTrainConfig.rank,
+    alpha: float = LoraTrainConfig.alpha,
+    dropout: float = LoraTrainConfig.dropout,
     target_modules: Sequence[str] | str | None = None,
     torch_dtype=None,
     resume: bool = False,
@@ -397,7 +344,7 @@ def train_lora(
 
     from loraflow.core.model import load_base, load_tokenizer
 
-    cfg = config or TrainConfig(lr=2e-4, epochs=3)
+    cfg = config or LoraTrainConfig()
     template = template or PromptTemplate()
     tokenizer = tokenizer or load_tokenizer(base)
     train, dev, accuracy = _prepare_data(train_path, dev_path, tokenizer, template, cfg, data_format)
