@@ -190,6 +190,10 @@ def test_mixed_fusions_in_one_batch_equal_each_request_alone(server, client):
 def test_health_and_metrics(server, client):
     with urllib.request.urlopen(f"{server.url}/health", timeout=10) as r:
         assert json.loads(r.read()) == {"status": "ok"}
+    with urllib.request.urlopen(f"{server.url}/version", timeout=10) as r:
+        info = json.loads(r.read())
+    assert info["versions"]["loraflow"] and info["versions"]["torch"] != "not installed"
+    assert info["config"]["seed"] == 0 and info["max_model_len"] == MAX_LEN and info["models"]["g2"] == "gate:g2"
     before = _metric(server.url, "loraflow_generation_tokens_total")
     done = client.completions.create(model="zh", prompt="hi", max_tokens=5, temperature=0)
     assert _metric(server.url, "loraflow_generation_tokens_total") == before + done.usage.completion_tokens

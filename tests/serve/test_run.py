@@ -1,5 +1,6 @@
-"""`Server.run()` in its own process: it prints where it listens and what it serves, answers, and
-a Ctrl-C (SIGINT) shuts it down cleanly with exit code 0, even with a stream open."""
+"""`loraflow serve` in its own process: it prints where it listens and what it serves, answers, and
+a Ctrl-C (SIGINT) shuts it down cleanly with exit code 0, even with a stream open. Bad flags fail
+fast with one line naming the flag, before any model is loaded."""
 
 from __future__ import annotations
 
@@ -14,15 +15,6 @@ import urllib.request
 
 import pytest
 from serve_helpers import save_tiny_setup
-
-SCRIPT = """
-import sys
-from loraflow.serve import ServeConfig, Server
-base, zh, math, gate = sys.argv[1:5]
-Server.from_pretrained(base, {"zh": zh, "math": math}, gates={"flow": gate}, fusions={"mix": "avg"},
-                       config=ServeConfig(port=0, max_model_len=8192), device="cpu").run()
-"""
-
 
 def start(args: list[str]) -> tuple[subprocess.Popen, str, list[str]]:
     """Start a server process; return it, its URL and the lines it printed up to the last model."""
@@ -53,8 +45,10 @@ def start(args: list[str]) -> tuple[subprocess.Popen, str, list[str]]:
 @pytest.mark.slow
 def test_ctrl_c_stops_a_running_server_cleanly(tmp_path):
     setup = save_tiny_setup(tmp_path)
-    args = [sys.executable, "-c", SCRIPT, str(setup["base"]), str(setup["adapters"]["zh"]),
-            str(setup["adapters"]["math"]), str(setup["gates"]["zh-math"])]
+    args = [sys.executable, "-m", "loraflow.cli", "serve", "--base", str(setup["base"]),
+            "--adapter", f"zh={setup['adapters']['zh']}", "--adapter", f"math={setup['adapters']['math']}",
+            "--gate", f"flow={setup['gates']['zh-math']}", "--fusion", "mix=avg", "--port", "0",
+            "--max-model-len", "8192", "--device", "cpu"]
     proc, url, lines = start(args)
     try:
         printed = "".join(lines)
@@ -71,7 +65,35 @@ def test_ctrl_c_stops_a_running_server_cleanly(tmp_path):
         assert proc.wait(timeout=30) == 0
         rest = stream.read().decode()
         assert "shutting down" in rest and rest.rstrip().endswith("data: [DONE]")
+        assert "loraflow serve: stopped" in "".join(lines)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--adapter", "zh"], "--adapter: 'zh' is not NAME=PATH"),
+    (["--adapter", "zh=a", "--adapter", "zh=b"], "--adapter: the name zh is given twice"),
+    (["--adapter", "zh=a", "--gate", "g"], "--gate: 'g' is not NAME=PATH"),
+    (["--adapter", "zh=a", "--fusion", "mix=static:1,2"], "2 weights for 1 adapters"),
+    (["--adapter", "zh=a", "--fusion", "zh=avg"], "zh is used more than once"),
+    (["--adapter", "zh=a", "--port", "70000"], "--port: must be in 0..65535"),
+    (["--adapter", "zh=a", "--max-batch-size", "0"], "--max-batch-size: must be a whole number >= 1"),
+    (["--adapter", "zh=a", "--gate", "g=/nonexistent/gate"], "not found"),
+    ([], "--adapter: give at least one"),
+])
+def test_bad_flags_fail_in_one_line_before_loading(tmp_path, capsys, flags, words):
+    from loraflow.cli import main
+
+    rc = main(["serve", "--base", str(tmp_path / "base"), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and words in err, err
+
+
+def test_serve_help_loads_no_heavy_library():
+    code = ("import sys\nfrom loraflow.cli import main\ntry:\n    main(['serve', '--help'])\nexcept SystemExit:\n"
+            "    pass\nprint([m for m in ('torch', 'transformers', 'fastapi', 'uvicorn') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip().endswith("[]"), done.stdout[-500:] + done.stderr[-500:]
+    assert "--gate NAME=PATH" in done.stdout and "--served-model-name" in done.stdout

@@ -4,6 +4,7 @@
     POST /v1/chat/completions  chat, rendered by the tokenizer's chat template
     POST /v1/completions       plain prompts
     GET  /health               200 while the engine runs, 503 otherwise
+    GET  /version              package versions, settings and served names (provenance)
     GET  /metrics              Prometheus text format
 
 Handlers validate, tokenize and queue a request, then relay the engine's updates as one JSON body
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -25,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraflow.common.errors import LoraFlowError
+from loraflow.common.provenance import versions
 from loraflow.serve.engine import GenerationRequest, Overloaded, SamplingParams, Update
 from loraflow.serve.registry import UnknownModel
 from loraflow.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest
@@ -54,6 +57,12 @@ def create_app(server) -> FastAPI:
         if server.engine.running:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "down"}, status_code=503)
+
+    @app.get("/version")
+    async def version() -> dict:
+        """What is running: package versions, the server's settings and its served names."""
+        return {"versions": versions(), "config": dataclasses.asdict(server.config),
+                "max_model_len": server.max_model_len, "models": {m.name: str(m.fusion) for m in server.served}}
 
     @app.get("/metrics")
     async def metrics() -> Response:

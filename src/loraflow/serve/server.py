@@ -81,11 +81,6 @@ class Server:
         Raises:
             LoraFlowError: a bad path, name or spec (checked before the model is loaded where possible).
         """
-        import torch
-
-        from loraflow.core.devices import resolve_device, resolve_dtype
-        from loraflow.core.model import LoraFlowModel, load_tokenizer
-
         config = config or ServeConfig()
         gates = dict(gates or {})
         served = ServedModels.build(base_name=config.served_model_name or Path(base).name or str(base),
@@ -93,6 +88,12 @@ class Server:
         for name, path in gates.items():
             if not Path(path).exists():
                 raise LoraFlowError(f"--gate {name}={path}: not found")
+
+        import torch
+
+        from loraflow.core.devices import resolve_device, resolve_dtype
+        from loraflow.core.model import LoraFlowModel, load_tokenizer
+
         device = resolve_device(device)
         tokenizer = load_tokenizer(base)
         named = list(gates.items())
