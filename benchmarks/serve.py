@@ -162,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=["smollm2", "random"], default="smollm2")
     p.add_argument("--clients", default="1,4,8,16", help="comma-separated numbers of concurrent clients")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
-    p.add_argument("--rounds", type=int, default=2, help="repeat every workload this often; medians are reported")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--rounds", type=int, default=3, help="repeat every workload this often; medians are reported")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: on the shared 2-core machine, 2 threads measured 5x slower per step, "
+                        "OpenMP fighting the other tenants)")
     p.add_argument("--json", type=Path, help="also write the raw results here")
     args = p.parse_args(argv)
     set_threads(args.threads)
