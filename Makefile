@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 .PHONY: install demo test bench clean
 
 $(BIN)/loraflow: pyproject.toml
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; } \
+		|| echo "note: bubblewrap (bwrap) is not installed; code scoring needs it (apt-get install bubblewrap)"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

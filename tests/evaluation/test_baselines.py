@@ -46,3 +46,22 @@ def test_lorahub_finds_the_useful_adapter_on_toy_fewshot_set(tmp_path):
     assert w_lang > 0.5 and w_lang > abs(w_task)
     assert result.loss < loss([0.5, 0.5]) < loss([0.0, 0.0])
     assert model.fusion_mode == "gate"  # the search restored the model's mode
+
+
+@pytest.mark.parametrize("kwargs,needle", [({"budget": 0}, "lorahub_budget"), ({"bound": float("nan")}, "lorahub_bound"),
+                                           ({"l1": float("nan")}, "lorahub_l1"), ({"bound": 0.0}, "lorahub_bound")])
+def test_lorahub_search_refuses_bad_settings(kwargs, needle):
+    from loraflow.common.errors import LoraFlowError
+
+    with pytest.raises(LoraFlowError, match=needle):
+        lorahub_search(lambda w: 0.0, 2, **kwargs)
+
+
+def test_lorahub_search_steers_away_from_non_finite_losses():
+    """Weights whose loss is NaN (a diverging mix) count as the worst, never as the best."""
+    def loss(w):
+        return float("nan") if w[0] > 0.2 else float((w[0] - 0.2) ** 2 + w[1] ** 2)
+
+    result = lorahub_search(loss, 2, budget=30, l1=0.0, seed=0)
+    assert result.weights[0] <= 0.2 and result.loss is not None and np.isfinite(result.loss)
+    assert any(h["loss"] is None for h in result.history)  # NaN was seen and recorded as unknown

@@ -104,3 +104,65 @@ def test_two_processes_give_identical_results(saved_base, math_test):
     assert b["num_processes"] == 2 and a["num_processes"] == 1
     assert a["examples"] == b["examples"] and a["score"] == b["score"]
     assert (d / "one.outputs.jsonl").read_text() == (d / "two.outputs.jsonl").read_text()
+
+
+# ----------------------------------------------------------------------------- hostile inputs (#9)
+@pytest.mark.parametrize("extra,needle", [
+    (["--limit", "-1"], "--limit"), (["--limit", "0"], "--limit"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--batch-size", "0"], "--batch-size"), (["--batch-size", "-1"], "--batch-size"),
+    (["--temperature", "0"], "--temperature"), (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "-1"], "--temperature"), (["--timeout", "nan"], "--timeout"), (["--timeout", "inf"], "--timeout"),
+    (["--lorahub-budget", "0"], "--lorahub-budget"), (["--workers", "0"], "--workers"),
+    (["--device", "tpu:7"], "tpu:7"), (["--device", "cuda:0"], "cuda"), (["--isolation", "none"], None),
+])
+def test_bad_options_fail_before_any_work(saved_base, math_test, extra, needle, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    d = saved_base
+    out = d / "res" / "r.json"
+    if needle is None:  # a valid option, for contrast: the same command succeeds
+        assert _eval(d, "avg", out, *extra) == 0
+        return
+    assert _eval(d, "avg", out, *extra) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+    assert not (d / "res").exists()
+
+
+def test_outputs_are_checked_before_generation_and_inputs_never_overwritten(saved_base, math_test, capsys,
+                                                                            monkeypatch):
+    import loraflow.evaluation.harness as harness
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was built before the output path was checked")
+
+    monkeypatch.setattr(harness, "_build_model", no_model)
+    d = saved_base
+    before = math_test.read_bytes()
+    (d / "afile").write_text("x")
+    for out, needle in [(math_test, "input of this run"), (d / "zh_math_test.outputs.jsonl", None),
+                        (d / "afile" / "r.json", "is a file"), ("/proc/self/r.json", "/proc"),
+                        (d, "is a directory")]:
+        if needle is None:  # RESULT.outputs.jsonl of --out would be the test set
+            math_test.rename(d / "zh_math_test.outputs.jsonl")
+            rc = main(["eval", "--base", str(d / "base"), "--adapter", f"zh={d / 'zh'}", "--method", "base",
+                       "--task", "math", "--lang", "zh", "--data", str(d / "zh_math_test.outputs.jsonl"),
+                       "--out", str(d / "zh_math_test.json"), "--no-progress"])
+            (d / "zh_math_test.outputs.jsonl").rename(math_test)
+            needle = "input of this run"
+        else:
+            rc = _eval(d, "avg", out)
+        err = capsys.readouterr().err
+        assert rc == 2 and needle in err and err.count("\n") == 1, err
+    assert math_test.read_bytes() == before
+
+
+def test_eval_accepts_a_training_output_directory_as_gate(saved_base, math_test):
+    from loraflow import LoraFlowModel
+
+    d = saved_base
+    LoraFlowModel.from_pretrained(str(d / "base"), {"zh": d / "zh", "math": d / "math"}, seed=0).save_gate(
+        d / "run" / "best")
+    assert _eval(d, "loraflow", d / "r.json", "--gate", str(d / "run")) == 0
+    assert json.loads((d / "r.json").read_text())["gate"] == str(d / "run" / "best")

@@ -31,6 +31,7 @@ from loraflow.evaluation.scoring import (
     official_output_answer,
     parse_number,
     postprocess_code,
+    score_file,
     score_math_example,
     score_predictions,
     strict_answer,
@@ -437,3 +438,48 @@ def test_scoring_imports_no_torch():
     code = ("import sys, loraflow.evaluation.scoring, loraflow.evaluation.sandbox, loraflow.cli; "
             "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ------------------------------------------------------------------ hostile inputs (#9)
+
+def test_huge_numbers_are_no_answer_instead_of_a_hang_or_a_crash():
+    """10 MB of digits (once quadratic: > 10 min) and a 5,000-digit number (once over Python's int limit)."""
+    flood = "7" * 10_000_000
+    assert strict_answer(flood) is None
+    assert score_math_example(flood, "7", mode="strict") == {"gold": "7", "gold_answer": "7", "answer": None,
+                                                            "correct": False}
+    assert score_math_example(flood, "7", mode="official")["correct"] is False
+    long = "The answer is: " + "9" * 5000
+    assert score_math_example(long, "9" * 5000, mode="strict")["correct"] is False
+    assert score_math_example("The answer is: 12", "9" * 5000, mode="strict")["gold_answer"] is None
+    assert strict_answer("x " + "1" * 100) == 10**100 // 9  # up to the cap, numbers still count
+    assert score_math_example(flood, "7" * 10_000_000, mode="official")["correct"] is True  # strings compare
+
+
+@pytest.mark.parametrize("options,needle", [
+    ({"timeout": float("nan")}, "--timeout"), ({"timeout": float("inf")}, "--timeout"), ({"timeout": 0}, "--timeout"),
+    ({"workers": 0}, "--workers"), ({"workers": -1}, "--workers"), ({"workers": 2.5}, "--workers"),
+])
+def test_score_file_refuses_bad_execution_options(tmp_path, options, needle):
+    data = _write_jsonl(tmp_path / "test.jsonl", [{"question": "q", "answer": "1"}])
+    pred = _write_jsonl(tmp_path / "pred.jsonl", [{"output": "1"}])
+    with pytest.raises(LoraFlowError, match=needle):
+        score_file("math", data, pred, out_path=tmp_path / "r.json", **options)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_score_never_overwrites_its_inputs_and_reports_bad_encoding(tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "test.jsonl", [{"question": "q", "answer": "1"}])
+    pred = _write_jsonl(tmp_path / "pred.jsonl", [{"output": "1"}])
+    before = data.read_bytes()
+    for out in (data, pred):
+        rc = main(["score", "--task", "math", "--data", str(data), "--predictions", str(pred), "--out", str(out)])
+        assert rc == 2 and "input of this run" in capsys.readouterr().err
+    assert data.read_bytes() == before
+    rc = main(["score", "--task", "math", "--data", str(data), "--predictions", str(pred), "--out", str(tmp_path)])
+    assert rc == 2 and "is a directory" in capsys.readouterr().err
+    pred.write_bytes(b'{"output": "\xff"}\n')
+    rc = main(["score", "--task", "math", "--data", str(data), "--predictions", str(pred), "--out",
+               str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{pred}:1: not valid UTF-8" in err and err.count("\n") == 1

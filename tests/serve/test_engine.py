@@ -219,3 +219,18 @@ def test_a_failed_step_fails_its_rows_and_the_engine_keeps_serving(model_tok):
         assert after.out["reason"] in ("stop", "length") and engine.running
     finally:
         engine.stop()
+
+
+def test_a_stopping_engine_refuses_new_requests_and_ends_queued_ones(model_tok):
+    from loraflow.serve.engine import Overloaded, ShuttingDown
+
+    model, tok = model_tok
+    engine = Engine(model, tok, max_model_len=256, max_queue=1)
+    queued = _request([5, 6], MIX)
+    engine.submit(queued)
+    with pytest.raises(Overloaded, match="1 requests are already waiting"):
+        engine.submit(_request([7], MIX))
+    engine.stop()  # never started: the queued request still gets its answer
+    assert queued.out["reason"] == "cancelled"
+    with pytest.raises(ShuttingDown):
+        engine.submit(_request([7], MIX))

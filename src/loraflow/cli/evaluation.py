@@ -82,7 +82,7 @@ def run_score(args: argparse.Namespace) -> int:
     opts = build(ScoreOptions, args)
     result = score_file(
         opts.task, opts.data, opts.predictions, mode=opts.mode, out_path=opts.out, workers=opts.workers,
-        timeout=opts.timeout, seed=opts.seed,
+        timeout=opts.timeout, seed=opts.seed, isolation=opts.isolation,
         metadata={k: v for k, v in (("method", opts.method), ("lang", opts.lang)) if v is not None},
     )
     print(f"score: {result['correct']}/{result['total']} = {100 * result['score']:.1f}%")

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     opts = build(ConvertGateOptions, args)
     out = convert_official_gate(opts.official, opts.adapter_names, opts.out, temperature=opts.temperature,
-                                base_model=opts.base_model)
+                                base_model=opts.base_model, force=opts.force)
     config, _ = load_gate_checkpoint(out)
     print(f"wrote {out}: {config.num_layers} layers, hidden {config.hidden_size}, "
           f"adapters {','.join(config.adapter_names)}, temperature {config.temperature}")

@@ -46,18 +46,23 @@ def read_prompts(opts: GenerateOptions) -> list[str]:
         if missing:
             raise LoraFlowError(f"{path}: line {missing[0]} has no string 'prompt'")
         return [r["prompt"] for r in rows]
-    return [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    from loraflow.common.io import read_text_lines
+
+    return [x for x in read_text_lines(path, what="prompts file") if x.strip()]
 
 
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from loraflow.common.errors import LoraFlowError
     from loraflow.core.fusion_spec import parse_fusion
     from loraflow.core.generation import generate_texts
 
     model_opts, opts = build(ModelOptions, args), build(GenerateOptions, args)
     torch.manual_seed(opts.seed)
     prompts = read_prompts(opts)
+    if not prompts or any(not p.strip() for p in prompts):
+        raise LoraFlowError("--prompt: empty prompt" if opts.prompt else f"{opts.prompts_file}: no prompts")
     model, tokenizer = model_opts.load(seed=opts.seed)
     model.set_fusion(parse_fusion(opts.mode, model.adapter_names, option="--mode"))
     capture = opts.show_weights and model.fusion_mode == "gate"
@@ -101,7 +106,12 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     from loraflow.core.inspection import inspect_prompt
 
+    from loraflow.common.io import check_output_file
+
     model_opts, opts = build(ModelOptions, args), build(InspectOptions, args)
+    check_output_file(opts.out, what="heatmap file")  # before the model loads and generates
+    if opts.csv:
+        check_output_file(opts.csv, inputs=[opts.out], what="CSV file")
     torch.manual_seed(opts.seed)
     model, tokenizer = model_opts.load(seed=opts.seed)
     trace = inspect_prompt(model, tokenizer, opts.prompt, opts.out, csv_path=opts.csv,

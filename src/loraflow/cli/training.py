@@ -47,6 +47,7 @@ def run_train_gate(args: argparse.Namespace) -> int:
         model.base, model.adapters, run.train, run.out, dev_path=run.dev, config=cfg,
         template=prompts.to_template(), temperature=cfg.temperature, granularity=cfg.granularity,
         init_gate=model.gate, torch_dtype=model.dtype, resume=run.resume, data_format=prompts.data_format,
+        force=run.force,
     )
     print(f"trainable parameters: {result.trainable_parameters:,} (gates only)")
     print(f"best gate: {result.best_dir}  last: {result.last_dir}  log: {result.out_dir / 'train_log.json'}")
@@ -80,7 +81,7 @@ def run_train_lora(args: argparse.Namespace) -> int:
     result = train_lora(
         model.base, run.train, run.out, dev_path=run.dev, config=cfg, template=prompts.to_template(),
         r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.targets, torch_dtype=model.dtype,
-        resume=run.resume, data_format=prompts.data_format,
+        resume=run.resume, data_format=prompts.data_format, force=run.force,
     )
     print(f"trainable parameters: {result.trainable_parameters:,} (LoRA)")
     print(f"best adapter: {result.best_dir}  last: {result.last_dir}  log: {result.out_dir / 'train_log.json'}")

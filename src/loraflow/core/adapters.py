@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from loraflow.common.checks import check_float, check_int
 from loraflow.common.errors import LoraFlowError
+from loraflow.common.io import read_bytes
+from loraflow.core.checkpoints import check_finite, load_safetensors_file, load_torch_file, resolve_checkpoint_dir
+
+CONFIG_NAME = "adapter_config.json"
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED_KEYS = {
@@ -68,15 +72,17 @@ class LoraAdapter:
         return {"name": self.name, "ranks": ranks, "target_modules": targets, "num_modules": len(self.modules)}
 
 
+def resolve_adapter_dir(path: str | Path) -> Path:
+    """The PEFT adapter directory `path` names: itself, the directory of a file inside it, or the
+    selected checkpoint (`best`) of a train-lora output directory."""
+    return resolve_checkpoint_dir(path, CONFIG_NAME, "PEFT adapter directory")
+
+
 def _read_config(path: Path) -> dict:
-    cfg_file = path / "adapter_config.json"
-    if not path.is_dir():
-        raise LoraFlowError(f"{path}: adapter directory not found")
-    if not cfg_file.is_file():
-        raise LoraFlowError(f"{cfg_file}: missing (not a PEFT adapter directory)")
+    cfg_file = path / CONFIG_NAME
     try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        cfg = json.loads(read_bytes(cfg_file, what="adapter config").decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise LoraFlowError(f"{cfg_file}: corrupt JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise LoraFlowError(f"{cfg_file}: expected a JSON object")
@@ -88,28 +94,26 @@ def _read_config(path: Path) -> dict:
             raise LoraFlowError(f"{cfg_file}: {what} are not supported")
     if "r" not in cfg or "lora_alpha" not in cfg:
         raise LoraFlowError(f"{cfg_file}: missing 'r' or 'lora_alpha'")
+    try:
+        check_int("r", cfg["r"], low=1)
+        check_float("lora_alpha", cfg["lora_alpha"], low=0.0, low_open=True)
+        if cfg.get("lora_dropout") is not None:
+            check_float("lora_dropout", cfg["lora_dropout"], low=0.0, high=1.0, high_open=True)
+        for name, value in (cfg.get("rank_pattern") or {}).items():
+            check_int(f"rank_pattern[{name!r}]", value, low=1)
+        for name, value in (cfg.get("alpha_pattern") or {}).items():
+            check_float(f"alpha_pattern[{name!r}]", value, low=0.0, low_open=True)
+    except (ValueError, AttributeError) as e:
+        raise LoraFlowError(f"{cfg_file}: {e}") from None
     return cfg
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
     if st.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(st), device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise LoraFlowError(f"{st}: corrupt safetensors file ({e})") from None
+        return load_safetensors_file(st, what="adapter weights file")
     if binf.is_file():
-        try:
-            sd = torch.load(str(binf), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise LoraFlowError(
-                f"{binf}: refused: the pickle holds more than tensors and loading it would run code ({e})"
-            ) from None
-        except Exception as e:  # torch raises many types on garbage input
-            raise LoraFlowError(f"{binf}: corrupt weights file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        sd = load_torch_file(binf, what="adapter weights file")
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise LoraFlowError(f"{binf}: expected a dict of tensors")
         return sd
@@ -133,10 +137,11 @@ def load_adapter(name: str, path: str | Path) -> LoraAdapter:
     Raises:
         LoraFlowError: missing or corrupt files, unsupported adapter kinds, inconsistent shapes.
     """
-    path = Path(path)
+    path = resolve_adapter_dir(path)
     cfg = _read_config(path)
     state = _read_state_dict(path)
     halves: dict[str, dict[str, torch.Tensor]] = {}
+    whole_modules = []
     for key, tensor in state.items():
         for bad, what in _UNSUPPORTED_KEYS.items():
             if bad in key:
@@ -145,8 +150,19 @@ def load_adapter(name: str, path: str | Path) -> LoraAdapter:
         if m is None:
             if ".lora_" in key:
                 raise LoraFlowError(f"{path}: unsupported adapter weight {key}")
-            continue  # e.g. modules_to_save copies are not LoRA deltas
+            whole_modules.append(key)
+            continue
         halves.setdefault(m["module"], {})[m["which"]] = tensor
+    if whole_modules or cfg.get("modules_to_save"):
+        named = cfg.get("modules_to_save") or sorted({k.removeprefix("base_model.model.").rsplit(".", 1)[0]
+                                                     for k in whole_modules})
+        raise LoraFlowError(
+            f"{path}: the adapter also replaces whole modules (modules_to_save: {', '.join(map(str, named))}); "
+            "a per-token mix of full module copies is not defined by LoRA-Flow, so such adapters are not "
+            "supported (retrain without modules_to_save)"
+        )
+    check_finite(state, path / ("adapter_model.safetensors" if (path / "adapter_model.safetensors").is_file()
+                                else "adapter_model.bin"))
     if not halves:
         raise LoraFlowError(f"{path}: the adapter holds no LoRA weights")
     modules: dict[str, LoraModuleWeights] = {}

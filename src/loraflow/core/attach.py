@@ -20,8 +20,10 @@ from torch import nn
 
 from loraflow.core.adapters import LoraAdapter
 from loraflow.common.errors import LoraFlowError
-from loraflow.core.fused_linear import FusedLoraLinear, linear_dims
-from loraflow.core.fusion_context import FusionEngine
+from loraflow.core.fused_linear import FusedLoraLinear, LoraInputGroup, linear_dims
+from loraflow.core.fusion_context import FusionEngine, FusionPlan
+from loraflow.core.fusion_spec import FusionSpec
+from loraflow.core.gate import GateBank
 
 class LayerMixer:
     """The link from one decoder layer's fused linears to the running call's state (no state of its own)."""
@@ -29,13 +31,34 @@ class LayerMixer:
     def __init__(self, layer_index: int, engine: FusionEngine) -> None:
         self.layer_index = layer_index
         self.engine = engine
+        self.groups: list[LoraInputGroup] = []
+        self.layout_key: tuple = ()
+        self._column_maps: dict = {}
 
-    def column_scales(self, module: FusedLoraLinear) -> torch.Tensor | None:
-        """Per-token (or constant) scale of every rank column of `module`, or None when off."""
+    def set_groups(self, groups: list[LoraInputGroup]) -> None:
+        """The layer's input groups; their column maps side by side give all its scales in one matmul."""
+        self.groups = list(dict.fromkeys(groups))
+        start = 0
+        for g in self.groups:
+            g.layer_columns = slice(start, start + g.lora_A_t.shape[1])
+            start = g.layer_columns.stop
+        self.layout_key = tuple(g.layout_key for g in self.groups)
+        self._column_maps = {}
+
+    def column_map(self, device: torch.device) -> torch.Tensor:
+        """(k, R_layer): every group's column map, side by side (cached per device)."""
+        cmap = self._column_maps.get(device)
+        if cmap is None:
+            cmap = self._column_maps[device] = torch.cat(
+                [g.column_map.to(device=device, dtype=torch.float32) for g in self.groups], dim=1)
+        return cmap
+
+    def lora_hidden(self, module: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """`module`'s scaled low-rank hidden (N, R) for input x, or None when there is nothing to add."""
         ctx = self.engine.current()
         if ctx is None:
             raise RuntimeError(f"fused LoRA layer {module.module_key} called outside its model's forward")
-        return ctx.column_scales(self.layer_index, module)
+        return ctx.lora_hidden(self, module, x)
 
 
 @dataclass
@@ -48,7 +71,12 @@ class Attachment:
     hooks: list = field(default_factory=list)
     module_keys: list[list[str]] = field(default_factory=list)
 
+    @property
+    def fused(self) -> list[FusedLoraLinear]:
+        return [getattr(parent, attr) for parent, attr, _ in self.replaced]
+
     def detach(self) -> None:
+        unmerge(self)
         for handle in self.hooks:
             handle.remove()
         for parent, attr, original in self.replaced:
@@ -150,6 +178,11 @@ def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], engine: Fusio
                 linear_dims(module)
             except TypeError as e:
                 raise LoraFlowError(f"adapter '{adapter.name}' ({adapter.path}): {path}: {e}") from None
+            if module.weight.is_meta:
+                raise LoraFlowError(
+                    f"{path} is offloaded (its weights are on the meta device, e.g. device_map with CPU/disk "
+                    f"offload): its LoRA weights would be lost; load the base with every adapted layer on a device"
+                )
             module_paths[path] = where
 
     if engine.num_layers != n:
@@ -168,6 +201,7 @@ def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], engine: Fusio
             num_adapters=len(adapters), dropout=dropout, module_key=key, layout_key=layout,
         ).to(base.weight.device)
         fused.train(base.training)  # a new module starts in training mode; follow the model's mode
+        fused.layer_index = layer_idx
         fused.mixer = mixers[layer_idx]
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path)
@@ -186,7 +220,111 @@ def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], engine: Fusio
     for i, layer in enumerate(layers):
         attachment.hooks.append(layer.register_forward_pre_hook(_pre_hook(engine, i), with_kwargs=True))
         attachment.hooks.append(layer.register_forward_hook(_post_hook(engine, i), always_call=True))
+    share_inputs(model, attachment, engine)
     return attachment
+
+
+def place_gates(gates: GateBank, attachment: Attachment) -> None:
+    """Put each gate where the layer (or module) it serves lives, for models spread over devices."""
+    fused = attachment.fused
+    if not fused:
+        return
+    granularity = gates.config.granularity
+    if granularity == "model":
+        gates.to(fused[0].weight.device)
+        return
+    for m in fused:
+        gate = gates.gate(m.layer_index, m.module_key if granularity == "module" else None)
+        gate.to(m.weight.device)
+
+
+# ----------------------------------------------------------------------------- input groups
+def share_inputs(model: nn.Module, attachment: Attachment, engine: FusionEngine) -> None:
+    """Put the A stacks of fused modules that read the same input tensor (q/k/v, gate/up) into one group.
+
+    Which modules share an input is architecture code, so it is observed, not assumed: one
+    one-token forward records each fused module's input. Only a speed-up: at run time a module
+    whose input is not its group's computes its own projection, and a model that cannot run the
+    probe (e.g. weights on the meta device) keeps one group per module.
+    """
+    fused = attachment.fused
+    calls: list[tuple[FusedLoraLinear, torch.Tensor]] = []
+    if fused and not any(p.is_meta for p in model.parameters()):
+        hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append((mod, args[0]))) for m in fused]
+        try:
+            embeddings = model.get_input_embeddings()
+            ids = torch.zeros(1, 1, dtype=torch.long, device=embeddings.weight.device)
+            with torch.no_grad(), engine.selecting(engine.plan(FusionSpec("off"))):
+                model(input_ids=ids, use_cache=False)
+        except Exception:  # noqa: BLE001 - a model that cannot run the probe just keeps one group per module
+            calls = []
+        finally:
+            for handle in hooks:
+                handle.remove()
+    runs: list[list[FusedLoraLinear]] = []
+    for module, x in calls:
+        last = runs[-1] if runs else None
+        if (last and last[-1].layer_index == module.layer_index and last[-1]._probe_input is x
+                and module not in last and module.group.lora_A.dtype == last[0].group.lora_A.dtype):
+            last.append(module)
+        else:
+            runs.append([module])
+        module.__dict__["_probe_input"] = x
+    for module in fused:
+        module.__dict__.pop("_probe_input", None)
+    for run in runs:
+        if len(run) > 1 and all(len(m.group.lora_A) == len(m.lora_B_t) for m in run):  # each still alone
+            _group(run)
+    layouts: dict[tuple, int] = {}
+    for module in fused:
+        key = (tuple(module.group.column_map.shape), tuple(module.group.column_map.flatten().tolist()))
+        module.group.layout_key = layouts.setdefault(key, len(layouts))
+    for mixer in attachment.mixers:
+        mixer.set_groups([m.group for m in fused if m.layer_index == mixer.layer_index])
+
+
+def _group(members: list[FusedLoraLinear]) -> None:
+    lora_A = torch.cat([m.group.lora_A.detach() for m in members])
+    column_map = torch.cat([m.group.column_map for m in members], dim=1)
+    group = LoraInputGroup(lora_A, column_map)
+    start = 0
+    for i, m in enumerate(members):
+        stop = start + m.lora_B_t.shape[0]
+        m.join(group, slice(start, stop), owner=i == 0)
+        start = stop
+
+
+# ----------------------------------------------------------------------------- merged static fusions
+def merge(attachment: Attachment, engine: FusionEngine, plan: FusionPlan) -> None:
+    """Add the static fusion `plan` into the base weights, keeping the originals to restore bit for bit.
+
+    The originals are kept on the CPU (a copy when the weights live elsewhere), so a merged static
+    mode costs no accelerator memory; calls with another fusion subtract it (see CallContext).
+    """
+    unmerge(attachment, engine)
+    weights = plan.static.float().cpu()
+    with torch.no_grad():
+        for m in attachment.fused:
+            scales = (weights @ m.group.column_map.cpu())[m.columns]  # (R,)
+            delta = (m.lora_B.float().cpu() * scales) @ m.lora_A.float().cpu()  # (out, in)
+            weight = m.base_layer.weight
+            original = weight.data
+            if not isinstance(m.base_layer, nn.Linear):  # GPT-2's Conv1D stores (in, out)
+                delta = delta.t()
+            merged = (original.float().cpu() + delta).to(dtype=original.dtype, device=original.device)
+            m.__dict__["_unmerged_weight"] = original if original.device.type == "cpu" else original.cpu()
+            weight.data = merged
+    engine.merged, engine.merged_plan = plan.static, plan
+
+
+def unmerge(attachment: Attachment, engine: FusionEngine | None = None) -> None:
+    """Restore the base weights saved by `merge` (bit for bit)."""
+    for m in attachment.fused:
+        original = m.__dict__.pop("_unmerged_weight", None)
+        if original is not None:
+            m.base_layer.weight.data = original.to(m.base_layer.weight.device)
+    if engine is not None:
+        engine.merged, engine.merged_plan = None, None
 
 
 def _pre_hook(engine: FusionEngine, index: int):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loraflow.common.checks import check_int, check_positive
 from loraflow.common.errors import LoraFlowError
 from loraflow.common.options import option
 from loraflow.core.fusion_spec import FUSION_HELP
@@ -41,8 +42,8 @@ class ModelOptions:
     device: str | None = option(None, "torch device, e.g. cuda:0 (default: cpu)")
 
     def __post_init__(self) -> None:
-        if self.temperature is not None and not self.temperature > 0:
-            raise ValueError(f"temperature: must be a number > 0, got {self.temperature}")
+        if self.temperature is not None:
+            self.temperature = check_positive("temperature", self.temperature)
 
     @property
     def adapters(self) -> list[tuple[str, str]]:
@@ -93,6 +94,8 @@ class InspectOptions:
 
     def __post_init__(self) -> None:
         _check_positive(max_new_tokens=self.max_new_tokens)
+        if not self.prompt.strip():
+            raise ValueError("prompt: the prompt is empty")
 
 
 @dataclass
@@ -104,11 +107,11 @@ class ConvertGateOptions:
     out: str = option(help="output gate directory")
     temperature: float = option(1.0, "temperature to record (the authors used 1.1 for zh/ru math)")
     base_model: str | None = option(None, "base model name to record (informational)")
+    force: bool = option(False, "replace an --out directory that loraflow did not write")
     seed: int = option(0, "random seed (nothing here is random; accepted for uniformity)")
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature: must be a number > 0, got {self.temperature}")
+        self.temperature = check_positive("temperature", self.temperature)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -117,5 +120,4 @@ class ConvertGateOptions:
 
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"{name}: must be > 0, got {value}")
+        check_int(name, value, low=1)

@@ -7,8 +7,12 @@ matrix multiplies whatever k is:
     h = h * (w[adapter_of_column] * s_column)  per token: column j of adapter i gets w_i * s_i
     y = base(x) + h @ B_stack^T                (..., out)     (B_stack^T is what we store)
 
+Modules of one decoder layer that read the same input tensor (q/k/v; gate/up) keep their A
+stacks in one `LoraInputGroup`, so the first matrix multiply (and the scaling) runs once for
+all of them; each module then adds its own columns of h through its own B.
+
 Where the per-token weights w come from is not this layer's business: it asks its layer's mixer
-(see `loraflow.core.attach`), which returns the per-column scales or None when adapters are off.
+(see `loraflow.core.attach`) for its scaled h, which is None when adapters are off.
 """
 
 from __future__ import annotations
@@ -16,12 +20,11 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
-class ColumnScaleSource(Protocol):
-    def column_scales(self, layer: FusedLoraLinear) -> torch.Tensor | None: ...
+class LoraSource(Protocol):
+    def lora_hidden(self, layer: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None: ...
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
@@ -33,11 +36,45 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"unsupported module type {type(module).__name__} (need nn.Linear or Conv1D)")
 
 
+class LoraInputGroup(nn.Module):
+    """The stacked A matrices of the fused modules (of one layer) that read the same input.
+
+    Args:
+        lora_A: (R_group, in), the members' A stacks one after another.
+        column_map: (k, R_group) float, column_map[i, j] = scale of column j if it belongs to
+            adapter i, else 0; so per-token column scales are one small matmul: w @ column_map.
+        layout_key: equal for groups with equal column maps (their scales can be shared).
+    """
+
+    def __init__(self, lora_A: torch.Tensor, column_map: torch.Tensor, layout_key: int = 0) -> None:
+        super().__init__()
+        # held transposed, (in, R_group): x (N, in) @ lora_A_t is then one plain matmul, no transpose op
+        self.lora_A_t = nn.Parameter(lora_A.t().contiguous(), requires_grad=False)
+        self.register_buffer("column_map", column_map.float(), persistent=False)
+        self.layout_key = layout_key
+
+    def _apply(self, fn, recurse: bool = True):
+        """Move with the model, but keep the column scales in fp32 whatever `model.to(dtype)` asks:
+        alpha / r (e.g. 1/3) must not be rounded to bf16 before it multiplies fp32 gate weights."""
+        column_map = self.column_map
+        super()._apply(fn, recurse)
+        self.column_map = column_map.to(device=self.lora_A_t.device, dtype=torch.float32)
+        return self
+
+    @property
+    def lora_A(self) -> torch.Tensor:
+        """(R_group, in), a view."""
+        return self.lora_A_t.t()
+
+    def extra_repr(self) -> str:
+        return f"in={self.lora_A_t.shape[0]}, rank_columns={self.lora_A_t.shape[1]}"
+
+
 class FusedLoraLinear(nn.Module):
     """A frozen base linear with k stacked, frozen LoRA adapters mixed by external weights.
 
     Args:
-        base_layer: the original nn.Linear / Conv1D, left untouched.
+        base_layer: the original nn.Linear / Conv1D, left untouched (`weight`, `bias` are its own).
         lora_A: (R, in_features), the adapters' A matrices concatenated along rows.
         lora_B: (out_features, R), the adapters' B matrices concatenated along columns.
         adapter_index: (R,) long, which adapter each rank column belongs to.
@@ -72,43 +109,64 @@ class FusedLoraLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.num_adapters = num_adapters
         self.module_key = module_key
-        self.lora_A = nn.Parameter(lora_A, requires_grad=False)  # (R, in)
+        self.layout_key = layout_key
         # B is held transposed, (R, out) contiguous: the second matmul then streams it row by row,
         # which is measurably faster at decode (BENCHMARKS.md).
         self.lora_B_t = nn.Parameter(lora_B.t().contiguous(), requires_grad=False)  # (R, out)
         self.register_buffer("adapter_index", adapter_index.long(), persistent=False)
         self.register_buffer("scaling", scaling.float(), persistent=False)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Modules with the same (adapter, rank, scale) column layout share one per-token scale
-        # tensor in their layer's mixer; the attacher numbers the layouts with small ints.
-        self.layout_key = layout_key
-        self.mixer: ColumnScaleSource | None = None  # set by loraflow.core.attach; not a submodule
+        column_map = torch.zeros(num_adapters, lora_A.shape[0])
+        column_map[adapter_index.long(), torch.arange(lora_A.shape[0])] = scaling.float()
+        self.lora_group = LoraInputGroup(lora_A, column_map)  # a group of one until attach regroups
+        self.__dict__["group"] = self.lora_group  # plain reference: every member of a group holds one
+        self.columns = slice(0, lora_A.shape[0])  # this module's columns in its group
+        self.mixer: LoraSource | None = None  # set by loraflow.core.attach; not a submodule
+
+    def join(self, group: LoraInputGroup, columns: slice, *, owner: bool) -> None:
+        """Read A from `group` (columns `columns`); the owner registers the group as its submodule."""
+        del self.lora_group
+        if owner:
+            self.lora_group = group
+        self.__dict__["group"] = group
+        self.columns = columns
 
     @property
-    def ranks(self) -> list[int]:
-        """Rank of each adapter in this module (0 where an adapter does not touch it)."""
-        counts = torch.bincount(self.adapter_index, minlength=self.num_adapters)
-        return counts.tolist()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        scales = self.mixer.column_scales(self) if self.mixer is not None else None
-        if scales is None:
-            return result
-        if x.dtype != self.lora_A.dtype:
-            x = x.to(self.lora_A.dtype)
-        h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., R)
-        h = h * scales  # (..., R) * (..., R) or (R,)
-        if not torch.is_grad_enabled() and result.dtype == h.dtype and result.is_contiguous():
-            # inference: accumulate into the base output, saving one allocation and one add
-            result.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B_t)
-            return result
-        return result + (h @ self.lora_B_t).to(result.dtype)  # (..., out)
+    def lora_A(self) -> torch.Tensor:
+        """The stacked A matrices, (R, in_features) (a view into the input group's)."""
+        return self.group.lora_A_t[:, self.columns].t()
 
     @property
     def lora_B(self) -> torch.Tensor:
         """The stacked B matrices in PEFT's (out_features, R) orientation (a view)."""
         return self.lora_B_t.t()
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def ranks(self) -> list[int]:
+        """Rank of each adapter in this module (0 where an adapter does not touch it)."""
+        return torch.bincount(self.adapter_index, minlength=self.num_adapters).tolist()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        h = self.mixer.lora_hidden(self, x) if self.mixer is not None else None  # (N, R) scaled, or None
+        if h is None:
+            return result
+        if not torch.is_grad_enabled() and result.dtype == h.dtype and result.is_contiguous():
+            # inference: accumulate into the base output, saving one allocation and one add
+            result.view(-1, self.out_features).addmm_(h, self.lora_B_t)
+            return result
+        return result + (h @ self.lora_B_t).to(result.dtype).view(result.shape)
+
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, ranks={self.ranks}"
+        shared = self.group.lora_A_t.shape[1] != self.lora_B_t.shape[0]
+        return (f"in={self.in_features}, out={self.out_features}, ranks={self.ranks}, k={self.num_adapters}"
+                + (f", A shared with its input group (columns {self.columns.start}:{self.columns.stop})"
+                   if shared else ""))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
+from torch import nn
 
 from loraflow.common.errors import LoraFlowError
 from loraflow.core.fusion_spec import FusionSpec
@@ -74,12 +75,13 @@ class FusionPlan:
 class LayerCall:
     """One decoder layer's part of a call: its input and what the fused layers derived from it."""
 
-    __slots__ = ("hidden", "weights", "scales")
+    __slots__ = ("hidden", "weights", "scales", "projections")
 
     def __init__(self, hidden: torch.Tensor) -> None:
         self.hidden = hidden
-        self.weights: dict[str | None, torch.Tensor] = {}  # per gate key: (B, T, k) or static
-        self.scales: dict[tuple, torch.Tensor] = {}  # per (module key, layout key): column scales
+        self.weights: dict[str | None, torch.Tensor] = {}  # per gate key: (N, k), N = B * T tokens
+        self.scales: torch.Tensor | None = None  # (N, R_layer): every group's column scales
+        self.projections: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per group: (x, scaled h)
 
 
 class CallContext:
@@ -91,6 +93,12 @@ class CallContext:
         self.layers: list[LayerCall | None] = [None] * engine.num_layers
         self.weights: list[torch.Tensor | None] = [None] * engine.num_layers
         self.token: Token | None = None
+        # A static fusion merged into the base weights is subtracted from every other fusion.
+        merged = engine.merged
+        self.offset = None if merged is None or plan is engine.merged_plan else merged
+        self.active = not plan.off if merged is None else self.offset is not None
+        self.constant_scales: dict[tuple, torch.Tensor] = {}  # per layer layout, when no gate is in use
+        self._per_token: dict[tuple, torch.Tensor] = {}  # per-row constants and masks spread over tokens
 
     def begin_layer(self, index: int, hidden: torch.Tensor) -> None:
         rows = self.plan.rows
@@ -107,51 +115,103 @@ class CallContext:
         if layer.weights and self.plan.gates:
             ws = list(layer.weights.values())
             w = torch.stack(ws).mean(0) if len(ws) > 1 else ws[0]
-            self.weights[index] = w.detach()
-        layer.weights, layer.scales = {}, {}
+            if self.offset is not None:
+                w = w + self.offset.to(w.device)  # record the fusion used, not its difference to the merged one
+            self.weights[index] = w.detach().view(*layer.hidden.shape[:-1], w.shape[-1])  # (B, T, k)
+        layer.weights, layer.scales, layer.projections = {}, None, {}
         if not torch.is_grad_enabled():
             self.layers[index] = None
         # With gradients on, the layer's input is kept until the call's context is dropped:
         # activation checkpointing in transformers recomputes the layer's `forward` in backward
         # without re-running the module hooks, and the recomputed fused layers must find it here.
 
-    def column_scales(self, index: int, module) -> torch.Tensor | None:
-        """Per-token (or constant) scale of each rank column of `module`; None when adapters are off."""
-        plan = self.plan
-        if plan.off:
+    def lora_hidden(self, mixer, module, x: torch.Tensor) -> torch.Tensor | None:
+        """(N, R) = dropout(x) @ A^T scaled per column for `module`, or None when there is nothing to add.
+
+        Modules of one input group called with the same tensor share one projection.
+        """
+        if not self.active:
             return None
+        index = mixer.layer_index
         layer = self.layers[index]
         if layer is None:
             raise RuntimeError(f"fused LoRA layer {module.module_key} called outside decoder layer {index}'s forward")
-        key = (module.module_key if plan.module_granular else None, module.layout_key)
-        scales = layer.scales.get(key)
+        group = module.group
+        a_t = group.lora_A_t  # (in, R_group)
+        x_in = x if x.dtype == a_t.dtype else x.to(a_t.dtype)
+        if self.plan.module_granular or (module.training and not isinstance(module.lora_dropout, nn.Identity)):
+            # one gate per module, or dropout drawn per module: nothing can be shared
+            w = self._weights(index, layer, module.module_key if self.plan.module_granular else None)
+            scales = self._cast((w @ group.column_map.to(w.device, w.dtype))[..., module.columns], a_t)
+            h = torch.mm(module.lora_dropout(x_in).reshape(-1, x.shape[-1]), a_t[:, module.columns])
+            return _scale(h, scales)
+        cached = layer.projections.get(id(group))
+        if cached is None or cached[0] is not x:
+            h = torch.mm(x_in.reshape(-1, x.shape[-1]), a_t)  # (N, R_group)
+            cached = (x, _scale(h, self._group_scales(mixer, layer, group)))
+            layer.projections[id(group)] = cached
+        h = cached[1]
+        return h if h.shape[1] == module.columns.stop - module.columns.start else h[:, module.columns]
+
+    def _group_scales(self, mixer, layer: LayerCall, group) -> torch.Tensor:
+        """The group's column scales, (R_group,) or (N, R_group): one matmul per layer for all its groups."""
+        scales = self.constant_scales.get(mixer.layout_key) if not self.plan.gates else layer.scales
         if scales is None:
-            w = self._weights(index, layer, module.module_key if plan.module_granular else None)
-            scales = (w[..., module.adapter_index] * module.scaling).to(module.lora_A.dtype)
-            layer.scales[key] = scales
-        return scales
+            w = self._weights(mixer.layer_index, layer, None)  # (k,) or (N, k)
+            cmap = mixer.column_map(w.device)
+            scales = self._cast(torch.mm(w, cmap) if w.dim() == 2 else w @ cmap, group.lora_A_t)
+            if self.plan.gates:
+                layer.scales = scales
+            else:  # the same constants in every layer of this layout: once per call
+                self.constant_scales[mixer.layout_key] = scales
+        return scales if len(mixer.groups) == 1 else scales[..., group.layer_columns]
+
+    @staticmethod
+    def _cast(scales: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return scales if scales.dtype == like.dtype else scales.to(like.dtype)
 
     def _weights(self, index: int, layer: LayerCall, module_key: str | None) -> torch.Tensor:
+        """Adapter weights for the layer's tokens: (N, k) with gates or per-row constants, else (k,)."""
         w = layer.weights.get(module_key)
         if w is not None:
             return w
         plan, hidden = self.plan, layer.hidden
-        static = plan.static.to(hidden.device) if plan.static is not None else None
-        w = static
+        w = self._spread(plan.static, hidden) if plan.static is not None else None
+        tokens = hidden.reshape(-1, hidden.shape[-1]) if plan.gates else None  # (N, d)
         for name, mask in plan.gates:
             bank = self.engine.gates[name]
-            gated = bank.gate(index, module_key if bank.config.granularity == "module" else None)(hidden)
+            gated = bank.gate(index, module_key if bank.config.granularity == "module" else None)(tokens)  # (N, k)
             if mask is None:
-                w = gated  # (B, T, k)
+                w = gated
             else:
-                other = w if w is not None else 0.0
-                w = torch.where(mask.to(hidden.device)[:, None, None], gated, other)  # (B, T, k)
-        layer.weights[module_key] = w
+                w = torch.where(self._spread(mask, hidden), gated, w if w is not None else 0.0)
+        if self.offset is not None:
+            offset = self.offset.to(hidden.device)
+            w = -offset if w is None else w - offset
+        if plan.gates:
+            layer.weights[module_key] = w
         return w
+
+    def _spread(self, per_row: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """(k,) as is; per-row (B, 1, k) constants or (B,) masks -> one row per token, (N, k) / (N, 1)."""
+        if per_row.dim() == 1 and per_row.dtype != torch.bool:
+            return per_row.to(hidden.device)
+        key = (id(per_row), hidden.shape[1])
+        spread = self._per_token.get(key)
+        if spread is None:
+            rows = per_row.to(hidden.device).view(per_row.shape[0], 1, -1)  # (B, 1, k) or (B, 1, 1)
+            spread = rows.expand(-1, hidden.shape[1], -1).reshape(-1, rows.shape[-1])
+            self._per_token[key] = spread
+        return spread
 
     def finish(self) -> list[torch.Tensor | None]:
         """The weights each layer used (None where no gate ran)."""
         return self.weights
+
+
+def _scale(h: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """h (N, R) times column scales (R,) or (N, R); in place at inference."""
+    return h * scales if torch.is_grad_enabled() else h.mul_(scales)
 
 
 class FusionEngine:
@@ -164,6 +224,8 @@ class FusionEngine:
         self.gates: dict[str, GateBank] = {}
         self.default_gate = "default"
         self.default = FusionPlan("gate", gates=((self.default_gate, None),))
+        self.merged: torch.Tensor | None = None  # (k,) static weights merged into the base weights
+        self.merged_plan: FusionPlan | None = None
         self._replay: CallContext | None = None
 
     # ------------------------------------------------------------- plans

@@ -83,8 +83,13 @@ class FusionGate(nn.Module):
         self.temperature = float(temperature)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden.to(self.weight.dtype), self.weight)  # (..., k)
-        return torch.softmax(logits / self.temperature, dim=-1) + self.bias[0]
+        w = self.weight
+        x = hidden if hidden.dtype == w.dtype and hidden.device == w.device else hidden.to(w.device, w.dtype)
+        logits = F.linear(x, w)  # (..., k)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        out = torch.softmax(logits, dim=-1) + (self.bias if logits.dim() > 1 else self.bias[0])
+        return out if out.device == hidden.device else out.to(hidden.device)  # a shared gate on another device
 
     def reset_parameters(self, *, std: float = 1e-3, bias: tuple[float, ...] | None = None) -> None:
         """Small random W (near-uniform softmax at start) and the official bias for k = 2."""

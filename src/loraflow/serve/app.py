@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraflow.common.errors import LoraFlowError
 from loraflow.common.provenance import versions
-from loraflow.serve.engine import GenerationRequest, Overloaded, SamplingParams, Update
+from loraflow.serve.engine import GenerationRequest, Overloaded, SamplingParams, ShuttingDown, Update
 from loraflow.serve.registry import UnknownModel
 from loraflow.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest
 
@@ -147,6 +147,8 @@ def _submit(server, body, ids: list[int], fusion, *, default_max_tokens: int | N
                                 id=uuid.uuid4().hex)
     try:
         server.engine.submit(request)
+    except ShuttingDown as e:
+        raise APIError(503, str(e), type="server_error", code="shutting_down") from None
     except Overloaded as e:
         raise APIError(429, str(e), type="rate_limit_error", code="server_overloaded") from None
     return _Job(request, updates)

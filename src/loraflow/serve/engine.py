@@ -32,6 +32,10 @@ class Overloaded(Exception):
     """The queue is full; the handler answers 429."""
 
 
+class ShuttingDown(Overloaded):
+    """The engine is stopping and takes no new requests; the handler answers 503."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request decodes. temperature 0 is greedy; `seed` makes sampling reproducible."""
@@ -123,9 +127,9 @@ class Engine:
 
     # ----------------------------------------------------------------- handler side
     def submit(self, request: GenerationRequest) -> None:
-        """Queue a request; raises Overloaded when the queue is full or the engine is not running."""
+        """Queue a request; raises Overloaded when the queue is full, ShuttingDown once stopping."""
         if self._stop.is_set():
-            raise Overloaded("the server is shutting down")
+            raise ShuttingDown("the server is shutting down")
         if request.params.seed is None and request.params.temperature > 0:
             with self._seed_lock:
                 seed = self._seeds.randrange(2**63)

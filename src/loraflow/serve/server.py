@@ -14,11 +14,9 @@ import socket
 import sys
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from loraflow.common.errors import LoraFlowError
-from loraflow.core.fusion_spec import FusionSpec
 from loraflow.serve.config import ServeConfig
 from loraflow.serve.metrics import Metrics
 from loraflow.serve.registry import ServedModels
@@ -26,14 +24,6 @@ from loraflow.serve.schemas import APIError
 
 MAX_DEFAULT_LEN = 32768
 GRACEFUL_SHUTDOWN_S = 5
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A tokenized request prompt and the fusion and limits it runs with."""
-
-    ids: list[int]
-    fusion: FusionSpec
 
 
 class Server:

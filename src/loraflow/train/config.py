@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loraflow.common.checks import check_float, check_int, check_positive
 from loraflow.common.options import option, override
 
 SELECT_BY = ("dev_loss", "dev_accuracy", "last")
@@ -37,15 +38,24 @@ class TrainConfig:
                                         "answers in the dev set)", choices=SELECT_BY)
     dev_max_new_tokens: int = option(512, "generation budget for dev accuracy")
     progress: bool = option(True, "progress bars", flag="--no-progress")
+    max_steps: int | None = option(None, "stop after this many optimizer steps, the schedule sized to them "
+                                         "(overrides --epochs)")
 
     def __post_init__(self) -> None:
-        positive = {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
-                    "grad_accum": self.grad_accum, "max_length": self.max_length}
-        for name, value in positive.items():
-            if not value > 0:  # also rejects NaN
-                raise ValueError(f"{name}: must be > 0, got {value}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "dev_max_new_tokens"):
+            check_int(name, getattr(self, name), low=1)
+        if self.max_steps is not None:
+            check_int("max_steps", self.max_steps, low=1)
+        check_int("seed", self.seed)
+        self.lr = check_positive("lr", self.lr)
+        self.eps = check_positive("eps", self.eps)
+        self.warmup_ratio = check_float("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0, high_open=True)
+        self.weight_decay = check_float("weight_decay", self.weight_decay, low=0.0)
+        self.max_grad_norm = check_float("max_grad_norm", self.max_grad_norm, low=0.0)
+        if len(tuple(self.betas)) != 2:
+            raise ValueError(f"betas: expected two numbers, got {self.betas!r}")
+        for i, beta in enumerate(self.betas):
+            check_float(f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True)
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision: {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
         if self.select_by not in SELECT_BY:
@@ -63,8 +73,7 @@ class GateTrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.temperature > 0:
-            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+        self.temperature = check_positive("temperature", self.temperature)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity: {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
 
@@ -84,12 +93,9 @@ class LoraTrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.rank > 0 or int(self.rank) != self.rank:
-            raise ValueError(f"rank: must be a whole number > 0, got {self.rank}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha: must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        check_int("rank", self.rank, low=1)
+        self.alpha = check_positive("alpha", self.alpha)
+        self.dropout = check_float("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
 
     @property
     def targets(self) -> list[str] | None:
@@ -107,3 +113,5 @@ class TrainRun:
     out: str = option(help="output directory: best/, last/, train_log.json")
     dev: str | None = option(None, "dev JSONL: dev loss each epoch (and accuracy for math-style answers)")
     resume: bool = option(False, "continue from OUT/last (after Ctrl-C or a crash)")
+    force: bool = option(False, "start over in an OUT that holds a previous run, or write into a directory "
+                                "loraflow did not create (its other files stay)")

@@ -14,11 +14,12 @@ complete checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ from typing import Any
 import torch
 
 from loraflow.data.formats import Example, PromptTemplate, collate, encode_examples, load_examples
+from loraflow.common.checks import check_float, check_int, check_positive
 from loraflow.common.errors import LoraFlowError
-from loraflow.common.io import atomic_dir, write_json_atomic
+from loraflow.common.io import atomic_dir, check_output_dir, recover_dir, write_json_atomic
 from loraflow.common.provenance import versions
 from loraflow.train.config import GateTrainConfig, LoraTrainConfig, TrainConfig  # noqa: F401  (TrainConfig re-exported)
 from loraflow.core.losses import response_token_count, summed_loss
@@ -72,6 +74,65 @@ class Trainable:
     load: Callable[[Path], None]  # read them back (for --resume)
 
 
+LOG_NAME = "train_log.json"
+STATE_NAME = "trainer_state.pt"
+
+
+def check_run_dir(out_dir: str | os.PathLike, *, resume: bool, force: bool = False) -> Path:
+    """Check the output directory before any expensive work.
+
+    Without `resume` it must be new or empty: a finished or interrupted run there is refused (pass
+    `resume` to continue it or `force` to start over), and so is a directory loraflow did not write.
+    With `resume` it must hold `last/` with trainer state. A kill in the middle of a checkpoint
+    swap is repaired first (`recover_dir`).
+    """
+    out_dir = check_output_dir(out_dir, force=True, what="training output directory")
+    for sub in ("last", "best"):
+        recover_dir(out_dir / sub)
+    if resume:
+        if not (out_dir / "last" / STATE_NAME).is_file():
+            raise LoraFlowError(f"{out_dir / 'last' / STATE_NAME}: no checkpoint to resume from "
+                                "(run without --resume to start training)")
+        return out_dir
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        if (out_dir / LOG_NAME).is_file() or (out_dir / "last").is_dir():
+            raise LoraFlowError(f"{out_dir}: holds a previous training run; pass --resume to continue it, "
+                                "--force to start over, or choose another --out")
+        raise LoraFlowError(f"{out_dir}: exists and was not written by loraflow; refusing to write into it "
+                            "(choose another --out, or pass --force)")
+    return out_dir
+
+
+def make_accelerator(cfg: TrainConfig):
+    """A fresh Accelerator for one run, created before the model so that it places the model on each rank's device.
+
+    Accelerate keeps one process-wide state; the previous run's precision is forgotten (the process
+    group, if any, is kept) so that several runs in one Python process may each choose their own.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+
+
+@contextlib.contextmanager
+def accelerated(cfg: TrainConfig) -> Iterator[Any]:
+    """An Accelerator for one run; a process group it created is destroyed at the end, so processes exit cleanly."""
+    from loraflow.evaluation.harness import process_group_initialized, release_process_group
+
+    had_group = process_group_initialized()
+    accelerator = make_accelerator(cfg)
+    try:
+        yield accelerator
+    except BaseException:
+        if not had_group:
+            release_process_group(wait=False)
+        raise
+    if not had_group:
+        release_process_group()
+
+
 def fit(
     trainable: Trainable,
     train: Sequence[dict],
@@ -84,20 +145,29 @@ def fit(
     dev_accuracy: Callable[[Any], float] | None = None,
     run_info: dict | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    accelerator=None,
+    force: bool = False,
 ) -> dict:
-    """The training loop shared by gates and LoRAs. Returns the JSON log (also written to OUT/train_log.json)."""
-    from accelerate import Accelerator
+    """The training loop shared by gates and LoRAs. Returns the JSON log (also written to OUT/train_log.json).
+
+    Each epoch ends with `best/` (if it is the best so far), then `last/` (weights, optimizer and
+    scheduler state and the log up to this epoch, in one atomic swap), then OUT/train_log.json; so
+    the log inside `last/` never lags its checkpoint and a kill at any point resumes correctly.
+
+    Raises:
+        LoraFlowError: batch size not divisible by the processes, an empty training set, a
+            non-finite loss or gradient (nothing of that step is saved), or a checkpoint that cannot
+            be resumed.
+    """
+    if accelerator is None:
+        with accelerated(cfg) as accelerator:
+            return fit(trainable, train, dev, cfg, out_dir, pad_id=pad_id, resume=resume, dev_accuracy=dev_accuracy,
+                       run_info=run_info, on_epoch_end=on_epoch_end, accelerator=accelerator, force=force)
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from accelerate.state import AcceleratorState
-
     out_dir = Path(out_dir)
-    # Accelerate keeps one process-wide state; forget the previous run's precision (the process
-    # group, if any, is kept) so that several runs in one Python process may each choose their own.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    rank, world = accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
     if cfg.batch_size % world:
         raise LoraFlowError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
     if not train:
@@ -106,28 +176,20 @@ def fit(
                                   weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(trainable.model, optimizer)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is None:
+        n_epochs, total_steps = cfg.epochs, steps_per_epoch * cfg.epochs
+    else:  # as in transformers' Trainer: max_steps overrides epochs
+        n_epochs, total_steps = math.ceil(cfg.max_steps / steps_per_epoch), cfg.max_steps
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
 
     log = {"config": asdict(cfg), "run": run_info or {}, "versions": versions(), "world_size": world,
            "trainable_parameters": sum(p.numel() for p in trainable.parameters),
-           "steps": [], "epochs": [], "best": None}
+           "total_steps": total_steps, "steps": [], "epochs": [], "best": None}
     start_epoch, best_value = 0, None
     last_dir, best_dir = out_dir / "last", out_dir / "best"
     if resume:
-        state_file = last_dir / "trainer_state.pt"
-        if not state_file.is_file():
-            raise LoraFlowError(f"{state_file}: no checkpoint to resume from")
-        trainable.load(last_dir)
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"]) + 1
-        log_file = out_dir / "train_log.json"
-        if log_file.is_file():
-            old = json.loads(log_file.read_text(encoding="utf-8"))
-            log["steps"], log["epochs"], log["best"] = old["steps"], old["epochs"], old["best"]
-            best_value = (old["best"] or {}).get("value")
+        start_epoch = _restore(trainable, optimizer, scheduler, out_dir, log)
+        best_value = (log["best"] or {}).get("value")
         log["resumed_from_epoch"] = start_epoch
 
     def is_better(value: float) -> bool:
@@ -135,39 +197,32 @@ def fit(
             return True
         return value > best_value if cfg.select_by == "dev_accuracy" else value < best_value
 
+    step_no = start_epoch * steps_per_epoch
     show = cfg.progress and accelerator.is_main_process
-    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, disable=not show, desc="train",
+    bar = tqdm(total=total_steps, initial=min(step_no, total_steps), disable=not show, desc="train",
                dynamic_ncols=True)
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, n_epochs):
+        if step_no >= total_steps:
+            break
         torch.manual_seed(cfg.seed * 1000 + epoch)  # data order and dropout masks, identical on resume
         order = torch.randperm(len(train)).tolist()
         model.train()
         for step in range(steps_per_epoch):
+            if step_no >= total_steps:
+                break
             global_ids = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            tokens = max(1, sum(response_token_count(train[i]) for i in global_ids))
-            local = global_ids[rank::world]
-            micro = [local[j::cfg.grad_accum] for j in range(cfg.grad_accum)]
-            micro = [m for m in micro if m]
-            step_loss = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-            for j, ids in enumerate(micro):
-                batch = {k: v.to(accelerator.device) for k, v in collate([train[i] for i in ids], pad_id).items()}
-                sync = accelerator.no_sync(model) if (j < len(micro) - 1 and world > 1) else _null()
-                with sync, accelerator.autocast():
-                    loss_sum = summed_loss(model, batch)
-                    # DDP averages gradients over processes; scale so the result is sum / global tokens
-                    accelerator.backward(loss_sum / tokens * world)
-                step_loss += loss_sum.detach().double()
-            if not micro and world > 1:  # fewer examples than processes in the last step
-                accelerator.backward(sum(p.sum() for p in trainable.parameters) * 0.0)
-            step_loss = accelerator.reduce(step_loss, reduction="sum") if world > 1 else step_loss
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(trainable.parameters, cfg.max_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step really uses
+            loss = _train_step(model, train, global_ids, cfg, pad_id, accelerator, trainable)
+            step_no += 1
+            if not math.isfinite(loss):
+                raise LoraFlowError(
+                    f"the training loss became {loss} at step {step_no} (epoch {epoch + 1}); stopped without saving "
+                    "this epoch (lower --lr, or check the data and the adapters)"
+                )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss = (step_loss / tokens).item()
-            log["steps"].append({"step": epoch * steps_per_epoch + step + 1, "epoch": epoch + 1,
-                                 "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0]})
+            log["steps"].append({"step": step_no, "epoch": epoch + 1, "loss": round(loss, 6), "lr": lr})
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}")
 
@@ -179,36 +234,113 @@ def fit(
         log["epochs"].append(record)
         value = record.get(cfg.select_by)
         new_best = cfg.select_by == "last" or value is None or is_better(value)  # no dev set: keep the last
+        if new_best:
+            best_value = value
+            log["best"] = {"epoch": epoch + 1, "criterion": cfg.select_by, "value": value}
         if accelerator.is_main_process:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
-
-            def write_last(d: Path) -> None:
-                trainable.save(d)
-                torch.save(state, d / "trainer_state.pt")
-
-            atomic_dir(last_dir, write_last)
-            if new_best:
-                best_value = value
-                log["best"] = {"epoch": epoch + 1, "criterion": cfg.select_by, "value": value}
-                atomic_dir(best_dir, trainable.save)
-            write_json_atomic(out_dir / "train_log.json", log)
+            _save_epoch(trainable, optimizer, scheduler, epoch, step_no, log, last_dir, best_dir if new_best else None,
+                        force)
+            write_json_atomic(out_dir / LOG_NAME, log)
             summary = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch")
-            bar.write(f"epoch {epoch + 1}/{cfg.epochs}" + (f": {summary}" if summary else "")
+            bar.write(f"epoch {epoch + 1}/{n_epochs}" + (f": {summary}" if summary else "")
                       + (" (best)" if new_best else ""))
         accelerator.wait_for_everyone()
         if on_epoch_end is not None:
             on_epoch_end(epoch)
     bar.close()
-    accelerator.unwrap_model(model)
     return log
 
 
-class _null:
-    def __enter__(self):
-        return self
+def _train_step(model, train, global_ids: list[int], cfg: TrainConfig, pad_id: int, accelerator, trainable) -> float:
+    """Forward and backward of one optimizer step on this process's share; returns the global mean token loss.
 
-    def __exit__(self, *exc):
-        return False
+    A process with no example in the step (a last step smaller than the number of processes) still
+    runs one forward and backward through the DDP model, with weight 0, so every process takes part
+    in the gradient all-reduce and none waits forever.
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+    tokens = max(1, sum(response_token_count(train[i]) for i in global_ids))
+    local = global_ids[rank::world]
+    micro = [m for m in (local[j::cfg.grad_accum] for j in range(cfg.grad_accum)) if m]
+    idle = not micro
+    if idle:
+        micro = [global_ids[:1]]
+    step_loss = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    for j, ids in enumerate(micro):
+        batch = {k: v.to(accelerator.device) for k, v in collate([train[i] for i in ids], pad_id).items()}
+        sync = accelerator.no_sync(model) if (j < len(micro) - 1 and world > 1) else contextlib.nullcontext()
+        with sync, accelerator.autocast():
+            loss_sum = summed_loss(model, batch)
+            # DDP averages gradients over processes; scale so the result is sum / global tokens
+            accelerator.backward(loss_sum * (0.0 if idle else world / tokens))
+        if not idle:
+            step_loss += loss_sum.detach().double()
+    step_loss = accelerator.reduce(step_loss, reduction="sum") if world > 1 else step_loss
+    if cfg.max_grad_norm:
+        norm = accelerator.clip_grad_norm_(trainable.parameters, cfg.max_grad_norm)
+        if norm is not None and not math.isfinite(float(norm)):
+            return math.nan
+    return (step_loss / tokens).item()
+
+
+def _save_epoch(trainable: Trainable, optimizer, scheduler, epoch: int, step: int, log: dict, last_dir: Path,
+                best_dir: Path | None, force: bool) -> None:
+    """best/ first, then last/ with trainer state and the log (one atomic swap each)."""
+    if best_dir is not None:
+        atomic_dir(best_dir, trainable.save, force=force)
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step}
+    text = json.dumps(log, indent=2, ensure_ascii=False) + "\n"
+
+    def write_last(d: Path) -> None:
+        trainable.save(d)
+        torch.save(state, d / STATE_NAME)
+        (d / LOG_NAME).write_text(text, encoding="utf-8")
+
+    atomic_dir(last_dir, write_last, force=force)
+
+
+def _restore(trainable: Trainable, optimizer, scheduler, out_dir: Path, log: dict) -> int:
+    """Load OUT/last (weights, optimizer, scheduler, log) into this run; returns the epoch to start from."""
+    from loraflow.core.checkpoints import load_torch_file
+
+    last_dir = out_dir / "last"
+    state_file = last_dir / STATE_NAME
+    state = load_torch_file(state_file, what="trainer state")
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "epoch"} <= set(state):
+        raise LoraFlowError(f"{state_file}: not a loraflow trainer state (missing optimizer, scheduler or epoch)")
+    try:
+        trainable.load(last_dir)
+    except LoraFlowError:
+        raise
+    except Exception as e:  # the weights do not fit this model
+        raise LoraFlowError(f"{last_dir}: cannot resume from this checkpoint ({_first_line(e)})") from None
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        epoch = int(state["epoch"])
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise LoraFlowError(f"{state_file}: does not fit this run ({_first_line(e)})") from None
+    old = _read_log(last_dir / LOG_NAME) or _read_log(out_dir / LOG_NAME) or {}
+    log["steps"] = [s for s in old.get("steps", []) if s.get("epoch", 0) <= epoch + 1]
+    log["epochs"] = [e for e in old.get("epochs", []) if e.get("epoch", 0) <= epoch + 1]
+    log["best"] = old.get("best")
+    return epoch + 1
+
+
+def _read_log(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        log = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoraFlowError(f"{path}: corrupt training log ({e})") from None
+    if not isinstance(log, dict):
+        raise LoraFlowError(f"{path}: corrupt training log (not a JSON object)")
+    return log
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -278,38 +410,46 @@ def train_gate(
     resume: bool = False,
     data_format: str = "auto",
     on_epoch_end: Callable[[int], None] | None = None,
+    force: bool = False,
 ) -> TrainResult:
     """Train LoRA-Flow fusion gates on a few-shot set; base and LoRAs stay frozen.
 
-    Writes OUT/best and OUT/last (loraflow gate directories), OUT/train_log.json.
+    Writes OUT/best and OUT/last (loraflow gate directories), OUT/train_log.json. OUT must be new or
+    empty unless `resume` (continue from OUT/last) or `force` (start over / write into a foreign directory).
     """
     from loraflow.core.model import LoraFlowModel, load_tokenizer
 
     cfg = config or GateTrainConfig()
+    out_dir = check_run_dir(out_dir, resume=resume, force=force)
+    try:
+        temperature = check_positive("temperature", temperature)
+    except ValueError as e:
+        raise LoraFlowError(f"--{e}") from None
     template = template or PromptTemplate()
     tokenizer = tokenizer or load_tokenizer(base)
     train, dev, accuracy = _prepare_data(train_path, dev_path, tokenizer, template, cfg, data_format)
-    torch.manual_seed(cfg.seed)
-    model = LoraFlowModel.from_pretrained(base, adapters, gate=init_gate, temperature=temperature,
-                                          granularity=granularity, torch_dtype=torch_dtype, seed=cfg.seed)
-    model.freeze_all_but_gates()
-    if cfg.gradient_checkpointing:
-        _enable_checkpointing(model.model)
-    if torch.cuda.is_available():
-        model.to("cuda")
-    meta = {"kind": "gate", "train": str(train_path), "dev": str(dev_path) if dev_path else None,
-            "template": asdict(template), "temperature": temperature, "granularity": granularity}
-    trainable = Trainable(
-        model=model, parameters=model.gate_parameters(),
-        save=lambda d: _save_gate_into(model, d, meta, cfg),
-        load=lambda d: model.load_gate(d),
-    )
-    n = model.num_gate_parameters()
-    logger.info("trainable parameters: %d (gates only)", n)
-    log = fit(trainable, train, dev, cfg, out_dir, pad_id=_pad_id(tokenizer), resume=resume,
-              dev_accuracy=accuracy, on_epoch_end=on_epoch_end, run_info={**meta, "base": str(base) if not hasattr(base, "config") else None,
-                                               "adapters": [list(p) for p in _pairs(adapters)]})
-    out_dir = Path(out_dir)
+    with accelerated(cfg) as accelerator:
+        torch.manual_seed(cfg.seed)
+        # loaded on the CPU; accelerator.prepare puts it on this process's device
+        model = LoraFlowModel.from_pretrained(base, adapters, gate=init_gate, temperature=temperature,
+                                              granularity=granularity, torch_dtype=torch_dtype, seed=cfg.seed)
+        model.freeze_all_but_gates()
+        if cfg.gradient_checkpointing:
+            _enable_checkpointing(model.model)
+        meta = {"kind": "gate", "train": str(train_path), "dev": str(dev_path) if dev_path else None,
+                "template": asdict(template), "temperature": temperature, "granularity": granularity}
+        trainable = Trainable(
+            model=model, parameters=model.gate_parameters(),
+            save=lambda d: _save_gate_into(model, d, meta, cfg),
+            load=lambda d: model.load_gate(d),
+        )
+        n = model.num_gate_parameters()
+        logger.info("trainable parameters: %d (gates only)", n)
+        run_info = {**meta, "base": str(base) if not hasattr(base, "config") else None,
+                    "adapters": [list(p) for p in _pairs(adapters)]}
+        log = fit(trainable, train, dev, cfg, out_dir, pad_id=_pad_id(tokenizer), resume=resume,
+                  dev_accuracy=accuracy, on_epoch_end=on_epoch_end, run_info=run_info, accelerator=accelerator,
+                  force=force)
     return TrainResult(out_dir, out_dir / "best", out_dir / "last", n, log)
 
 
@@ -337,43 +477,52 @@ def train_lora(
     torch_dtype=None,
     resume: bool = False,
     data_format: str = "auto",
+    force: bool = False,
 ) -> TrainResult:
     """Train one LoRA module with PEFT (defaults as the released LoRAs: r 64, alpha 16, dropout 0.1,
-    all attention and MLP projections). OUT/best and OUT/last are standard PEFT adapter directories."""
+    all attention and MLP projections). OUT/best and OUT/last are standard PEFT adapter directories.
+
+    OUT must be new or empty unless `resume` or `force` (see `train_gate`).
+    """
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
+    from loraflow.core.checkpoints import load_safetensors_file
     from loraflow.core.model import load_base, load_tokenizer
 
     cfg = config or LoraTrainConfig()
+    try:
+        r = check_int("rank", r, low=1)
+        alpha = check_positive("alpha", alpha)
+        dropout = check_float("dropout", dropout, low=0.0, high=1.0, high_open=True)
+    except ValueError as e:
+        raise LoraFlowError(f"--{e}") from None
+    out_dir = check_run_dir(out_dir, resume=resume, force=force)
     template = template or PromptTemplate()
     tokenizer = tokenizer or load_tokenizer(base)
     train, dev, accuracy = _prepare_data(train_path, dev_path, tokenizer, template, cfg, data_format)
-    torch.manual_seed(cfg.seed)
-    model = load_base(base, torch_dtype, {})
-    targets = _lora_targets(model, target_modules)
-    lora_cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                          task_type="CAUSAL_LM", bias="none")
-    peft_model = get_peft_model(model, lora_cfg)
-    if cfg.gradient_checkpointing:
-        _enable_checkpointing(peft_model.get_base_model())
-    if torch.cuda.is_available():
-        peft_model.to("cuda")
+    with accelerated(cfg) as accelerator:
+        torch.manual_seed(cfg.seed)
+        model = load_base(base, torch_dtype, {})  # on the CPU; accelerator.prepare places it
+        targets = _lora_targets(model, target_modules)
+        lora_cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                              task_type="CAUSAL_LM", bias="none")
+        peft_model = get_peft_model(model, lora_cfg)
+        if cfg.gradient_checkpointing:
+            _enable_checkpointing(peft_model.get_base_model())
 
-    def save(d: Path) -> None:
-        peft_model.save_pretrained(str(d))
+        def save(d: Path) -> None:
+            peft_model.save_pretrained(str(d))
 
-    def load(d: Path) -> None:
-        from safetensors.torch import load_file
+        def load(d: Path) -> None:
+            set_peft_model_state_dict(peft_model, load_safetensors_file(d / "adapter_model.safetensors",
+                                                                        what="adapter weights file"))
 
-        set_peft_model_state_dict(peft_model, load_file(str(d / "adapter_model.safetensors")))
-
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    meta = {"kind": "lora", "train": str(train_path), "r": r, "alpha": alpha, "dropout": dropout,
-            "target_modules": sorted(targets) if not isinstance(targets, str) else targets,
-            "template": asdict(template)}
-    log = fit(Trainable(peft_model, params, save, load), train, dev, cfg, out_dir, pad_id=_pad_id(tokenizer),
-              resume=resume, dev_accuracy=accuracy, run_info=meta)
-    out_dir = Path(out_dir)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        meta = {"kind": "lora", "train": str(train_path), "r": r, "alpha": alpha, "dropout": dropout,
+                "target_modules": sorted(targets) if not isinstance(targets, str) else targets,
+                "template": asdict(template)}
+        log = fit(Trainable(peft_model, params, save, load), train, dev, cfg, out_dir, pad_id=_pad_id(tokenizer),
+                  resume=resume, dev_accuracy=accuracy, run_info=meta, accelerator=accelerator, force=force)
     return TrainResult(out_dir, out_dir / "best", out_dir / "last", sum(p.numel() for p in params), log)
 
 
@@ -386,10 +535,21 @@ def _enable_checkpointing(model) -> None:
 
 
 def _lora_targets(model, requested: Sequence[str] | str | None) -> list[str] | str:
-    """Requested targets, or the official seven projections where present, else every linear in the layers."""
-    if requested:
-        return list(requested) if not isinstance(requested, str) else requested
+    """Requested targets, or the official seven projections where present, else every linear in the layers.
+
+    Raises:
+        LoraFlowError: a requested name that no linear layer of the model has (the message lists those it has).
+    """
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if requested:
+        wanted = [requested] if isinstance(requested, str) else [str(t) for t in requested]
+        if wanted == ["all-linear"]:
+            return "all-linear"
+        unknown = [t for t in wanted if t not in names]
+        if unknown or not wanted:
+            raise LoraFlowError(f"--target-modules: {', '.join(unknown) or '(none)'} not found among this model's "
+                                f"linear layers ({', '.join(sorted(names))})")
+        return wanted
     official = [t for t in LLAMA_TARGETS if t in names]
     return official if official else "all-linear"
 
