@@ -26,6 +26,7 @@ _LAZY = {
     "inspect_prompt": "loraflow.core.inspection",
     "convert_official_gate": "loraflow.core.checkpoints",
     "PromptTemplate": "loraflow.data.formats",
+    "render_prompt": "loraflow.data.templates",
     "load_examples": "loraflow.data.formats",
     "TrainConfig": "loraflow.train.config",
     "GateTrainConfig": "loraflow.train.config",
@@ -54,6 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from loraflow.core.inspection import inspect_prompt
     from loraflow.core.model import LoraFlowModel, load_tokenizer
     from loraflow.data.formats import PromptTemplate, load_examples
+    from loraflow.data.templates import render_prompt
     from loraflow.demo.pipeline import run_demo
     from loraflow.evaluation.harness import EvalConfig, evaluate
     from loraflow.evaluation.report import write_report

@@ -23,6 +23,21 @@ def _sandbox_dir(result: ExecutionResult) -> str:
     return result.detail.split(": ", 1)[1]
 
 
+def test_an_interpreter_under_tmp_runs_inside_the_sandbox(tmp_path):
+    """The sandbox mounts a fresh /tmp; an interpreter (or virtual environment) living under /tmp, as in a CI
+    clone there, must still be found, read-only."""
+    import sys
+
+    assert str(tmp_path).startswith("/tmp/")
+    python = tmp_path / "venv-bin" / "python"
+    python.parent.mkdir()
+    python.symlink_to(sys.executable)
+    result = run_program(GOOD + CHECK, python=str(python))
+    assert result.status == "passed", result.detail
+    escape = run_program(f"open({str(python.parent / 'x')!r}, 'w').write('x')\n" + GOOD + CHECK, python=str(python))
+    assert escape.status != "passed" and not (python.parent / "x").exists()  # bound read-only
+
+
 def test_correct_and_wrong_programs():
     ok, wrong, syntax, crash = run_programs(
         [GOOD + CHECK, "def square(x):\n    return x + x + 1\n" + CHECK, "def square(x)\n    return x\n" + CHECK,

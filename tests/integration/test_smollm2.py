@@ -105,3 +105,24 @@ def test_workflow_on_smollm2_with_its_chat_template(smollm2, tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(tmp_path / "results")]) == 0
     assert "†" in capsys.readouterr().out
+
+
+def test_served_chat_prompt_has_no_injected_system_prompt(smollm2):
+    """The server renders chats as the `chat` training template does: SmolLM2's template would add its own
+    system prompt to a chat without one; the server sends an empty system turn instead, and keeps a
+    request's own system message."""
+    import threading
+    import types
+
+    from loraflow.data.formats import chat_default_system
+    from loraflow.serve.server import Server
+
+    tok = smollm2["tokenizer"]
+    injected = chat_default_system(tok)
+    assert injected and "SmolLM" in injected
+    server = types.SimpleNamespace(tokenizer=tok, _empty_system=True, _tokenizer_lock=threading.Lock())
+    plain = tok.decode(Server.chat_prompt(server, [{"role": "user", "content": "What is 2+3?"}]))
+    assert "What is 2+3?" in plain and injected not in plain
+    own = tok.decode(Server.chat_prompt(server, [{"role": "system", "content": "Be brief."},
+                                                 {"role": "user", "content": "What is 2+3?"}]))
+    assert "Be brief." in own and injected not in own

@@ -348,7 +348,7 @@ def _run(program: str, timeout: float, limits: SandboxLimits, python: str | None
         write_fd = -1
         cmd = [python or sys.executable, "-I", "-B", "-c", _BOOTSTRAP, str(read_fd), str(limits.max_write_opens)]
         if wrapper:
-            cmd = [*wrapper, "--bind", workdir, workdir, "--chdir", workdir, "--", *cmd]
+            cmd = [*wrapper, *_interpreter_binds(cmd[0]), "--bind", workdir, workdir, "--chdir", workdir, "--", *cmd]
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             try:
                 proc = subprocess.Popen(
@@ -414,6 +414,17 @@ def isolation_command(isolation: str) -> list[str]:
         why = _last_line(probe.stderr) or f"exit status {probe.returncode}"
         raise LoraFlowError(f"refusing to run model-written code: bubblewrap cannot isolate it here ({why}); {advice}")
     return prefix
+
+
+def _interpreter_binds(python: str) -> list[str]:
+    """Read-only binds for the interpreter's own files under /tmp, which the sandbox's fresh /tmp would hide
+    (a virtual environment or checkout under /tmp, as CI clones often are)."""
+    paths = {os.path.dirname(os.path.abspath(python)), sys.prefix, sys.exec_prefix, sys.base_prefix}
+    binds: list[str] = []
+    for path in sorted(paths):
+        if path == "/tmp" or path.startswith("/tmp/"):
+            binds += ["--ro-bind", path, path]
+    return binds
 
 
 def _classify(finished: bool, rc: int, saw_token: bool, stderr: str, timeout: float, duration: float) -> ExecutionResult:
