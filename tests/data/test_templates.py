@@ -7,7 +7,7 @@ import pytest
 from conftest import build_tokenizer
 from loraflow.common.errors import LoraFlowError
 from loraflow.data import protocol
-from loraflow.data.formats import Example, PromptTemplate, chat_default_system, encode_prompt
+from loraflow.data.formats import Example, chat_default_system, encode_prompt
 from loraflow.data.templates import TEMPLATES, format_warning, make_template, render_prompt
 
 Q = "小明有3个苹果，又买了5个。他现在有几个？"

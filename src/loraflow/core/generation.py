@@ -9,11 +9,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from loraflow.common.errors import LoraFlowError
 from loraflow.data.protocol import truncate_at_stop
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loraflow.data.formats import PromptTemplate
 
 
 @dataclass(frozen=True)
