@@ -49,7 +49,9 @@ class LayerMixer:
         """(k, R_layer): every group's column map, side by side (cached per device)."""
         cmap = self._column_maps.get(device)
         if cmap is None:
-            cmap = self._column_maps[device] = torch.cat([g.column_map.to(device) for g in self.groups], dim=1)
+            # fp32 like the gates' weights, whatever dtype the model was moved to
+            cmap = torch.cat([g.column_map.to(device, torch.float32) for g in self.groups], dim=1)
+            self._column_maps[device] = cmap
         return cmap
 
     def lora_hidden(self, module: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
@@ -304,7 +306,7 @@ def merge(attachment: Attachment, engine: FusionEngine, plan: FusionPlan) -> Non
     weights = plan.static.float().cpu()
     with torch.no_grad():
         for m in attachment.fused:
-            scales = (weights @ m.group.column_map.cpu())[m.columns]  # (R,)
+            scales = (weights @ m.group.column_map.float().cpu())[m.columns]  # (R,)
             delta = (m.lora_B.float().cpu() * scales) @ m.lora_A.float().cpu()  # (out, in)
             weight = m.base_layer.weight
             original = weight.data

@@ -142,7 +142,7 @@ class CallContext:
         if self.plan.module_granular or (module.training and not isinstance(module.lora_dropout, nn.Identity)):
             # one gate per module, or dropout drawn per module: nothing can be shared
             w = self._weights(index, layer, module.module_key if self.plan.module_granular else None)
-            scales = self._cast((w @ group.column_map.to(w.device))[..., module.columns], a_t)
+            scales = self._cast((w @ group.column_map.to(w.device, w.dtype))[..., module.columns], a_t)
             h = torch.mm(module.lora_dropout(x_in).reshape(-1, x.shape[-1]), a_t[:, module.columns])
             return _scale(h, scales)
         cached = layer.projections.get(id(group))
