@@ -12,7 +12,7 @@ in one process and interleaved so that machine drift hits all alike:
 * PEFT LoRA with 1 adapter, for reference;
 
 then runs torch.profiler over decode steps of the base model and loraflow (gate mode) and prints
-the aten ops that loraflow adds, and micro-timings of one FusedLoraLinear's parts. A diagnostic
+the aten ops that loraflow adds. A diagnostic
 helper for the report, not a benchmark of record; not run in CI.
 """
 
@@ -73,7 +73,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-profiler", action="store_true")
     args = p.parse_args(argv)
 
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
