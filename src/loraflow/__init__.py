@@ -36,6 +36,8 @@ _LAZY = {
     "evaluate": "loraflow.evaluation.harness",
     "score_file": "loraflow.evaluation.scoring",
     "write_report": "loraflow.evaluation.report",
+    "Server": "loraflow.serve.server",
+    "ServeConfig": "loraflow.serve.config",
     "run_demo": "loraflow.demo.pipeline",
     "LoraFlowError": "loraflow.common.errors",
 }
@@ -56,6 +58,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from loraflow.evaluation.harness import EvalConfig, evaluate
     from loraflow.evaluation.report import write_report
     from loraflow.evaluation.scoring import score_file
+    from loraflow.serve.config import ServeConfig
+    from loraflow.serve.server import Server
     from loraflow.train.config import GateTrainConfig, LoraTrainConfig, TrainConfig
     from loraflow.train.training import train_gate, train_lora
 

@@ -47,7 +47,7 @@ def test_help_starts_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     for verb in ["", "demo", "train-lora", "train-gate", "convert-gate", "generate", "inspect", "eval", "score",
-                 "report"]:
+                 "report", "serve"]:
         done = subprocess.run([sys.executable, "-m", "loraflow.cli", *([verb] if verb else []), "--help"],
                               capture_output=True, text=True)
         assert done.returncode == 0 and "usage: loraflow" in done.stdout, verb
@@ -79,7 +79,8 @@ def test_help_lists_commands_in_workflow_order():
     from loraflow.cli import build_parser
 
     text = build_parser().format_help()
-    order = ["demo", "train-lora", "train-gate", "convert-gate", "generate", "inspect", "eval", "score", "report"]
+    order = ["demo", "train-lora", "train-gate", "convert-gate", "generate", "inspect", "eval", "score", "report",
+             "serve"]
     positions = [text.index(f"\n    {verb}") for verb in order]
     assert positions == sorted(positions)
 

@@ -31,7 +31,8 @@ def test_generate_input_errors(saved_base, capsys):
     _one_line_error(capsys, f"{bad}:2: not valid UTF-8")
     for flags, needle in [(["--batch-size", "0"], "--batch-size"), (["--batch-size", "-1"], "--batch-size"),
                           (["--max-new-tokens", "0"], "--max-new-tokens"), (["--device", "tpu:7"], "tpu:7"),
-                          (["--temperature", "nan"], "--temperature")]:
+                          (["--gate-temperature", "nan"], "--gate-temperature"),
+                          (["--temperature", "nan"], "--temperature")]:  # the deprecated alias names itself
         assert _gen(d, "--prompt", "x", *flags) == 2
         _one_line_error(capsys, needle)
 

@@ -121,3 +121,24 @@ def test_bf16_matches_an_fp32_reference_within_a_stated_tolerance(tmp_path):
     assert error <= tolerance, (error, tolerance)
     assert adapter_effect > 5 * tolerance, (adapter_effect, tolerance)  # the check can see a lost adapter
     torch.testing.assert_close(w_low.float(), w_ref, atol=5e-3, rtol=0)  # fp32 gates on bf16 hidden states
+
+
+def test_model_to_bf16_keeps_scales_exact_in_fp32(tmp_path):
+    """`model.to(bfloat16)` after loading: the adapters' alpha / r column scales stay fp32 (1/3 is not a bf16
+    number), so the fused path still multiplies exactly alpha / r, as PEFT's fp32 scaling does."""
+    from loraflow.core.fused_linear import LoraInputGroup
+
+    base = build_tiny_model("llama", num_layers=1)
+    adapters = {"a": make_peft_adapter(base, tmp_path / "a", seed=1, r=3, alpha=1)}
+    model = LoraFlowModel.from_pretrained(copy.deepcopy(base), adapters, seed=0)
+    model.model.to(torch.bfloat16)
+    groups = [m for m in model.model.modules() if isinstance(m, LoraInputGroup)]
+    third = torch.tensor(1 / 3, dtype=torch.float32)
+    assert torch.tensor(1 / 3, dtype=torch.bfloat16).float() != third  # bf16 would round it
+    for g in groups:
+        assert g.column_map.dtype == torch.float32
+        assert torch.equal(g.column_map[g.column_map != 0], third.expand(int((g.column_map != 0).sum())))
+    assert all(g.lora_A_t.dtype == torch.bfloat16 for g in groups)
+    with torch.no_grad():
+        out = model(input_ids=_ids(1)).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

@@ -39,7 +39,8 @@ def write_lines(path, lines):
 
 @pytest.fixture(scope="module")
 def tok():
-    return build_tokenizer()
+    """Starts sequences with <s> by itself, as Llama's tokenizer (the Llama-2 format's BOS is kept)."""
+    return build_tokenizer(add_bos=True)
 
 
 # ---------------------------------------------------------------- official files
@@ -210,7 +211,8 @@ def test_llama2_template_strings():
         "<s>[INST] What is 2+3? [/INST]让我们一步一步地思考。The answer is: 5 </s>"
     )
     # presets: released script = no system prompt + cue; paper = official system prompt, no cue
-    assert PromptTemplate.released() == PromptTemplate(kind="llama2", system=None, cue=CUE)
+    assert PromptTemplate.released() == PromptTemplate(kind="llama2", system=None, cue=CUE, name="released")
+    assert PromptTemplate.from_record({**vars(PromptTemplate.released()), "extra": 1}) == PromptTemplate.released()
     assert PromptTemplate.released().render(EX, with_response=False) == (
         "<s>[INST] What is 2+3? [/INST]让我们一步一步地思考。"
     )
@@ -218,6 +220,7 @@ def test_llama2_template_strings():
         "<s>[INST] <<SYS>>\nCrear un script de Python para este problema\n<</SYS>>\n\nWhat is 2+3? [/INST]"
     )
     assert PromptTemplate.from_preset("paper", lang="zh", task="math").system.startswith("你是中文人工智能助手")
+    assert PromptTemplate.from_preset("official", lang="zh", task="math") == PromptTemplate.paper("zh", "math")
     assert PromptTemplate(kind="plain").render(EX) == "What is 2+3?\nThe answer is: 5</s>"
 
 
@@ -288,6 +291,8 @@ def test_markers_use_the_tokenizers_own_bos_eos():
     """With BOS/EOS spelled otherwise (as Llama-3's), no literal `<s>`/`</s>` may reach the ids."""
     other = build_tokenizer()
     other.add_special_tokens({"bos_token": "<|begin|>", "eos_token": "<|end|>"})
+    other._tokenizer.post_processor = __import__("tokenizers").processors.TemplateProcessing(
+        single="<|begin|> $A", special_tokens=[("<|begin|>", other.bos_token_id)])
     old = {other.convert_tokens_to_ids("<s>"), other.convert_tokens_to_ids("</s>")}
     ids = encode_example(EX, other, PromptTemplate.released(), max_length=256)["input_ids"]
     assert ids[0] == other.bos_token_id and ids[-1] == other.eos_token_id
@@ -295,12 +300,21 @@ def test_markers_use_the_tokenizers_own_bos_eos():
     assert PromptTemplate().render(EX, other) == "<|begin|>[INST] What is 2+3? [/INST]The answer is: 5 <|end|>"
 
 
-def test_missing_bos_is_an_error(tok):
+def test_bos_only_for_tokenizers_that_start_with_it(tok):
+    """GPT-2/Qwen/SmolLM2-style tokenizers add no BOS: the Llama-2 format's <s> is left out for them
+    (SmolLM2's bos_token is <|im_start|>, which must not open a Llama-2 prompt)."""
+    no_auto = build_tokenizer()  # has bos_token <s> but does not add it
+    ids = encode_example(EX, no_auto, PromptTemplate(), max_length=64)["input_ids"]
+    assert no_auto.bos_token_id not in ids
+    assert ids == tok(PromptTemplate().render(EX)[len("<s>"):], add_special_tokens=False)["input_ids"]
+    assert PromptTemplate().render(EX, no_auto) == "[INST] What is 2+3? [/INST]The answer is: 5 </s>"
     no_bos = build_tokenizer()
     no_bos.bos_token = None
-    with pytest.raises(LoraFlowError, match="BOS"):
-        encode_example(EX, no_bos, PromptTemplate(), max_length=64)
-    encode_example(EX, no_bos, PromptTemplate(kind="plain"), max_length=64)  # plain needs no BOS
+    assert encode_example(EX, no_bos, PromptTemplate(), max_length=64)["input_ids"] == ids
+    no_eos = build_tokenizer()
+    no_eos.eos_token = None
+    with pytest.raises(LoraFlowError, match="EOS"):
+        encode_example(EX, no_eos, PromptTemplate(kind="plain"), max_length=64)
 
 
 def test_collate_pads_right_and_left():

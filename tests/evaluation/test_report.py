@@ -268,3 +268,40 @@ def test_import_and_help_stay_light():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "loraflow report" in proc.stdout and "HEAVY []" in proc.stdout
+
+
+def test_directories_are_searched_recursively_and_empty_search_says_where(tmp_path: Path):
+    _write(tmp_path / "results" / "zh", [_result("math", "zh", "base", 44)])
+    _write(tmp_path / "results" / "ru" / "seed0", [_result("math", "ru", "base", 32)])
+    (tmp_path / "results" / "notes.json").write_text("{}", encoding="utf-8")
+    results, skipped = gather_results([tmp_path / "results"])
+    assert sorted(r["lang"] for r in results) == ["ru", "zh"] and skipped == 1
+    (tmp_path / "other" / "deep").mkdir(parents=True)
+    (tmp_path / "other" / "deep" / "x.json").write_text('{"lr": 1}', encoding="utf-8")
+    with pytest.raises(LoraFlowError, match=r"other and its subfolders \(1 JSON file\(s\) in 1 folder\(s\)\)"):
+        gather_results([tmp_path / "other"])
+
+
+def test_partial_runs_are_marked(tmp_path: Path):
+    full = _result("math", "zh", "base", 50, total=250, data="test/zh_math_test.jsonl", partial=False)
+    limited = _result("math", "ru", "base", 5, total=10, data="test/ru_math_test.jsonl", partial=True)
+    old_style = _result("math", "es", "avg", 3, total=10, config={"limit": 10, "template": "official"})
+    table = build_table(load_results(_write(tmp_path, [full, limited, old_style])))
+    assert not table.get("Base", "math", "zh").limited and table.get("Base", "math", "ru").limited
+    assert table.get("Avg fusion", "math", "es").limited and table.get("Base", "math", "Avg").limited
+    md = to_markdown(table)
+    assert "| Base | 20.0 | 50.0 † |" in md and "† partial run" in md
+    assert "†" not in to_markdown(build_table(load_results(_write(tmp_path / "f", [full]))))
+
+
+@pytest.mark.parametrize("field, a, b, what", [
+    ("template", {"kind": "chat", "name": "chat"}, {"kind": "llama2", "name": "official"}, "prompt templates"),
+    ("data", "test/zh_math_test.jsonl", "test/zh_mgsm_other.jsonl", "test sets"),
+])
+def test_refuses_to_average_different_templates_or_test_sets(tmp_path: Path, field, a, b, what):
+    runs = [_result("math", "zh", "loraflow", 80, total=250, seed=s, **{field: v}) for s, v in ((0, a), (1, b))]
+    paths = _write(tmp_path, runs)
+    with pytest.raises(LoraFlowError, match=f"LoRA-Flow, math zh: refusing to average runs with different {what}"):
+        build_table(load_results(paths))
+    same = [_result("math", "zh", "loraflow", c, total=250, seed=s, **{field: a}) for s, c in ((0, 80), (1, 90))]
+    assert build_table(load_results(_write(tmp_path / "same", same))).get("LoRA-Flow", "math", "zh").n == 2

@@ -6,6 +6,7 @@ import argparse
 
 from loraflow.cli.args import add_options, build
 from loraflow.core.config import ModelOptions
+from loraflow.core.devices import RuntimeOptions
 from loraflow.evaluation.harness import EvalConfig, EvalRun
 from loraflow.evaluation.scoring import ScoreOptions
 
@@ -34,16 +35,19 @@ def add_eval(sub) -> None:
     add_options(p, ModelOptions)
     add_options(p, EvalRun)
     add_options(p, EvalConfig)
+    add_options(p, RuntimeOptions)
     p.set_defaults(func=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from loraflow.evaluation.harness import evaluate
 
+    build(RuntimeOptions, args).apply()
     model, run = build(ModelOptions, args), build(EvalRun, args)
     cfg = build(EvalConfig, args, temperature=model.temperature)
-    result = evaluate(model.base, model.adapters, run.method, run.data, run.out, cfg, gate=model.gate,
-                      train_path=run.train, torch_dtype=model.dtype, device=model.device, label=run.label,
+    device = model.torch_device()
+    result = evaluate(model.base_path, model.adapters, run.method, run.data, run.out, cfg, gate=model.gate,
+                      train_path=run.train, torch_dtype=model.torch_dtype(device), device=device, label=run.label,
                       adapter_role=run.adapter_role, progress=run.progress)
     if result:
         extra = f"  (LoRAHub weights: {result['lorahub']['reuse_as']})" if "lorahub" in result else ""

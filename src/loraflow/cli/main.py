@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from loraflow import __version__
-from loraflow.cli import demo, evaluation, gates, generate, training
+from loraflow.cli import demo, evaluation, gates, generate, serve, training
 from loraflow.common.errors import LoraFlowError
 
 # Workflow order: what `loraflow --help` lists, first to last.
@@ -21,6 +21,7 @@ VERBS = [
     evaluation.add_eval,
     evaluation.add_score,
     evaluation.add_report,
+    serve.add_serve,
 ]
 
 

@@ -6,6 +6,7 @@ import argparse
 
 from loraflow.cli.args import add_options, build
 from loraflow.core.config import ModelOptions
+from loraflow.core.devices import RuntimeOptions
 from loraflow.data.config import PromptOptions
 from loraflow.train.config import GateTrainConfig, LoraTrainConfig, TrainRun
 
@@ -29,10 +30,11 @@ def add_train_gate(sub) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_options(p, ModelOptions, skip=("temperature", "device"))
+    add_options(p, ModelOptions, skip=("temperature", "deprecated_temperature", "device"))
     add_options(p, TrainRun)
     add_options(p, PromptOptions)
     add_options(p, GateTrainConfig)
+    add_options(p, RuntimeOptions)
     p.set_defaults(func=run_train_gate)
 
 
@@ -40,13 +42,14 @@ def run_train_gate(args: argparse.Namespace) -> int:
     from loraflow.common.errors import LoraFlowError
     from loraflow.train.training import train_gate
 
+    build(RuntimeOptions, args).apply()
     model, run, prompts, cfg = (build(c, args) for c in (ModelOptions, TrainRun, PromptOptions, GateTrainConfig))
     if not model.adapters:
         raise LoraFlowError("no --adapter given: LoRA-Flow fuses k >= 1 LoRA adapters (--adapter NAME=PATH)")
     result = train_gate(
-        model.base, model.adapters, run.train, run.out, dev_path=run.dev, config=cfg,
+        model.base_path, model.adapters, run.train, run.out, dev_path=run.dev, config=cfg,
         template=prompts.to_template(), temperature=cfg.temperature, granularity=cfg.granularity,
-        init_gate=model.gate, torch_dtype=model.dtype, resume=run.resume, data_format=prompts.data_format,
+        init_gate=model.gate, torch_dtype=_train_dtype(model), resume=run.resume, data_format=prompts.data_format,
         force=run.force,
     )
     print(f"trainable parameters: {result.trainable_parameters:,} (gates only)")
@@ -67,22 +70,30 @@ def add_train_lora(sub) -> None:
                 "      --template llama2 --rank 64 --alpha 16"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_options(p, ModelOptions, skip=("adapter", "gate", "temperature", "device"))
+    add_options(p, ModelOptions, skip=("adapter", "gate", "temperature", "deprecated_temperature", "device"))
     add_options(p, TrainRun)
     add_options(p, PromptOptions)
     add_options(p, LoraTrainConfig)
+    add_options(p, RuntimeOptions)
     p.set_defaults(func=run_train_lora)
 
 
 def run_train_lora(args: argparse.Namespace) -> int:
     from loraflow.train.training import train_lora
 
+    build(RuntimeOptions, args).apply()
     model, run, prompts, cfg = (build(c, args) for c in (ModelOptions, TrainRun, PromptOptions, LoraTrainConfig))
     result = train_lora(
-        model.base, run.train, run.out, dev_path=run.dev, config=cfg, template=prompts.to_template(),
-        r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.targets, torch_dtype=model.dtype,
+        model.base_path, run.train, run.out, dev_path=run.dev, config=cfg, template=prompts.to_template(),
+        r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.targets, torch_dtype=_train_dtype(model),
         resume=run.resume, data_format=prompts.data_format, force=run.force,
     )
     print(f"trainable parameters: {result.trainable_parameters:,} (LoRA)")
     print(f"best adapter: {result.best_dir}  last: {result.last_dir}  log: {result.out_dir / 'train_log.json'}")
     return 0
+
+
+def _train_dtype(model: ModelOptions):
+    """--dtype for training: auto keeps the checkpoint's dtype (Accelerate's --mixed-precision does
+    the rest); an explicit dtype is used as given."""
+    return None if model.dtype == "auto" else model.torch_dtype("cpu")

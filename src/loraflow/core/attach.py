@@ -49,9 +49,8 @@ class LayerMixer:
         """(k, R_layer): every group's column map, side by side (cached per device)."""
         cmap = self._column_maps.get(device)
         if cmap is None:
-            # fp32 like the gates' weights, whatever dtype the model was moved to
-            cmap = torch.cat([g.column_map.to(device, torch.float32) for g in self.groups], dim=1)
-            self._column_maps[device] = cmap
+            cmap = self._column_maps[device] = torch.cat(
+                [g.column_map.to(device=device, dtype=torch.float32) for g in self.groups], dim=1)
         return cmap
 
     def lora_hidden(self, module: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:

@@ -3,11 +3,32 @@ to bf16 on GPUs that support it (else fp32); `threads` pins torch's CPU thread c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from loraflow.common.errors import LoraFlowError
+from loraflow.common.options import option
 
 DEVICE_HELP = "auto (CUDA when present, else CPU), cpu, cuda or cuda:N"
 DTYPE_HELP = "auto (bf16 on GPUs that support it, else fp32), float32, bfloat16 or float16"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class RuntimeOptions:
+    """How a command runs: threads for CPU work and how much third-party output to show."""
+
+    threads: int | None = option(None, "CPU threads for torch (default: torch's own choice)")
+    verbose: bool = option(False, "show third-party progress bars, logs and warnings (hidden by default)")
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"threads: expected a whole number >= 1, got {self.threads!r}")
+
+    def apply(self) -> None:
+        """Set the thread count and the third-party verbosity for this process."""
+        set_threads(self.threads)
+        quiet_libraries(self.verbose)
 
 
 def resolve_device(device: str | None = "auto") -> str:
@@ -56,3 +77,24 @@ def set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Hide third-party progress bars, info logs and deprecation warnings the user did not ask for
+    (transformers' "Loading weights" bar, PEFT/transformers FutureWarnings); `verbose` shows them.
+
+    Process-wide switches of those libraries, meant for the command line's entry point.
+    """
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    if verbose:
+        hf_logging.set_verbosity_info()
+        hf_logging.enable_progress_bar()
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for module in ("transformers", "peft", "accelerate", "torch", "huggingface_hub"):
+        for category in (FutureWarning, DeprecationWarning, UserWarning):
+            warnings.filterwarnings("ignore", category=category, module=module)

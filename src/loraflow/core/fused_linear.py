@@ -53,6 +53,14 @@ class LoraInputGroup(nn.Module):
         self.register_buffer("column_map", column_map.float(), persistent=False)
         self.layout_key = layout_key
 
+    def _apply(self, fn, recurse: bool = True):
+        """Move with the model, but keep the column scales in fp32 whatever `model.to(dtype)` asks:
+        alpha / r (e.g. 1/3) must not be rounded to bf16 before it multiplies fp32 gate weights."""
+        column_map = self.column_map
+        super()._apply(fn, recurse)
+        self.column_map = column_map.to(device=self.lora_A_t.device, dtype=torch.float32)
+        return self
+
     @property
     def lora_A(self) -> torch.Tensor:
         """(R_group, in), a view."""

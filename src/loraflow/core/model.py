@@ -440,52 +440,139 @@ def _check_gate_name(name: str) -> None:
         raise LoraFlowError(f"gate name {name!r}: use letters, digits, '_' or '-'")
 
 
-def load_tokenizer(base):
-    """The tokenizer saved with `base` (a path, hub name, or an in-memory model loaded from one)."""
+def split_gguf(base, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """(directory or hub name, GGUF file name or None) for a base given as `X.gguf` or `DIR` + `gguf_file`.
+
+    transformers reads a GGUF checkpoint as `from_pretrained(DIR, gguf_file=NAME)`; loraflow also
+    accepts the file's own path everywhere a base is accepted.
+    """
+    text = os.fspath(base)
+    if gguf_file:
+        return text, os.fspath(gguf_file)
+    if text.lower().endswith(".gguf"):
+        path = Path(text)
+        if not path.is_file():
+            raise LoraFlowError(f"{path}: GGUF file not found")
+        return str(path.parent), path.name
+    return text, None
+
+
+def _require_gguf(source: str, gguf_file: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise LoraFlowError(
+            f"{Path(source) / gguf_file}: reading a GGUF checkpoint needs the `gguf` package (pip install gguf)"
+        )
+    if Path(source).is_dir() and not (Path(source) / gguf_file).is_file():
+        raise LoraFlowError(f"{Path(source) / gguf_file}: GGUF file not found")
+
+
+def _gguf_of(model: nn.Module) -> str | None:
+    """The GGUF file an in-memory model was loaded from by `load_base`, if any."""
+    return getattr(model, "_loraflow_gguf", None)
+
+
+def load_tokenizer(base, *, gguf_file: str | None = None):
+    """The tokenizer saved with `base`: a model directory, hub name, `.gguf` file (or DIR + `gguf_file`),
+    or an in-memory model loaded by `load_base` from one of those."""
     from transformers import AutoTokenizer
 
-    path = base if isinstance(base, (str, os.PathLike)) else getattr(base.config, "name_or_path", None)
-    if not path:
-        raise LoraFlowError("pass tokenizer= when the base model is an in-memory module")
+    if isinstance(base, nn.Module):
+        gguf = _gguf_of(base)
+        base = gguf or getattr(base.config, "name_or_path", None)
+        if not base:
+            raise LoraFlowError("pass tokenizer= when the base model is an in-memory module")
+    source, gguf_file = split_gguf(base, gguf_file)
+    kwargs = {}
+    if gguf_file:
+        _require_gguf(source, gguf_file)
+        kwargs["gguf_file"] = gguf_file
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        with _quiet_loading():
+            return AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
-        raise LoraFlowError(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+        where = Path(source) / gguf_file if gguf_file else source
+        raise LoraFlowError(f"{where}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
 
 
-def load_base(base, torch_dtype, model_kwargs) -> nn.Module:
+def load_base(base, torch_dtype=None, model_kwargs: Mapping | None = None) -> nn.Module:
+    """A transformers causal LM in eval mode from a directory, hub name or `.gguf` file.
+
+    A GGUF checkpoint (`X.gguf`, or a directory with `model_kwargs["gguf_file"]`) is dequantised by
+    transformers; it needs the `gguf` package. An `nn.Module` is returned as it is.
+
+    Raises:
+        LoraFlowError: a missing path, a directory without config.json, a missing `gguf` package,
+            or a checkpoint transformers cannot load as a causal LM.
+    """
     if isinstance(base, nn.Module):
         return base
     from transformers import AutoModelForCausalLM
 
+    kwargs = dict(model_kwargs or {})
+    source, gguf_file = split_gguf(base, kwargs.pop("gguf_file", None))
     if isinstance(torch_dtype, str) and torch_dtype != "auto":
         torch_dtype = getattr(torch, torch_dtype)
-    path = Path(base)
-    if not path.exists() and (os.environ.get("HF_HUB_OFFLINE") == "1" or str(base).startswith((".", "/"))):
-        raise LoraFlowError(f"{base}: base model directory not found")
-    if path.is_dir() and not (path / "config.json").is_file():
+    path = Path(source)
+    if not path.exists() and (os.environ.get("HF_HUB_OFFLINE") == "1" or source.startswith((".", "/"))):
+        raise LoraFlowError(f"{source}: base model directory not found")
+    if gguf_file:
+        from transformers import GgufConfig
+
+        _require_gguf(source, gguf_file)
+        # Dense weights: the fused layers wrap plain nn.Linear, and LoRA training needs a trainable base.
+        kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(gguf_file=gguf_file, dequantize=True))
+    elif path.is_dir() and not (path / "config.json").is_file():
         raise LoraFlowError(f"{path}: no config.json (not a transformers model directory)")
-    kwargs = dict(model_kwargs)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    where = path / gguf_file if gguf_file else source
     from safetensors import SafetensorError
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except ValueError as e:  # unknown model_type / architecture
-        raise LoraFlowError(f"{base}: cannot load as a causal LM ({_first_line(e)})") from None
+        raise LoraFlowError(f"{where}: cannot load as a causal LM ({_first_line(e)})") from None
     except PermissionError as e:
-        raise LoraFlowError(f"{e.filename or base}: cannot read the base model (permission denied)") from None
+        raise LoraFlowError(f"{e.filename or where}: cannot read the base model (permission denied)") from None
     except OSError as e:
-        raise LoraFlowError(f"{base}: cannot load the base model ({_first_line(e)})") from None
+        raise LoraFlowError(f"{where}: cannot load the base model ({_first_line(e)})") from None
     except (SafetensorError, RuntimeError, EOFError, UnicodeDecodeError) as e:  # truncated or corrupt weights
-        raise LoraFlowError(f"{base}: corrupt or truncated model weights ({_first_line(e)})") from None
-    check_finite(dict(model.named_parameters()), base)
+        raise LoraFlowError(f"{where}: corrupt or truncated model weights ({_first_line(e)})") from None
+    check_finite(dict(model.named_parameters()), where)
+    if gguf_file:
+        _drop_gguf_quantizer(model)
+        model._loraflow_gguf = str(where)  # so load_tokenizer(model) finds the same file
     return model.eval()
 
 
 def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _drop_gguf_quantizer(model: nn.Module) -> None:
+    """A dequantised GGUF model is an ordinary dense model: forget the quantizer, so that it can be
+    saved (`save_pretrained`) and trained like one."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Hide third-party loading bars (GGUF dequantisation uses a bare tqdm) unless transformers'
+    progress bars are on, i.e. unless the user asked for verbose output."""
+    from transformers.utils import logging as hf_logging
+
+    if hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def _make_config(names, d, n, temperature, granularity, model, module_keys, summaries) -> GateConfig:

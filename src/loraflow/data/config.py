@@ -3,12 +3,12 @@ prompt template (with its system prompt and cue)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from loraflow.common.options import option
+from loraflow.data.templates import TEMPLATE_HELP, TEMPLATES
 
 DATA_FORMATS = ("auto", "math_train", "code_train", "math_dev", "mbpp", "prompt_completion", "messages")
-TEMPLATES = ("llama2", "released", "paper", "chat", "plain")
 
 
 @dataclass
@@ -16,22 +16,27 @@ class PromptOptions:
     """The data format of a training file and the prompt template applied to it."""
 
     data_format: str = option("auto", "format of --train (auto: detected from the first line)", choices=DATA_FORMATS)
-    template: str = option("llama2", "prompt format: llama2 (official template; no system prompt unless --system), "
-                                     "released (the authors' released script: no system prompt, Chinese "
-                                     "step-by-step cue after [/INST]), paper (official system prompt of --lang/"
-                                     "--task), chat (the tokenizer's chat template) or plain", choices=TEMPLATES)
+    template: str = option("llama2", "prompt template, recorded with the gate: " + TEMPLATE_HELP,
+                           choices=(*TEMPLATES, "paper"))
     system: str | None = option(None, "system prompt text (llama2/chat templates)")
     cue: str | None = option(None, "text placed right after the prompt, e.g. '让我们一步一步地思考。'")
-    lang: str | None = option(None, "language code for --template paper (zh, ru, es)")
-    task: str | None = option(None, "task for --template paper (math, code)")
+    lang: str | None = option(None, "language code for --template official (zh, ru, es)")
+    task: str | None = option(None, "task for --template official (math, code)")
 
     def to_template(self):
-        """The `PromptTemplate` these options describe."""
-        from loraflow.data.formats import PromptTemplate
+        """The `PromptTemplate` these options describe ("paper" is the old name of "official")."""
+        from loraflow.data.templates import make_template
 
-        template = PromptTemplate.from_preset(self.template, lang=self.lang, task=self.task)
-        if self.system is not None:
-            template = replace(template, system=self.system or None)
-        if self.cue is not None:
-            template = replace(template, cue=self.cue)
-        return template
+        return make_template(self.template, lang=self.lang, task=self.task, system=self.system, cue=self.cue)
+
+
+@dataclass
+class PromptChoice:
+    """How `generate`, `inspect` (and serving) turn a question into the model's prompt."""
+
+    template: str | None = option(None, "prompt template: " + TEMPLATE_HELP + ". Default: the one the gate was "
+                                        "trained with, else chat when the tokenizer has a chat template, else plain",
+                                  choices=(*TEMPLATES, "paper"))
+    system: str | None = option(None, "system prompt (default: the template's; none for llama2 and chat)")
+    lang: str | None = option(None, "language code for --template official (zh, ru, es)")
+    task: str | None = option(None, "task for --template official (math, code)")

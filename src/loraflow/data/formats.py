@@ -7,13 +7,16 @@ Three pieces, used by gate training, LoRA training, dev-set selection and evalua
   the first line, or given explicitly.
 * `PromptTemplate` turns an `Example` into the prompt text and the response text:
   the official Llama-2 chat format (`llama2`), the tokenizer's own chat template (`chat`) or a
-  bare `{query}\\n` format (`plain`).
+  bare `{query}\\n` format (`plain`). The named templates users choose (official, released, ...)
+  and the prompt rendering for generation live in `loraflow.data.templates`.
 * `encode_example` / `encode_examples` / `collate` tokenise for causal-LM training with the loss on
   the response tokens only.
 
 BOS/EOS handling (one rule for every template): a template produces *segments*, plain strings and
-two markers, BOS and EOS. Strings are tokenised with `add_special_tokens=False`, and each marker
-becomes exactly the tokenizer's `bos_token_id` / `eos_token_id`. So the literal `<s>` and `</s>` of
+two markers, BOS and EOS. Strings are tokenised with `add_special_tokens=False`; an EOS marker
+becomes exactly the tokenizer's `eos_token_id`, and a BOS marker its `bos_token_id` when the
+tokenizer starts every sequence with BOS by itself (Llama, Mistral: `<s>`), and nothing when it does
+not (GPT-2, Qwen, SmolLM2: their `bos_token`, if any, is no sequence start the model was trained on). So the literal `<s>` and `</s>` of
 the Llama-2 template are never tokenised as text and never duplicated (the tokenizer adds no BOS
 of its own), and the result is the same as tokenising the literal string with a tokenizer that
 maps `<s>`/`</s>` to its special tokens, which is how Llama-2's tokenizer reads them. For a
@@ -303,7 +306,8 @@ class PromptTemplate:
       Earlier turns follow Llama-2's multi-turn format: `<s>[INST] {u1} [/INST] {a1} </s><s>[INST] ...`.
     * `chat`: the tokenizer's own `chat_template` (`apply_chat_template` with the generation prompt),
       `{cue}` appended to it; target = what the template adds for the assistant turn (its own
-      end-of-turn tokens included, no extra EOS).
+      end-of-turn tokens included, no extra EOS). No system prompt unless one is given: a template
+      that would inject its own default (SmolLM2, Qwen2.5) gets an empty system turn instead.
     * `plain`: `{query}\\n{cue}` -> `{response}</s>` (no BOS; `{system}\\n\\n` in front when set),
       for models without chat formatting.
 
@@ -316,11 +320,14 @@ class PromptTemplate:
         system: default system prompt, or None for none (an `Example.system` overrides it).
         cue: text appended right after the prompt (after `[/INST]` for llama2) and before the response;
             part of the prompt, so never trained on and also given at generation time.
+        name: the preset it was made from ("official", "released", "llama2", "chat", "plain"), recorded
+            with a trained gate so that every consumer can use the same prompts.
     """
 
     kind: TemplateKind = "llama2"
     system: str | None = None
     cue: str = ""
+    name: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -335,29 +342,36 @@ class PromptTemplate:
     @classmethod
     def released(cls) -> PromptTemplate:
         """The prompt of the authors' released training script: llama2, no system prompt, the Chinese cue."""
-        return cls(kind="llama2", system=None, cue=STEP_BY_STEP_CUE)
+        return cls(kind="llama2", system=None, cue=STEP_BY_STEP_CUE, name="released")
 
     @classmethod
     def paper(cls, lang: str, task: str) -> PromptTemplate:
         """The prompt the paper describes: llama2 with the official system prompt of (lang, task), no cue."""
-        return cls(kind="llama2", system=official_system_prompt(lang, task), cue="")
+        return cls(kind="llama2", system=official_system_prompt(lang, task), cue="", name="official")
 
     @classmethod
     def from_preset(cls, name: str, *, lang: str | None = None, task: str | None = None) -> PromptTemplate:
-        """Build a template by name: "released", "paper" (needs lang and task), "llama2", "chat" or "plain".
+        """Build a template by name: "official" (alias "paper"; needs lang and task), "released",
+        "llama2", "chat" or "plain".
 
         Raises:
-            LoraFlowError: unknown name, or "paper" without lang/task.
+            LoraFlowError: unknown name, or "official" without lang/task.
         """
         if name == "released":
             return cls.released()
-        if name == "paper":
+        if name in ("official", "paper"):
             if lang is None or task is None:
-                raise LoraFlowError("prompt preset 'paper' needs lang and task (e.g. lang='zh', task='math')")
+                raise LoraFlowError(f"prompt template {name!r} needs lang and task (e.g. lang='zh', task='math')")
             return cls.paper(lang, task)
         if name in _KINDS:
-            return cls(kind=name)
-        raise LoraFlowError(f"unknown prompt preset {name!r}; expected released, paper, llama2, chat or plain")
+            return cls(kind=name, name=name)
+        raise LoraFlowError(f"unknown prompt template {name!r}; expected official, released, llama2, chat or plain")
+
+    @classmethod
+    def from_record(cls, record: dict) -> PromptTemplate:
+        """The template a gate recorded (`dataclasses.asdict` of one); unknown keys are ignored."""
+        known = {k: record[k] for k in ("kind", "system", "cue", "name") if k in record}
+        return cls(**known)
 
     # ---- segments -------------------------------------------------------------------------------
 
@@ -401,6 +415,8 @@ class PromptTemplate:
                 f"tokenizer {name!r} has no chat template; use kind='llama2' or kind='plain', "
                 "or set tokenizer.chat_template"
             )
+        if system is None and chat_default_system(tokenizer) is not None:
+            system = ""  # an empty system turn: the template would inject its own default otherwise
         messages = [{"role": "system", "content": system}] if system is not None else []
         for user, assistant in ex.history:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
@@ -421,14 +437,44 @@ class PromptTemplate:
     def render(self, example: Example, tokenizer: Any = None, *, with_response: bool = True) -> str:
         """The formatted text (prompt, plus target when `with_response`), markers spelled out.
 
-        BOS/EOS are written as the tokenizer's `bos_token` / `eos_token`, or `<s>` / `</s>` without
-        a tokenizer, so `render(ex)` of a llama2 template is exactly the reference string.
+        BOS/EOS are written as the tokenizer's `bos_token` / `eos_token` (BOS only for a tokenizer that
+        starts sequences with it, see the module docstring), or `<s>` / `</s>` without a tokenizer, so
+        `render(ex)` of a llama2 template is exactly the reference string.
         """
         prompt, target = self.segments(example, tokenizer)
-        bos = getattr(tokenizer, "bos_token", None) or "<s>"
+        bos = "<s>" if tokenizer is None else tokenizer.bos_token if starts_with_bos(tokenizer) else ""
         eos = getattr(tokenizer, "eos_token", None) or "</s>"
         segs = prompt + target if with_response else prompt
         return "".join(bos if s is BOS else eos if s is EOS else s for s in segs)
+
+
+def chat_default_system(tokenizer: Any) -> str | None:
+    """The system prompt the tokenizer's chat template injects when a conversation has none
+    (SmolLM2: "You are a helpful AI assistant named SmolLM, ..."), or None when it injects none.
+
+    Found by rendering one user turn with and without a marker system message: the text in place of
+    the marker in the first is what the template adds on its own.
+    """
+    marker, user = "\x00SYSTEM\x00", [{"role": "user", "content": "\x00USER\x00"}]
+    without = tokenizer.apply_chat_template(user, tokenize=False)
+    try:
+        with_marker = tokenizer.apply_chat_template([{"role": "system", "content": marker}, *user], tokenize=False)
+    except Exception:  # templates that refuse system messages (e.g. Gemma's) inject none either
+        return None
+    before, found, after = with_marker.partition(marker)
+    if not found or not without.startswith(before) or not without.endswith(after):
+        return None
+    injected = without[len(before): len(without) - len(after)]
+    return injected or None
+
+
+def starts_with_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer begins every sequence with its BOS token by itself (Llama-style)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
 
 
 def _merge(segs: list[Segment]) -> list[Segment]:
@@ -452,18 +498,20 @@ def _merge(segs: list[Segment]) -> list[Segment]:
 
 def _encode_segments(segs: list[Segment], tokenizer: Any) -> list[int]:
     ids: list[int] = []
+    with_bos = any(s is BOS for s in segs) and starts_with_bos(tokenizer)
     for s in segs:
         if isinstance(s, str):
             ids += tokenizer(s, add_special_tokens=False)["input_ids"]
-            continue
-        token_id = tokenizer.bos_token_id if s is BOS else tokenizer.eos_token_id
-        if token_id is None:
-            what = "BOS" if s is BOS else "EOS"
+        elif s is BOS:
+            if with_bos:
+                ids.append(tokenizer.bos_token_id)
+        elif tokenizer.eos_token_id is None:
             raise LoraFlowError(
-                f"the prompt template needs a {what} token but the tokenizer has none; "
-                "use PromptTemplate(kind='chat') or set the tokenizer's special tokens"
+                "the prompt template needs an EOS token but the tokenizer has none; "
+                "use PromptTemplate(kind='chat') or set the tokenizer's eos_token"
             )
-        ids.append(token_id)
+        else:
+            ids.append(tokenizer.eos_token_id)
     return ids
 
 

@@ -23,6 +23,7 @@ from loraflow.core.fusion_spec import parse_fusion
 from loraflow.common.options import option
 from loraflow.data import protocol
 from loraflow.data.protocol import CODE_TIMEOUT_S, MATH_MAX_NEW_TOKENS, MODES, TASKS
+from loraflow.data.templates import TEMPLATES
 
 METHODS_HELP = "base, single:NAME, avg, static:w1,w2,..., lorahub or loraflow"
 
@@ -35,8 +36,9 @@ class EvalConfig:
                        choices=TASKS)
     lang: str | None = option(None, "language code of the test set: zh, ru or es for the official prompts (any "
                                     "code with other templates; it labels the column in `loraflow report`)")
-    template: str = option("official", "official (the paper's evaluation prompts) or a training template: "
-                                       "llama2, released, paper, chat, plain")
+    template: str | None = option(None, "prompt template: official (the paper's evaluation prompts), released, "
+                                        "llama2, chat or plain (default: the one the gate was trained with, else "
+                                        "official)", choices=TEMPLATES)
     system: str | None = option(None, "override the math system prompt")
     max_new_tokens: int = option(MATH_MAX_NEW_TOKENS, "generation budget (official: 512)")
     batch_size: int = option(8, "prompts per generation batch")
@@ -102,25 +104,20 @@ def parse_method(method: str, adapter_names: list[str]) -> tuple[str, list[float
     return kind, detail
 
 
-def build_prompts(rows: list[dict], cfg: EvalConfig, tokenizer) -> list[str]:
-    """The text each test row is turned into before generation."""
+def build_prompts(rows: list[dict], cfg: EvalConfig, tokenizer, template=None) -> tuple[list[str], bool]:
+    """The text each test row is turned into before generation, and the `add_special_tokens` to
+    tokenise it with (loraflow.data.templates.render_prompt; official = the paper's prompts)."""
+    from loraflow.data.templates import render_prompt
+
     field = "question" if cfg.task == "math" else "prompt"
     missing = [i for i, r in enumerate(rows, 1) if not isinstance(r.get(field), str)]
     if missing:
         raise LoraFlowError(f"test row {missing[0]} has no string {field!r} (is --task right?)")
-    if cfg.template == "official":
-        if cfg.task == "math":
-            return [protocol.build_math_prompt(r["question"], cfg.lang, cfg.system) for r in rows]
-        return [protocol.build_code_prompt(r["prompt"], cfg.lang) for r in rows]
-    from dataclasses import replace
-
-    from loraflow.data.formats import Example, PromptTemplate, encode_prompt
-
-    template = PromptTemplate.from_preset(cfg.template, lang=cfg.lang, task=cfg.task)
-    if cfg.system:
-        template = replace(template, system=cfg.system)
-    return [tokenizer.decode(encode_prompt(Example(prompt=r[field], response=""), tokenizer, template))
-            for r in rows]
+    template = template if template is not None else (cfg.template or "official")
+    if template == "official" and cfg.lang not in ("zh", "ru", "es"):
+        raise LoraFlowError(f"the official prompts need --lang zh, ru or es (got {cfg.lang!r})")
+    rendered = [render_prompt(template, tokenizer, r[field], cfg.system, lang=cfg.lang, task=cfg.task) for r in rows]
+    return [r.text for r in rendered], bool(rendered) and rendered[0].add_special_tokens
 
 
 def evaluate(
@@ -166,6 +163,7 @@ def evaluate(
     rows = read_jsonl(data_path)
     if not rows:
         raise LoraFlowError(f"{data_path}: no test rows")
+    total_rows = len(rows)
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
     torch.manual_seed(cfg.seed)
@@ -174,7 +172,7 @@ def evaluate(
     try:
         result = _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path, pred_path, cfg, state,
                            gate=gate, train_path=train_path, torch_dtype=torch_dtype, device=device, label=label,
-                           adapter_role=adapter_role, progress=progress)
+                           adapter_role=adapter_role, progress=progress, total_rows=total_rows)
     except BaseException:
         if not had_group:
             release_process_group(wait=False)
@@ -216,7 +214,7 @@ def release_process_group(*, wait: bool = True) -> None:
 
 def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: Path, pred_path: Path,
               cfg: EvalConfig, state, *, gate, train_path, torch_dtype, device, label, adapter_role,
-              progress) -> dict[str, Any]:
+              progress, total_rows: int) -> dict[str, Any]:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
@@ -226,8 +224,17 @@ def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: P
     from loraflow.evaluation import scoring
 
     names = [n for n, _ in adapters]
+    import sys
+
+    from loraflow.core.generation import choose_template
+    from loraflow.data.templates import format_warning, make_template
+
     tokenizer = load_tokenizer(base)
-    prompts = build_prompts(rows, cfg, tokenizer)
+    template, note = choose_template(cfg.template, gate if kind == "loraflow" else None, default="official")
+    for line in (note, format_warning(template, tokenizer)):
+        if line and state.is_main_process:
+            print(f"loraflow eval: {line}", file=sys.stderr)
+    prompts, add_special = build_prompts(rows, cfg, tokenizer, template)
     model = _build_model(base, adapters, kind, gate if kind == "loraflow" else None, cfg, torch_dtype, device)
 
     static_weights = None
@@ -240,7 +247,7 @@ def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: P
     elif kind == "base" and names:
         model.set_adapters_off()
     elif kind == "lorahub":
-        lorahub = _lorahub(model, tokenizer, train_path, cfg, progress and state.is_main_process)
+        lorahub = _lorahub(model, tokenizer, train_path, cfg, progress and state.is_main_process, template)
         static_weights = lorahub["weights"]
         model.set_static_weights(static_weights)
 
@@ -250,7 +257,7 @@ def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: P
     stops = protocol.MATH_STOP_STRINGS if cfg.task == "math" else ()
     start = time.time()
     gens = generate_texts(model, tokenizer, [prompts[i] for i in mine], max_new_tokens=cfg.max_new_tokens,
-                          batch_size=cfg.batch_size, stop_strings=stops, add_special_tokens=cfg.template == "official",
+                          batch_size=cfg.batch_size, stop_strings=stops, add_special_tokens=add_special,
                           progress=bar.update)
     bar.close()
     local = [(i, g.text) for i, g in zip(mine, gens)]
@@ -268,6 +275,8 @@ def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: P
         "base": str(base), "adapters": [[n, str(p)] for n, p in adapters],
         "gate": str(gate) if gate else None, "static_weights": static_weights,
         "predictions": pred_path.name, "data": str(data_path), "config": asdict(cfg),
+        "template": asdict(make_template(template, lang=cfg.lang, task=cfg.task, system=cfg.system)),
+        "partial": len(rows) < total_rows, "data_rows": total_rows,
         "versions": versions(), "num_processes": state.num_processes,
         "generation_seconds": round(time.time() - start, 2),
     })
@@ -295,7 +304,7 @@ def _build_model(base, adapters, kind, gate, cfg: EvalConfig, torch_dtype, devic
     return model.eval()
 
 
-def _lorahub(model, tokenizer, train_path, cfg: EvalConfig, show: bool) -> dict:
+def _lorahub(model, tokenizer, train_path, cfg: EvalConfig, show: bool, template=None) -> dict:
     """Search static weights on the few-shot set (same prompt template as the evaluation prompts)."""
     from tqdm.auto import tqdm
 
@@ -303,7 +312,7 @@ def _lorahub(model, tokenizer, train_path, cfg: EvalConfig, show: bool) -> dict:
     from loraflow.data.formats import encode_examples, load_examples
     from loraflow.core.losses import response_token_count
 
-    template = _train_template(cfg)
+    template = _train_template(cfg, template)
     examples = load_examples(train_path)
     data = [x for x in encode_examples(examples, tokenizer, template, 4096) if response_token_count(x) > 0]
     if not data:
@@ -318,14 +327,9 @@ def _lorahub(model, tokenizer, train_path, cfg: EvalConfig, show: bool) -> dict:
             "budget": cfg.lorahub_budget, "train": str(train_path), "history": found.history}
 
 
-def _train_template(cfg: EvalConfig):
+def _train_template(cfg: EvalConfig, template=None):
     """The training-side template matching the evaluation prompts (official: the paper's llama2 prompt)."""
-    from dataclasses import replace
+    from loraflow.data.templates import make_template
 
-    from loraflow.data.formats import PromptTemplate
-
-    if cfg.template == "official":
-        template = PromptTemplate.paper(cfg.lang, cfg.task)
-    else:
-        template = PromptTemplate.from_preset(cfg.template, lang=cfg.lang, task=cfg.task)
-    return replace(template, system=cfg.system) if cfg.system else template
+    return make_template(template if template is not None else (cfg.template or "official"), lang=cfg.lang,
+                         task=cfg.task, system=cfg.system or None)

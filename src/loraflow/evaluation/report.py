@@ -3,8 +3,10 @@
 A RESULT.json is a JSON object with at least `task` ("math", "code", ...), `method` ("base",
 "single:zh", "single:math", "avg", "static:0.3,0.7", "lorahub", "loraflow", ...), `score` (a
 fraction in [0, 1]), `correct` and `total`; optionally `lang` (null/absent -> "-"), `label` (the
-row's display name), `adapter_role` ("language" | "task", for single-LoRA methods) and `seed`.
-Other fields are ignored.
+row's display name), `adapter_role` ("language" | "task", for single-LoRA methods), `seed`,
+`partial` (true for a run over only the first rows of its test set, `eval --limit`), `template`
+(the prompt template) and `data` (the test file). Other fields are ignored. Runs of one cell must
+share their template and test set: averaging across them is refused.
 
 `build_table` groups them into rows (methods, in the paper's order) and columns (per task, the
 languages and an average), averaging repeated runs of one cell (e.g. several seeds) into mean and
@@ -72,6 +74,7 @@ class Cell:
     std: float | None = None
     n: int = 1
     partial: bool = False
+    limited: bool = False  # some run of this cell covered only part of its test set (--limit)
 
 
 @dataclass
@@ -171,10 +174,10 @@ def _looks_like_result(obj: Any) -> bool:
 def gather_results(inputs: Sequence[str | os.PathLike]) -> tuple[list[dict], int]:
     """Collect results from files, directories and glob patterns.
 
-    An explicit file must be a valid result. A directory contributes its `*.json` files (not
-    recursive) and a glob pattern its matches (`**` recurses); of those, files that are not JSON
-    objects with `method` and `score` keys are skipped, but one that has them must be valid.
-    A file reached twice is read once.
+    An explicit file must be a valid result. A directory contributes the `*.json` files in it and
+    in its subfolders, and a glob pattern its matches (`**` recurses); of those, files that are not
+    JSON objects with `method` and `score` keys are skipped, but one that has them must be valid.
+    A file reached twice is read once. When nothing is found, the error says where it looked.
 
     Returns:
         (results, number of skipped files).
@@ -185,6 +188,7 @@ def gather_results(inputs: Sequence[str | os.PathLike]) -> tuple[list[dict], int
     results: list[dict] = []
     seen: set[Path] = set()
     skipped = 0
+    looked: list[str] = []
 
     def take(path: Path, strict: bool) -> None:
         nonlocal skipped
@@ -210,9 +214,11 @@ def gather_results(inputs: Sequence[str | os.PathLike]) -> tuple[list[dict], int
         text = os.fspath(item)
         path = Path(text)
         if path.is_dir():
-            for f in sorted(path.glob("*.json")):
-                if f.is_file():
-                    take(f, strict=False)
+            found = sorted(f for f in path.rglob("*.json") if f.is_file())
+            folders = len({f.parent for f in found})
+            looked.append(f"{text} and its subfolders ({len(found)} JSON file(s) in {folders} folder(s))")
+            for f in found:
+                take(f, strict=False)
         elif any(ch in text for ch in "*?[") and not path.exists():
             matches = sorted(glob.glob(text, recursive=True))
             if not matches:
@@ -223,7 +229,7 @@ def gather_results(inputs: Sequence[str | os.PathLike]) -> tuple[list[dict], int
         else:
             take(path, strict=True)
     if not results:
-        where = ", ".join(os.fspath(i) for i in inputs) or "(no inputs)"
+        where = "; ".join(looked) or ", ".join(os.fspath(i) for i in inputs) or "(no inputs)"
         extra = f" ({skipped} non-result JSON file(s) skipped)" if skipped else ""
         raise LoraFlowError(f"no result files found in {where}{extra}")
     return results, skipped
@@ -284,6 +290,7 @@ def build_table(results: Sequence[Mapping[str, Any]]) -> Table:
     mean and sample std.
     """
     groups: dict[tuple[str, tuple[str, str]], list[float]] = {}
+    members: dict[tuple[str, tuple[str, str]], list[Mapping[str, Any]]] = {}
     seeds: dict[tuple[str, tuple[str, str], int], list[str]] = {}
     rows_seen, tasks_seen = [], []
     langs_seen: dict[str, list[str]] = {}
@@ -295,6 +302,7 @@ def build_table(results: Sequence[Mapping[str, Any]]) -> Table:
         tasks_seen.append(task)
         langs_seen.setdefault(task, []).append(lang)
         groups.setdefault((row, (task, lang)), []).append(100.0 * float(r["score"]))
+        members.setdefault((row, (task, lang)), []).append(r)
         if r.get("seed") is not None:
             seeds.setdefault((row, (task, lang), r["seed"]), []).append(str(r.get("_source", "?")))
 
@@ -308,14 +316,18 @@ def build_table(results: Sequence[Mapping[str, Any]]) -> Table:
             for lang in langs:
                 values = groups.get((row, (task, lang)))
                 if values:
+                    runs = members[(row, (task, lang))]
+                    _check_comparable(row, task, lang, runs)
                     std = statistics.stdev(values) if len(values) > 1 else None
-                    cells[(row, (task, lang))] = Cell(statistics.fmean(values), std, len(values))
+                    limited = any(is_partial(r) for r in runs)
+                    cells[(row, (task, lang))] = Cell(statistics.fmean(values), std, len(values), limited=limited)
         if len(langs) > 1:
             columns.append((task, AVG))
             for row in rows:
-                means = [cells[(row, (task, lang))].mean for lang in langs if (row, (task, lang)) in cells]
-                if means:
-                    cells[(row, (task, AVG))] = Cell(statistics.fmean(means), None, len(means), len(means) < len(langs))
+                parts = [cells[(row, (task, lang))] for lang in langs if (row, (task, lang)) in cells]
+                if parts:
+                    cells[(row, (task, AVG))] = Cell(statistics.fmean(c.mean for c in parts), None, len(parts),
+                                                     len(parts) < len(langs), any(c.limited for c in parts))
 
     notes = [
         f"{row}, {task} {lang}: seed {seed} appears in {len(srcs)} files ({', '.join(srcs)})"
@@ -323,6 +335,40 @@ def build_table(results: Sequence[Mapping[str, Any]]) -> Table:
         if len(srcs) > 1
     ]
     return Table(rows=rows, columns=columns, cells=cells, notes=notes)
+
+
+def is_partial(result: Mapping[str, Any]) -> bool:
+    """Whether a run covered only part of its test set (`eval --limit`)."""
+    if "partial" in result:
+        return bool(result["partial"])
+    limit = (result.get("config") or {}).get("limit") if isinstance(result.get("config"), dict) else None
+    return bool(limit)
+
+
+def _template_of(result: Mapping[str, Any]) -> str | None:
+    template = result.get("template")
+    if template is None and isinstance(result.get("config"), dict):
+        template = result["config"].get("template")
+    return None if template is None else json.dumps(template, sort_keys=True, ensure_ascii=False)
+
+
+def _test_set_of(result: Mapping[str, Any]) -> str | None:
+    data = result.get("data")
+    return None if not isinstance(data, str) else Path(data).name
+
+
+def _check_comparable(row: str, task: str, lang: str, runs: Sequence[Mapping[str, Any]]) -> None:
+    """Runs averaged into one cell must share their prompt template and test set."""
+    for what, key in (("prompt templates", _template_of), ("test sets", _test_set_of)):
+        kinds: dict[str | None, list[str]] = {}
+        for r in runs:
+            kinds.setdefault(key(r), []).append(str(r.get("_source", "?")))
+        if len(kinds) > 1:
+            detail = "; ".join(f"{k or 'unrecorded'}: {', '.join(v)}" for k, v in kinds.items())
+            raise LoraFlowError(
+                f"{row}, {task} {lang}: refusing to average runs with different {what} ({detail}); "
+                "give them different --label values or report them separately"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,7 +406,7 @@ def to_markdown(table: Table, *, task_names: Mapping[str, str] | None = None, ti
     """
     multi_ns = sorted({c.n for (_, (_, lang)), c in table.cells.items() if lang != AVG and c.n > 1})
     show_n = len(multi_ns) > 1
-    any_partial = False
+    any_partial = any_limited = False
     lines = []
     if title:
         lines += [f"### {title}", ""]
@@ -379,6 +425,9 @@ def to_markdown(table: Table, *, task_names: Mapping[str, str] | None = None, ti
             if c.partial:
                 text += "*"
                 any_partial = True
+            if c.limited:
+                text += " †"
+                any_limited = True
             texts.append(text)
         lines.append("| " + " | ".join([row.replace("|", "\\|"), *texts]) + " |")
     foot = []
@@ -387,6 +436,8 @@ def to_markdown(table: Table, *, task_names: Mapping[str, str] | None = None, ti
         foot.append(f"Scores in %; a ± b = mean ± sample standard deviation over {runs}.")
     if any_partial:
         foot.append("\\* average over the languages this row has results for only.")
+    if any_limited:
+        foot.append("† partial run: only the first rows of the test set (eval --limit); not comparable to full runs.")
     if foot:
         lines += ["", *foot]
     return "\n".join(lines) + "\n"

@@ -67,12 +67,21 @@ class TrainConfig:
 class GateTrainConfig(TrainConfig):
     """Gate training: the official recipe plus the gate's own settings."""
 
-    temperature: float = option(1.0, "gate softmax temperature (the authors used 1.1 for zh/ru math)")
+    temperature: float = option(1.0, "gate softmax temperature (the authors used 1.1 for zh/ru math)",
+                                flag="--gate-temperature")
+    deprecated_temperature: float | None = option(None, "deprecated alias of --gate-temperature", flag="--temperature")
     granularity: str = option("layer", "one gate per layer (the paper's best), one for the model, or one per "
                                        "module", choices=GRANULARITIES)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.deprecated_temperature is not None:
+            import warnings
+
+            self.deprecated_temperature = check_positive("deprecated_temperature", self.deprecated_temperature)
+
+            warnings.warn("--temperature is deprecated: use --gate-temperature", FutureWarning, stacklevel=2)
+            self.temperature, self.deprecated_temperature = self.deprecated_temperature, None
         self.temperature = check_positive("temperature", self.temperature)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity: {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")

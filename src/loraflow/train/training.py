@@ -167,7 +167,7 @@ def fit(
     from transformers import get_cosine_schedule_with_warmup
 
     out_dir = Path(out_dir)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
     if cfg.batch_size % world:
         raise LoraFlowError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
     if not train:

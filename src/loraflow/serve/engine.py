@@ -1,0 +1,360 @@
+"""The engine thread: owns the model and runs continuous batching.
+
+HTTP handlers `submit` a `GenerationRequest` into a bounded queue and receive `Update`s through the
+request's `emit` callback. Between two decode steps the engine admits queued requests (prefilled as
+one group and merged into the running batch), drops rows whose client went away, and removes rows
+the moment they finish. Nothing but this thread touches the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from loraflow.core.fusion_spec import FusionSpec
+from loraflow.serve.batching import DecodeBatch
+from loraflow.serve.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+class Overloaded(Exception):
+    """The queue is full; the handler answers 429."""
+
+
+class ShuttingDown(Overloaded):
+    """The engine is stopping and takes no new requests; the handler answers 503."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request decodes. temperature 0 is greedy; `seed` makes sampling reproducible."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class Update:
+    """What the engine tells a handler: new text, and on the last update why the request finished.
+
+    finish_reason: None while running, "stop" (end of sequence or a stop string), "length"
+    (max_tokens or the model length), "cancelled" or "error" (then `error` says what).
+    """
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One request as the engine sees it; `emit` must be thread-safe and must not block."""
+
+    prompt_ids: list[int]
+    fusion: FusionSpec
+    params: SamplingParams
+    emit: Callable[[Update], None]
+    id: str = ""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request (its client went away); its slot frees at the next step."""
+        self.cancelled.set()
+
+
+class _Row:
+    """A request in the running batch: its generated tokens, what text was already sent, its sampler."""
+
+    def __init__(self, request: GenerationRequest, seed: int, device: torch.device) -> None:
+        self.request = request
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of the decoded text already emitted
+        self.next_token: int | None = None
+        self.generator = None
+        if request.params.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(seed)
+
+
+class Engine:
+    """Continuous batching over one model, one thread.
+
+    Args:
+        model: a LoraFlowModel (or any causal LM that `DecodeBatch` can drive).
+        tokenizer: decodes the output; the engine keeps its own copy (fast tokenizers are not
+            safe to share across threads).
+        max_batch_size: rows decoding together.
+        max_queue: requests waiting for a row; `submit` raises Overloaded beyond it.
+        max_model_len: prompt plus output tokens per row.
+        seed: seeds the per-request samplers of requests that bring no seed.
+        metrics: where counts go (a fresh `Metrics` if None).
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 16, max_queue: int = 64,
+                 max_model_len: int = 2048, seed: int = 0, metrics: Metrics | None = None) -> None:
+        self.model = model
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.max_batch_size = max_batch_size
+        self.max_model_len = max_model_len
+        self.metrics = metrics or Metrics()
+        self.metrics.queue_length.set_function(self.queue_length)
+        self._queue: queue.Queue[GenerationRequest] = queue.Queue(maxsize=max_queue)
+        self._seeds = random.Random(seed)
+        self._seed_lock = threading.Lock()
+        self._batch = DecodeBatch(model)
+        self._rows: list[_Row] = []
+        self._eos = _eos_ids(model, tokenizer)
+        self._device = next(model.parameters()).device
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- handler side
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request; raises Overloaded when the queue is full, ShuttingDown once stopping."""
+        if self._stop.is_set():
+            raise ShuttingDown("the server is shutting down")
+        if request.params.seed is None and request.params.temperature > 0:
+            with self._seed_lock:
+                seed = self._seeds.randrange(2**63)
+            request.params = dataclasses.replace(request.params, seed=seed)
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            raise Overloaded(f"the server is busy: {self._queue.maxsize} requests are already waiting") from None
+
+    def queue_length(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        if self.running:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="loraflow-engine", daemon=True)
+        self._thread.start()
+
+    def request_stop(self) -> None:
+        """Ask the loop to end (safe from a signal handler); it ends every open request as cancelled."""
+        self._stop.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the loop after its current step and join it; every open request ends as cancelled."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("the engine thread did not stop within %s s", timeout)
+                return
+            self._thread = None
+        self._finish_all("cancelled", None)  # requests queued after the loop ended
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step(wait=0.05)
+            except Exception as e:  # a failed decode step: fail its rows, keep serving the others
+                logger.exception("decode step failed")
+                self._fail_rows(f"{type(e).__name__}: {e}")
+        self._finish_all("cancelled", None)
+
+    # ----------------------------------------------------------------- one scheduling step
+    @torch.inference_mode()
+    def step(self, wait: float = 0.0) -> bool:
+        """Admit waiting requests, run one decode step for the batch; False when there was nothing to do.
+
+        Args:
+            wait: seconds to block for a request when the batch is empty (0: return at once).
+        """
+        self._drop_cancelled()
+        admitted = self._admit(wait if not self._rows else 0.0)
+        if admitted:
+            self._prefill(admitted)
+        if not self._rows:
+            return bool(admitted)
+        logits = self._batch.decode([row.next_token for row in self._rows])
+        self.metrics.decode_batch_size.observe(len(self._rows))
+        self._consume(logits, self._rows)
+        return True
+
+    def _admit(self, wait: float) -> list[_Row]:
+        rows = []
+        while len(self._rows) + len(rows) < self.max_batch_size:
+            try:
+                request = self._queue.get(timeout=wait) if wait > 0 and not rows else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if request.cancelled.is_set():
+                self._emit(request, Update("", 0, "cancelled"))
+                continue
+            rows.append(_Row(request, request.params.seed or 0, self._device))
+        return rows
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        try:
+            logits = self._batch.prefill([r.request.prompt_ids for r in rows], [r.request.fusion for r in rows])
+        except Exception as e:  # the running batch is untouched: only the newcomers fail
+            logger.exception("prefill failed")
+            for row in rows:
+                self._emit(row.request, Update("", 0, "error", f"{type(e).__name__}: {e}"))
+            return
+        self._rows.extend(rows)
+        self.metrics.prompt_tokens.inc(sum(len(r.request.prompt_ids) for r in rows))
+        self._consume(logits, rows, offset=len(self._rows) - len(rows))
+
+    def _consume(self, logits: torch.Tensor, rows: Sequence[_Row], offset: int = 0) -> None:
+        """Sample one token per row, emit text, drop the rows that finished."""
+        tokens = sample(logits, [r.request.params for r in rows], [r.generator for r in rows])
+        finished = set()
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            if self._advance(row, token):
+                finished.add(offset + i)
+        self.metrics.generation_tokens.inc(len(rows))
+        if finished:
+            self._batch.keep([i for i in range(len(self._rows)) if i not in finished])
+            self._rows = [r for i, r in enumerate(self._rows) if i not in finished]
+        self.metrics.batch_size.set(len(self._rows))
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Record one token; emit the text that is safe to send; True when the row is done."""
+        params = row.request.params
+        row.tokens.append(token)
+        reason = None
+        if token in self._eos and not params.ignore_eos:
+            reason = "stop"
+            text = self._text(row.tokens[:-1])
+        else:
+            text = self._text(row.tokens)
+            cut = _find_stop(text, params.stop, row.sent)
+            if cut is not None:
+                text, reason = text[:cut], "stop"
+            elif len(row.tokens) >= params.max_tokens or len(row.request.prompt_ids) + len(row.tokens) >= self.max_model_len:
+                reason = "length"
+        safe = len(text) if reason else _safe_length(text, params.stop)
+        delta = text[row.sent:safe] if safe > row.sent else ""
+        row.sent = max(row.sent, safe)
+        row.next_token = token
+        if delta or reason:
+            self._emit(row.request, Update(delta, len(row.tokens), reason))
+        return reason is not None
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _drop_cancelled(self) -> None:
+        gone = [i for i, r in enumerate(self._rows) if r.request.cancelled.is_set()]
+        if not gone:
+            return
+        for i in gone:
+            self._emit(self._rows[i].request, Update("", len(self._rows[i].tokens), "cancelled"))
+        self._batch.keep([i for i in range(len(self._rows)) if i not in gone])
+        self._rows = [r for i, r in enumerate(self._rows) if i not in gone]
+        self.metrics.batch_size.set(len(self._rows))
+
+    def _fail_rows(self, error: str) -> None:
+        """End every running row with `error` and start from an empty batch."""
+        for row in self._rows:
+            self._emit(row.request, Update("", len(row.tokens), "error", error))
+        self._rows = []
+        self._batch = DecodeBatch(self.model)
+        self.metrics.batch_size.set(0)
+
+    def _finish_all(self, reason: str, error: str | None) -> None:
+        """End every running and queued request (at shutdown)."""
+        for row in self._rows:
+            self._emit(row.request, Update("", len(row.tokens), reason, error))
+        self._rows = []
+        self._batch = DecodeBatch(self.model)
+        while True:
+            try:
+                request = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._emit(request, Update("", 0, reason, error))
+        self.metrics.batch_size.set(0)
+
+    @staticmethod
+    def _emit(request: GenerationRequest, update: Update) -> None:
+        try:
+            request.emit(update)
+        except RuntimeError:  # the handler's event loop is gone: nobody is listening any more
+            request.cancel()
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence) -> list[int]:
+    """One token per row: argmax where temperature is 0, else top-p sampling with the row's generator.
+
+    Each row is sampled from its own logits with its own generator, so a row's token never depends
+    on the other rows of the batch.
+    """
+    greedy = logits.argmax(dim=-1).tolist()
+    out = []
+    for i, (p, g) in enumerate(zip(params, generators)):
+        if p.temperature == 0 or g is None:
+            out.append(greedy[i])
+            continue
+        probs = torch.softmax(logits[i] / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            outside = sorted_p.cumsum(0) - sorted_p > p.top_p  # keep the smallest prefix reaching top_p
+            sorted_p[outside] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        out.append(int(torch.multinomial(probs, 1, generator=g).item()))
+    return out
+
+
+def _find_stop(text: str, stops: Sequence[str], sent: int) -> int | None:
+    """Where the earliest stop string starts in `text` (searching only what may contain a new one)."""
+    hits = []
+    for s in stops:
+        at = text.find(s, max(0, sent - len(s) + 1))
+        if at >= 0:
+            hits.append(at)
+    return min(hits) if hits else None
+
+
+def _safe_length(text: str, stops: Sequence[str]) -> int:
+    """How much of `text` can be sent: hold back an unfinished UTF-8 character and any tail that may
+    still grow into a stop string."""
+    end = len(text)
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text.endswith(s[:k], 0, end):
+                hold = max(hold, k)
+                break
+    return end - hold
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(tokenizer, "eos_token_id", None),
+                   getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                   getattr(getattr(getattr(model, "model", None), "generation_config", None), "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(t) for t in source)
+    return ids

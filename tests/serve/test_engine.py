@@ -1,0 +1,236 @@
+"""Continuous batching: rows that join and leave a running batch, each with its own fusion, decode
+exactly as they do alone.
+
+References are independent of the batching code: a full forward over each row's whole sequence
+(no cache, no padding, the model in that row's fusion), and transformers' own `generate`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from serve_helpers import fusion_alone, load_model, save_tiny_setup
+
+from loraflow.core.fusion_spec import FusionSpec
+from loraflow.core.generation import generate_texts
+from loraflow.serve.batching import DecodeBatch
+from loraflow.serve.engine import Engine, GenerationRequest, SamplingParams
+
+# fp32 on CPU; measured max |diff| between a batched row's logits and its own full forward: <= 3e-7
+# (one fusion and mixed fusions with gates alike), so 1e-4 leaves a wide margin yet catches any masking error.
+LOGIT_TOL = 1e-4
+ZH, OFF, MIX = FusionSpec("single", adapter="zh"), FusionSpec("off"), FusionSpec("static", weights=(0.7, 0.5))
+GATE, GATE2 = FusionSpec("gate", gate="zh-math"), FusionSpec("gate", gate="g2")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return save_tiny_setup(tmp_path_factory.mktemp("serve_engine"))
+
+
+@pytest.fixture
+def model_tok(setup):
+    return load_model(setup)
+
+
+def _fusions(mixed: bool) -> list[FusionSpec]:
+    return [GATE, ZH, OFF, GATE2, MIX] if mixed else [MIX] * 5
+
+
+@torch.no_grad()
+def _reference_logits(model, spec, seq) -> torch.Tensor:
+    with fusion_alone(model, spec):
+        return model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["one-fusion", "mixed-fusions"])
+def test_rows_joining_and_leaving_keep_their_own_logits(model_tok, mixed):
+    model, _ = model_tok
+    fusions = _fusions(mixed)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22], [23]]
+    batch = DecodeBatch(model)
+    seqs, specs, worst = [], [], 0.0
+
+    def check(logits):
+        nonlocal worst
+        for row, seq in enumerate(seqs):
+            worst = max(worst, (logits[row] - _reference_logits(model, specs[row], seq)).abs().max().item())
+        return logits.argmax(-1).tolist()
+
+    def join(group):
+        logits = batch.prefill([prompts[i] for i in group], [fusions[i] for i in group])
+        seqs.extend(list(prompts[i]) for i in group)
+        specs.extend(fusions[i] for i in group)
+        for seq, tok in zip(seqs[-len(group):], logits.argmax(-1).tolist()):
+            seq.append(tok)
+        first = len(seqs) - len(group)
+        for row in range(first, len(seqs)):  # the newcomers' prefill logits against their reference
+            diff = logits[row - first] - _reference_logits(model, specs[row], seqs[row][:-1])
+            prefill_diffs.append(diff.abs().max().item())
+
+    prefill_diffs: list[float] = []
+    join([0, 1])
+    for step in range(8):
+        if step == 2:
+            join([2])  # longer than the running batch: the batch is padded
+        if step == 4:
+            join([3])  # shorter: the newcomer is padded
+        if step == 5:
+            batch.keep([1, 2, 3])  # row 0 leaves
+            del seqs[0], specs[0]
+        tokens = check(batch.decode([s[-1] for s in seqs]))
+        for seq, tok in zip(seqs, tokens):
+            seq.append(tok)
+        if step == 6:
+            batch.keep([2])  # only the last row stays; the cache is cut to its length
+            seqs, specs = [seqs[2]], [specs[2]]
+            assert batch.width == len(seqs[0]) - 1
+    assert max(prefill_diffs) <= LOGIT_TOL
+    assert worst <= LOGIT_TOL, f"batched logits differ from each row alone by {worst:.2e}"
+
+
+def _drive(engine, schedule: dict[int, list[GenerationRequest]], max_steps: int = 2000) -> None:
+    """Submit `schedule[step]` before each engine step until every request finished."""
+    pending = [r for group in schedule.values() for r in group]
+    for step in range(max_steps):
+        for request in schedule.get(step, []):
+            engine.submit(request)
+        engine.step()
+        if step >= max(schedule) and all(r._done for r in pending):
+            return
+    raise AssertionError("requests did not finish")
+
+
+def _request(prompt, fusion, **params) -> GenerationRequest:
+    out = {"text": "", "reason": None, "tokens": 0}
+
+    def emit(update):
+        out["text"] += update.text
+        out["reason"], out["tokens"] = update.finish_reason, update.completion_tokens
+        request._done = update.finish_reason is not None
+
+    request = GenerationRequest(list(prompt), fusion, SamplingParams(**{"max_tokens": 12, "temperature": 0.0,
+                                                                       **params}), emit=emit)
+    request._done, request.out = False, out
+    return request
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["one-fusion", "mixed-fusions"])
+def test_a_request_decodes_the_same_alone_and_in_a_changing_batch(model_tok, mixed):
+    model, tok = model_tok
+    fusions = _fusions(mixed)
+    cases = [  # (step it arrives, prompt, fusion, params)
+        (0, [5, 6, 7], fusions[0], dict(max_tokens=10, ignore_eos=True)),
+        (0, [8, 9, 10, 11, 12, 13, 14], fusions[1], dict(max_tokens=4, ignore_eos=True)),
+        (2, [15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26], fusions[2], dict(max_tokens=9)),
+        (3, [27], fusions[3], dict(max_tokens=12, temperature=0.9, top_p=0.8, seed=1234, ignore_eos=True)),
+        (3, [30, 31], fusions[4], dict(max_tokens=8, stop=("e",))),
+    ]
+    together = [_request(p, f, **kw) for _, p, f, kw in cases]
+    schedule: dict[int, list] = {}
+    for (step, *_), request in zip(cases, together):
+        schedule.setdefault(step, []).append(request)
+    engine = Engine(model, tok, max_batch_size=8, max_model_len=256)
+    _drive(engine, schedule)
+    sample = engine.metrics.registry.get_sample_value
+    assert sample("loraflow_decode_batch_size_sum") > sample("loraflow_decode_batch_size_count"), \
+        "the requests never shared a decode step"
+    for (_, p, f, kw), batched in zip(cases, together):
+        alone = _request(p, f, **kw)
+        _drive(Engine(model, tok, max_model_len=256), {0: [alone]})
+        assert batched.out == alone.out
+    assert [r.out["reason"] for r in together[:2]] == ["length", "length"]
+    assert [r.out["tokens"] for r in together[:2]] == [10, 4]
+
+
+def test_greedy_output_equals_transformers_generate(model_tok):
+    model, tok = model_tok
+    prompts = ["hello world", "the answer is", "hola"]
+    requests = [_request(tok(p)["input_ids"], MIX, max_tokens=15) for p in prompts]
+    _drive(Engine(model, tok, max_model_len=256), {0: requests})
+    with fusion_alone(model, MIX):
+        reference = generate_texts(model, tok, prompts, max_new_tokens=15, batch_size=1, add_special_tokens=True)
+    assert [r.out["text"] for r in requests] == [g.text for g in reference]
+    assert any(r.out["text"] for r in requests)
+
+
+def test_stop_strings_cut_the_text_and_never_leak_into_the_stream(model_tok):
+    model, tok = model_tok
+    free = _request(tok("hello")["input_ids"], MIX, max_tokens=30, ignore_eos=True)
+    _drive(Engine(model, tok, max_model_len=256), {0: [free]})
+    text = free.out["text"]
+    stop = text[5:8]  # a stop string that the free run produces after 5 characters
+    assert len(stop) == 3
+    deltas = []
+    stopped = _request(tok("hello")["input_ids"], MIX, max_tokens=30, ignore_eos=True, stop=(stop,))
+    inner = stopped.emit
+    stopped.emit = lambda u: (deltas.append(u.text), inner(u))
+    _drive(Engine(model, tok, max_model_len=256), {0: [stopped]})
+    assert stopped.out["text"] == text[: text.index(stop)]
+    assert stopped.out["reason"] == "stop"
+    assert all(stop not in "".join(deltas[:i + 1]) for i in range(len(deltas)))
+
+
+def test_cancelled_rows_leave_at_the_next_step(model_tok):
+    model, tok = model_tok
+    engine = Engine(model, tok, max_model_len=256)
+    keep = _request([5, 6], MIX, max_tokens=50, ignore_eos=True)
+    drop = _request([7, 8, 9], MIX, max_tokens=50, ignore_eos=True)
+    engine.submit(keep)
+    engine.submit(drop)
+    for _ in range(3):
+        engine.step()
+    assert len(engine._batch) == 2
+    drop.cancel()
+    engine.step()
+    assert len(engine._batch) == 1 and drop.out["reason"] == "cancelled"
+    assert engine.metrics.registry.get_sample_value("loraflow_batch_size") == 1
+
+
+def _wait(request, timeout: float = 30.0) -> None:
+    finished = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if request._done:
+            return
+        finished.wait(0.01)
+    raise AssertionError("the request did not finish")
+
+
+def test_a_failed_step_fails_its_rows_and_the_engine_keeps_serving(model_tok):
+    model, tok = model_tok
+    engine = Engine(model, tok, max_model_len=256)
+    victim = _request([5, 6], MIX, max_tokens=20, ignore_eos=True)
+    engine.submit(victim)
+    engine.step()
+
+    def broken(tokens):
+        raise RuntimeError("device lost")  # what an out-of-memory error would look like
+
+    engine._batch.decode = broken
+    engine.start()
+    try:
+        _wait(victim)
+        assert victim.out["reason"] == "error"
+        after = _request([5, 6], MIX, max_tokens=3)
+        engine.submit(after)
+        _wait(after)
+        assert after.out["reason"] in ("stop", "length") and engine.running
+    finally:
+        engine.stop()
+
+
+def test_a_stopping_engine_refuses_new_requests_and_ends_queued_ones(model_tok):
+    from loraflow.serve.engine import Overloaded, ShuttingDown
+
+    model, tok = model_tok
+    engine = Engine(model, tok, max_model_len=256, max_queue=1)
+    queued = _request([5, 6], MIX)
+    engine.submit(queued)
+    with pytest.raises(Overloaded, match="1 requests are already waiting"):
+        engine.submit(_request([7], MIX))
+    engine.stop()  # never started: the queued request still gets its answer
+    assert queued.out["reason"] == "cancelled"
+    with pytest.raises(ShuttingDown):
+        engine.submit(_request([7], MIX))
