@@ -12,7 +12,7 @@ in one process and interleaved so that machine drift hits all alike:
 * PEFT LoRA with 1 adapter, for reference;
 
 then runs torch.profiler over decode steps of the base model and loraflow (gate mode) and prints
-the aten ops that loraflow adds, and micro-timings of one FusedLoraLinear's parts. A diagnostic
+the aten ops that loraflow adds. A diagnostic
 helper for the report, not a benchmark of record; not run in CI.
 """
 
@@ -73,7 +73,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-profiler", action="store_true")
     args = p.parse_args(argv)
 
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -137,36 +136,6 @@ def main(argv=None) -> int:
                 print(f"\n== torch.profiler, {name}, batch {batch}, 5 decode steps ==")
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
 
-    # micro-timings of one fused q_proj at decode shape
-    m = flows[args.ks[0]]
-    m.set_gate_mode()
-    layer = m.model.model.layers[0].self_attn.q_proj
-    mixer = layer.mixer
-    d = spec.hidden_size
-    for batch in args.batch_sizes:
-        x = torch.randn(batch, 1, d)
-        with torch.inference_mode():
-            mixer.begin(x)
-            scales = mixer.column_scales(layer)
-            h = torch.nn.functional.linear(x, layer.lora_A)
-            y = layer.base_layer(x)
-            micro = {
-                "base_layer(x)": lambda: layer.base_layer(x),
-                "fused layer(x), gate mode (cached scales)": lambda: layer(x),
-                "mixer.column_scales (cache hit)": lambda: mixer.column_scales(layer),
-                "hash(layout_key)": lambda: hash((None, layer.layout_key)),
-                "gate(hidden) (per layer, cache miss)": lambda: m.gates.gate(0)(x),
-                "weights[..., idx] * scaling (cache miss)": lambda: (m.gates.gate(0)(x)[..., layer.adapter_index] * layer.scaling),
-                "F.linear(x, A)": lambda: torch.nn.functional.linear(x, layer.lora_A),
-                "h * scales": lambda: h * scales,
-                "F.linear(h, B)": lambda: torch.nn.functional.linear(h, layer.lora_B),
-                "result + delta": lambda: y + y,
-            }
-            print(f"\nmicro-timings, batch {batch}, layer-0 q_proj, k={args.ks[0]} (us, median of 2000):")
-            for name, fn in micro.items():
-                t = time_fn(lambda: [fn() for _ in range(100)], 20) / 100
-                print(f"  {name:45s} {t * 1e6:8.1f}")
-            mixer.end()
     Path(args.workdir / "profile_decode.json").write_text(json.dumps({str(b): r for b, r in report.items()}))
     return 0
 

@@ -101,6 +101,32 @@ def build(keys: list[str], paths: list[Path], seed: int) -> dict:
     return models
 
 
+def decode_step_cpu(model, fusion, ids, steps: int) -> list[float]:
+    """CPU seconds (time.process_time) of each of `steps` one-token decode forwards after a prefill.
+
+    On an oversubscribed machine, wall time mostly measures the run queue; the process's own CPU
+    time does not (memory-bandwidth contention still shows).
+    """
+    import torch
+
+    if fusion is not None:
+        model.set_fusion(fusion)
+    try:
+        with torch.inference_mode():
+            out = model(input_ids=ids, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            times = []
+            for _ in range(steps):
+                start = time.process_time()
+                out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                times.append(time.process_time() - start)
+                nxt = out.logits[:, -1:].argmax(-1)
+        return times
+    finally:
+        if fusion is not None:
+            model.set_gate_mode()
+
+
 def count_aten_ops(model, ids) -> int:
     """aten ops (all levels) of one decode step after a prefill of `ids`."""
     import torch
@@ -138,6 +164,10 @@ def main(argv=None) -> int:
     p.add_argument("--xlora-new-tokens", type=int, default=6)
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--no-xlora", action="store_true")
+    p.add_argument("--cpu-rounds", type=int, default=10,
+                   help="rounds of the CPU-time decode-step measurement (each: every configuration in turn)")
+    p.add_argument("--cpu-steps", type=int, default=8, help="decode steps per configuration and round")
+    p.add_argument("--skip-generate", action="store_true", help="only the CPU-time decode-step measurement")
     p.add_argument("--quick", action="store_true", help="2 rounds, batch 1, k in (2,), 8 new tokens")
     p.add_argument("--json", type=Path, default=Path(__file__).with_name("smollm2_results.json"))
     p.add_argument("--plot", type=Path, default=Path(__file__).with_name("smollm2_k_scaling.png"))
@@ -166,7 +196,14 @@ def main(argv=None) -> int:
                                                               for _, label, _ in runs}
     for key, label, fusion in runs:  # warm-up
         _measure(models[key], fusion, prompts[args.batch_sizes[0]], 3)
-    for round_ in range(args.rounds):
+    cpu = {label: {b: [] for b in args.batch_sizes} for key, label, _ in runs if key != "xlora2"}
+    for round_ in range(args.cpu_rounds):
+        for b in args.batch_sizes:
+            for key, label, fusion in runs:
+                if key != "xlora2":
+                    cpu[label][b] += decode_step_cpu(models[key], fusion, prompts[b][:, :32], args.cpu_steps)
+    print(f"CPU-time decode steps done ({time.perf_counter() - started:.0f}s)", flush=True)
+    for round_ in range(0 if args.skip_generate else args.rounds):
         for b in args.batch_sizes:
             for key, label, fusion in runs:
                 if key == "xlora2" and round_ > 0:
@@ -174,8 +211,9 @@ def main(argv=None) -> int:
                 n = args.xlora_new_tokens if key == "xlora2" else args.new_tokens
                 times[label][b].append(_measure(models[key], fusion, prompts[b], n))
         print(f"round {round_ + 1}/{args.rounds} done ({time.perf_counter() - started:.0f}s)", flush=True)
+    cpu_ms = {label: {b: 1000 * statistics.median(ts) for b, ts in per_b.items()} for label, per_b in cpu.items()}
     results = {}
-    for key, label, _ in runs:
+    for key, label, _ in ([] if args.skip_generate else runs):
         n = args.xlora_new_tokens if key == "xlora2" else args.new_tokens
         results[label] = {b: {"prefill_tok_s": b * args.prompt_len / statistics.median(t[0] for t in ts),
                               "decode_tok_s": b * (n - 1) / statistics.median(t[1] for t in ts), "runs": ts}
@@ -183,12 +221,16 @@ def main(argv=None) -> int:
     ids = prompts[args.batch_sizes[0]][:1]
     ops = {key: count_aten_ops(models[key], ids) for key in ("base", "peft2", "loraflow2")}
     bw = {key: bytes_per_token(models[key]) for key in keys if key.startswith("loraflow")}
-    text = render(results, runs, ops, bw, args, time.perf_counter() - started)
+    text = render_cpu(cpu_ms, runs, args) + "\n\n"
+    if results:
+        text += render(results, runs, ops, bw, args, time.perf_counter() - started)
+    else:
+        text += _notes(ops, bw, args)
     print(text)
-    args.json.write_text(json.dumps({"results": results, "ops": ops, "bandwidth": bw, "args": vars(args) | {
+    args.json.write_text(json.dumps({"cpu_ms": cpu_ms, "results": results, "ops": ops, "bandwidth": bw, "args": vars(args) | {
         "json": str(args.json), "plot": str(args.plot)}, "info": machine_info(1, args.seed)}, indent=1, default=str))
     if len(ks) > 1:
-        plot(results, ks, args)
+        plot(cpu_ms, ks, args)
     return 0
 
 
@@ -200,6 +242,39 @@ def _measure(model, fusion, ids, n):
         return timed_generate(model, ids, n)
     finally:
         model.set_gate_mode()
+
+
+LABELS = {"base": "base model", "peft1": "PEFT LoRA, 1 adapter (a0)", "peft2": "PEFT LoRA, 2 adapters active",
+          "xlora2": "PEFT X-LoRA, 2 adapters (*)", "static_avg": "loraflow k=2, static avg (merged)",
+          "static_single": "loraflow k=2, single:a0 (merged)"}
+
+
+def _label(key: str) -> str:
+    return LABELS.get(key, f"loraflow, dynamic gate, k={key[len('loraflow'):]}")
+
+
+def render_cpu(cpu_ms, runs, args) -> str:
+    bs = args.batch_sizes
+    lines = [f"Decode step, CPU time (median over {args.cpu_rounds} interleaved rounds x {args.cpu_steps} steps; "
+             f"32-token prompt; ratio = base time / configuration time, i.e. relative tokens/s):", "",
+             "| configuration | " + " | ".join(f"ms/step b={b} | vs base b={b}" for b in bs) + " |",
+             "|---|" + "---:|---:|" * len(bs)]
+    for _, label, _ in runs:
+        if label not in cpu_ms:
+            continue
+        cells = []
+        for b in bs:
+            cells += [f"{cpu_ms[label][b]:.1f}", f"{cpu_ms['base'][b] / cpu_ms[label][b]:.3f}x"]
+        lines.append(f"| {_label(label)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _notes(ops, bw, args) -> str:
+    return "\n".join([
+        "aten ops in one decode step (batch 1, torch.profiler, all levels): "
+        + ", ".join(f"{k} {v:,}" for k, v in ops.items()), "",
+        "Bandwidth bound (decode is weight-bound at batch 1: base weight bytes / (base + adapters + gates)): "
+        + ", ".join(f"k={k[len('loraflow'):]} {v['bound']:.3f}x (+{v['extra'] / 2**20:.1f} MiB)" for k, v in bw.items())])
 
 
 def render(results, runs, ops, bw, args, wall) -> str:
@@ -229,7 +304,7 @@ def render(results, runs, ops, bw, args, wall) -> str:
     return "\n".join(lines)
 
 
-def plot(results, ks, args) -> None:
+def plot(cpu_ms, ks, args) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -237,15 +312,14 @@ def plot(results, ks, args) -> None:
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     for b in args.batch_sizes:
-        base = results["base"][b]["decode_tok_s"]
-        ax.plot(ks, [results[f"loraflow{k}"][b]["decode_tok_s"] / base for k in ks], marker="o",
-                label=f"loraflow decode, batch {b}")
-        ax.axhline(results["peft1"][b]["decode_tok_s"] / base, ls="--", lw=1, color=ax.lines[-1].get_color(),
+        base = cpu_ms["base"][b]
+        ax.plot(ks, [base / cpu_ms[f"loraflow{k}"][b] for k in ks], marker="o", label=f"loraflow decode, batch {b}")
+        ax.axhline(base / cpu_ms["peft1"][b], ls="--", lw=1, color=ax.lines[-1].get_color(),
                    label=f"PEFT 1 adapter, batch {b}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("adapters fused (k)")
-    ax.set_ylabel("decode tokens/s relative to the base model")
+    ax.set_ylabel("decode speed relative to the base model (CPU time)")
     ax.set_title("SmolLM2-135M, 1 thread: LoRA-Flow decode speed vs k")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

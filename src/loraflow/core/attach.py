@@ -305,7 +305,7 @@ def merge(attachment: Attachment, engine: FusionEngine, plan: FusionPlan) -> Non
     weights = plan.static.float().cpu()
     with torch.no_grad():
         for m in attachment.fused:
-            scales = (weights @ m.group.column_map.cpu())[m.columns]  # (R,)
+            scales = (weights @ m.group.column_map.float().cpu())[m.columns]  # (R,)
             delta = (m.lora_B.float().cpu() * scales) @ m.lora_A.float().cpu()  # (out, in)
             weight = m.base_layer.weight
             original = weight.data
