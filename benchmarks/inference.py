@@ -70,7 +70,6 @@ def configurations(ks: tuple[int, ...]) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------- worker (one configuration)
 def load_configuration(key: str, assets: dict, seed: int):
     """Build one configuration from the saved base model and adapters; returns (model, hidden_size)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     base, paths = assets["base"], assets["adapters"]

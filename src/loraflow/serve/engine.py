@@ -250,6 +250,8 @@ class Engine:
                 text, reason = text[:cut], "stop"
             elif len(row.tokens) >= params.max_tokens or len(row.request.prompt_ids) + len(row.tokens) >= self.max_model_len:
                 reason = "length"
+        if reason:  # a character cut by the end of generation decodes as U+FFFD: no text (as generate_texts)
+            text = text.rstrip("\ufffd")
         safe = len(text) if reason else _safe_length(text, params.stop)
         delta = text[row.sent:safe] if safe > row.sent else ""
         row.sent = max(row.sent, safe)
