@@ -19,6 +19,7 @@ from typing import Any
 from loraflow.common.checks import check_float, check_int, check_positive
 from loraflow.common.errors import LoraFlowError
 from loraflow.common.io import check_output_file, read_jsonl, write_json_atomic, write_jsonl_atomic
+from loraflow.core.distributed import owned_process_group
 from loraflow.core.fusion_spec import parse_fusion
 from loraflow.common.options import option
 from loraflow.data import protocol
@@ -167,49 +168,17 @@ def evaluate(
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
     torch.manual_seed(cfg.seed)
-    had_group = process_group_initialized()
-    state = PartialState(cpu=not device.startswith("cuda"))
-    try:
-        result = _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path, pred_path, cfg, state,
-                           gate=gate, train_path=train_path, torch_dtype=torch_dtype, device=device, label=label,
-                           adapter_role=adapter_role, progress=progress, total_rows=total_rows)
-    except BaseException:
-        if not had_group:
-            release_process_group(wait=False)
-        raise
-    if not had_group:
-        release_process_group()
-    return result
+    with owned_process_group():
+        state = PartialState(cpu=not device.startswith("cuda"))
+        return _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path, pred_path, cfg, state,
+                         gate=gate, train_path=train_path, torch_dtype=torch_dtype, device=device, label=label,
+                         adapter_role=adapter_role, progress=progress, total_rows=total_rows)
 
 
 def output_paths(out_path: str | os.PathLike) -> tuple[Path, Path]:
     """RESULT.json and the raw outputs file written next to it (RESULT.outputs.jsonl)."""
     out_path = Path(out_path)
     return out_path, out_path.with_suffix(".outputs.jsonl")
-
-
-def process_group_initialized() -> bool:
-    """Whether a torch.distributed process group exists (as under `accelerate launch`)."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def release_process_group(*, wait: bool = True) -> None:
-    """Destroy the process group a run created and forget Accelerate's state, so processes exit cleanly.
-
-    Without this, gloo's threads can outlive the interpreter ("terminate called without an active
-    exception"). `wait` first lets every rank arrive (skipped on errors, where a peer may never come).
-    """
-    import torch.distributed as dist
-    from accelerate.state import AcceleratorState
-
-    if not process_group_initialized():
-        return
-    if wait:
-        dist.barrier()
-    dist.destroy_process_group()
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: Path, pred_path: Path,

@@ -119,18 +119,10 @@ def make_accelerator(cfg: TrainConfig):
 @contextlib.contextmanager
 def accelerated(cfg: TrainConfig) -> Iterator[Any]:
     """An Accelerator for one run; a process group it created is destroyed at the end, so processes exit cleanly."""
-    from loraflow.evaluation.harness import process_group_initialized, release_process_group
+    from loraflow.core.distributed import owned_process_group
 
-    had_group = process_group_initialized()
-    accelerator = make_accelerator(cfg)
-    try:
-        yield accelerator
-    except BaseException:
-        if not had_group:
-            release_process_group(wait=False)
-        raise
-    if not had_group:
-        release_process_group()
+    with owned_process_group():
+        yield make_accelerator(cfg)
 
 
 def fit(
