@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 import torch
 from conftest import build_tiny_model, make_peft_adapter
 from torch import nn
@@ -142,3 +143,36 @@ def test_model_to_bf16_keeps_scales_exact_in_fp32(tmp_path):
     with torch.no_grad():
         out = model(input_ids=_ids(1)).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def _with_dropout(path, p):
+    import json
+
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["lora_dropout"] = p
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_lora_dropout_draws_an_independent_mask_per_adapter(tmp_path, p):
+    """Two copies of one adapter mixed with static weights +1 and -1 cancel exactly when both see the same
+    input; PEFT gives each adapter its own dropout module, so in training their masks differ and they do not
+    cancel. p=0 is the control: exact cancellation, so the check can tell the two apart."""
+    base = build_tiny_model("llama", num_layers=2)
+    a = _with_dropout(make_peft_adapter(base, tmp_path / "a", seed=3), p)
+    b = _with_dropout(make_peft_adapter(base, tmp_path / "b", seed=3), p)
+    model = LoraFlowModel.from_pretrained(copy.deepcopy(base), {"a": a, "b": b}, seed=0)
+    model.set_static_weights([1.0, -1.0])
+    model.train()
+    ids = _ids(4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        mixed = model(input_ids=ids).logits
+        with model.adapters_disabled():
+            plain = model(input_ids=ids).logits
+    gap = (mixed - plain).abs().max().item()
+    if p == 0:
+        assert gap < 1e-5, gap
+    else:
+        assert gap > 1e-2, gap  # a shared mask would cancel to ~0 as in the control

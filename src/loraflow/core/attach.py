@@ -125,7 +125,8 @@ def _layer_of(module_path: str, layers_path: str, n: int) -> tuple[int, str] | N
 
 def _stack(adapters: list[LoraAdapter], module_path: str, base: nn.Module, dtype: torch.dtype):
     in_f, out_f = linear_dims(base)
-    a_parts, b_parts, index, scaling, dropouts = [], [], [], [], []
+    a_parts, b_parts, index, scaling = [], [], [], []
+    dropouts = [0.0] * len(adapters)  # per adapter, as PEFT holds one dropout module per adapter
     for i, adapter in enumerate(adapters):
         weights = adapter.modules.get(module_path)
         if weights is None:
@@ -140,10 +141,10 @@ def _stack(adapters: list[LoraAdapter], module_path: str, base: nn.Module, dtype
         b_parts.append(weights.lora_B)
         index += [i] * weights.rank
         scaling += [weights.scale] * weights.rank
-        dropouts.append(adapter.dropout)
+        dropouts[i] = adapter.dropout
     lora_A = torch.cat(a_parts, 0).to(dtype)  # (R, in)
     lora_B = torch.cat([b.t() for b in b_parts], 0).to(dtype).t()  # (out, R), a view of a contiguous (R, out)
-    return lora_A, lora_B, torch.tensor(index), torch.tensor(scaling), max(dropouts)
+    return lora_A, lora_B, torch.tensor(index), torch.tensor(scaling), dropouts
 
 
 def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], engine: FusionEngine) -> Attachment:

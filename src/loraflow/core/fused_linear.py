@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -80,7 +81,8 @@ class FusedLoraLinear(nn.Module):
         adapter_index: (R,) long, which adapter each rank column belongs to.
         scaling: (R,) float, that adapter's lora_alpha / r for each column.
         num_adapters: k, including adapters that do not touch this module (they contribute 0).
-        dropout: LoRA dropout on the input, active in training mode only.
+        dropout: LoRA dropout on the input, active in training mode only: one p for every adapter, or one
+            per adapter (k values); each adapter draws its own mask, as PEFT's per-adapter dropout does.
         module_key: this module's name inside its decoder layer (e.g. "self_attn.q_proj").
         layout_key: equal for modules whose adapter_index and scaling are equal.
     """
@@ -115,7 +117,12 @@ class FusedLoraLinear(nn.Module):
         self.lora_B_t = nn.Parameter(lora_B.t().contiguous(), requires_grad=False)  # (R, out)
         self.register_buffer("adapter_index", adapter_index.long(), persistent=False)
         self.register_buffer("scaling", scaling.float(), persistent=False)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        ps = [float(dropout)] * num_adapters if isinstance(dropout, (int, float)) else [float(x) for x in dropout]
+        self.dropout_p = tuple(ps)
+        # nn.Dropout at the largest p marks "dropout is on" (and shows in the repr); masks come from dropout_p
+        self.lora_dropout = nn.Dropout(max(ps)) if max(ps, default=0.0) > 0 else nn.Identity()
+        counts = torch.bincount(adapter_index.long(), minlength=num_adapters).tolist()
+        self._adapter_runs = [(i, n) for i, n in enumerate(counts) if n]  # columns are stacked adapter by adapter
         column_map = torch.zeros(num_adapters, lora_A.shape[0])
         column_map[adapter_index.long(), torch.arange(lora_A.shape[0])] = scaling.float()
         self.lora_group = LoraInputGroup(lora_A, column_map)  # a group of one until attach regroups
@@ -164,6 +171,18 @@ class FusedLoraLinear(nn.Module):
             result.view(-1, self.out_features).addmm_(h, self.lora_B_t)
             return result
         return result + (h @ self.lora_B_t).to(result.dtype).view(result.shape)
+
+    def project_with_dropout(self, x: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+        """(N, R) = x @ A^T for this module's columns `a_t` (in, R), each adapter's columns from its own
+        dropout mask of its own p (training), as PEFT applies one dropout module per adapter."""
+        if not self.training:
+            return torch.mm(x, a_t)
+        parts, start = [], 0
+        for adapter, n in self._adapter_runs:
+            p = self.dropout_p[adapter]
+            parts.append(torch.mm(F.dropout(x, p, training=True) if p > 0 else x, a_t[:, start:start + n]))
+            start += n
+        return torch.cat(parts, dim=1)
 
     def extra_repr(self) -> str:
         shared = self.group.lora_A_t.shape[1] != self.lora_B_t.shape[0]

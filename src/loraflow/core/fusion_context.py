@@ -143,7 +143,7 @@ class CallContext:
             # one gate per module, or dropout drawn per module: nothing can be shared
             w = self._weights(index, layer, module.module_key if self.plan.module_granular else None)
             scales = self._cast((w @ group.column_map.to(w.device, w.dtype))[..., module.columns], a_t)
-            h = torch.mm(module.lora_dropout(x_in).reshape(-1, x.shape[-1]), a_t[:, module.columns])
+            h = module.project_with_dropout(x_in.reshape(-1, x.shape[-1]), a_t[:, module.columns])
             return _scale(h, scales)
         cached = layer.projections.get(id(group))
         if cached is None or cached[0] is not x:
