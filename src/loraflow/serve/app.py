@@ -319,16 +319,24 @@ class _CountRequests:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        status = 500
+        status, counted = 500, False
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+
+        def count() -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                self.metrics.requests.labels(endpoint, str(status)).inc()
 
         async def send_status(message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                count()  # before the last byte goes out: a client that then reads /metrics finds its request
             await send(message)
 
         try:
             await self.app(scope, receive, send_status)
         finally:
-            endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
-            self.metrics.requests.labels(endpoint, str(status)).inc()
+            count()

@@ -225,11 +225,13 @@ class Engine:
     def _consume(self, logits: torch.Tensor, rows: Sequence[_Row], offset: int = 0) -> None:
         """Sample one token per row, emit text, drop the rows that finished."""
         tokens = sample(logits, [r.request.params for r in rows], [r.generator for r in rows])
+        # counted before any row's text is emitted: a client that reads /metrics after its response must
+        # find its tokens there
+        self.metrics.generation_tokens.inc(len(rows))
         finished = set()
         for i, (row, token) in enumerate(zip(rows, tokens)):
             if self._advance(row, token):
                 finished.add(offset + i)
-        self.metrics.generation_tokens.inc(len(rows))
         if finished:
             self._batch.keep([i for i in range(len(self._rows)) if i not in finished])
             self._rows = [r for i, r in enumerate(self._rows) if i not in finished]
