@@ -117,7 +117,8 @@ class GenerateOptions:
     def __post_init__(self) -> None:
         if bool(self.prompt) == bool(self.prompts_file):
             raise ValueError("prompt: give --prompt (repeatable) or --prompts-file, not both or neither")
-        _check_positive(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        check_int("max_new_tokens", self.max_new_tokens, low=1)
+        check_int("batch_size", self.batch_size, low=1)
         self.sampling()  # validates the sampling settings
 
     def sampling(self):
@@ -139,7 +140,7 @@ class InspectOptions:
     seed: int = option(0, "random seed")
 
     def __post_init__(self) -> None:
-        _check_positive(max_new_tokens=self.max_new_tokens)
+        check_int("max_new_tokens", self.max_new_tokens, low=1)
         if not self.prompt.strip():
             raise ValueError("prompt: the prompt is empty")
 
@@ -163,7 +164,3 @@ class ConvertGateOptions:
     def adapter_names(self) -> list[str]:
         return [n.strip() for n in self.adapters.split(",") if n.strip()]
 
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        check_int(name, value, low=1)

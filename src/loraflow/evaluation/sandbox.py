@@ -59,6 +59,7 @@ try:  # POSIX only; imported here so that preexec_fn never imports in the forked
 except ImportError:  # pragma: no cover - Windows
     resource = None  # type: ignore[assignment]
 
+from loraflow.common.checks import check_positive
 from loraflow.common.errors import LoraFlowError
 
 STATUSES = ("passed", "failed", "timeout", "error")
@@ -327,9 +328,15 @@ def run_program(
     """
     if resource is None:  # pragma: no cover
         raise LoraFlowError("the code sandbox needs a POSIX system (resource limits, process groups)")
-    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
-        raise LoraFlowError(f"timeout must be a finite number of seconds > 0, got {timeout}")
+    _check_timeout(timeout)
     return _run(program, timeout, limits or SandboxLimits(), python, isolation_command(isolation))
+
+
+def _check_timeout(timeout) -> None:
+    try:
+        check_positive("timeout", timeout)
+    except ValueError:
+        raise LoraFlowError(f"timeout must be a finite number of seconds > 0, got {timeout}") from None
 
 
 def _run(program: str, timeout: float, limits: SandboxLimits, python: str | None, wrapper: list[str]) -> ExecutionResult:
@@ -471,8 +478,7 @@ def run_programs(
     workers = default_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise LoraFlowError(f"workers must be a whole number >= 1, got {workers}")
-    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
-        raise LoraFlowError(f"timeout must be a finite number of seconds > 0, got {timeout}")
+    _check_timeout(timeout)
     wrapper = isolation_command(isolation)  # fail closed before any program runs
     if not programs:
         return []
