@@ -10,16 +10,21 @@ real PEFT LoRA directories with random non-zero A and B: "a0" rank 8 on all seve
 a fresh one with std 0.02, so its weights vary per token.
 
 All configurations live in one process and are measured in turn, round after round (interleaved
-repeats), so a shared machine's drift hits them alike; every number is a median over rounds, and
-every ratio is to the base model measured in the same rounds. One thread (`torch.set_num_threads`).
-Each measurement is a greedy `generate` (KV cache) timed per step by a logits processor, as in
-`benchmarks/inference.py`: prefill tok/s = B x prompt / time to the first logits, decode tok/s =
-B x (N - 1) / time from the first to the last logits.
+repeats), so a shared machine's drift hits them alike; every ratio is to the base model measured
+in the same rounds. Each configuration is built `--instances` times over separate copies of the
+base weights: the same model in two copies of its weights ran up to 6% apart on this machine
+(where the allocator put the weights), so the medians pool every copy. One thread.
+
+Speed is CPU time (`time.process_time`) of model forwards: a prefill of B x `--prompt-len` tokens,
+then `--steps` one-token decode steps on its KV cache. prefill tok/s = B x prompt / prefill time,
+decode tok/s = B / step time. PEFT X-LoRA cannot use a KV cache, so it is compared on greedy
+`generate` wall time instead (against the base and loraflow k=2 in the same rounds).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import statistics
@@ -42,10 +47,18 @@ def gguf_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+_BASE: list = []
+
+
 def load_base():
+    """A fresh copy of the base model (the GGUF is read and dequantised once, copies are cheap)."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(gguf_dir()), gguf_file=GGUF).eval()
+    if not _BASE:
+        _BASE.append(AutoModelForCausalLM.from_pretrained(str(gguf_dir()), gguf_file=GGUF).eval())
+    return copy.deepcopy(_BASE[0])
 
 
 def make_adapters(base, workdir: Path, k: int, seed: int) -> list[Path]:
@@ -101,30 +114,41 @@ def build(keys: list[str], paths: list[Path], seed: int) -> dict:
     return models
 
 
-def decode_step_cpu(model, fusion, ids, steps: int) -> list[float]:
-    """CPU seconds (time.process_time) of each of `steps` one-token decode forwards after a prefill.
+def forward_cpu(model, ids, steps: int) -> tuple[float, list[float]]:
+    """CPU seconds (time.process_time) of a prefill of `ids` and of each of `steps` one-token decode forwards.
 
-    On an oversubscribed machine, wall time mostly measures the run queue; the process's own CPU
-    time does not (memory-bandwidth contention still shows).
+    On a shared machine, wall time mostly measures the run queue; the process's own CPU time does
+    not (memory-bandwidth contention still shows).
     """
     import torch
 
-    if fusion is not None:
-        model.set_fusion(fusion)
+    with torch.inference_mode():
+        start = time.process_time()
+        out = model(input_ids=ids, use_cache=True)
+        prefill = time.process_time() - start
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        times = []
+        for _ in range(steps):
+            start = time.process_time()
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            times.append(time.process_time() - start)
+            nxt = out.logits[:, -1:].argmax(-1)
+    return prefill, times
+
+
+@contextlib.contextmanager
+def fusion_mode(model, fusion: str | None, merged: bool = True):
+    """Run `model` (a LoraFlowModel) with `fusion` set, merged into the weights or not; None: as it is."""
+    if fusion is None:
+        yield
+        return
+    model.merge_static = merged
+    model.set_fusion(fusion)
     try:
-        with torch.inference_mode():
-            out = model(input_ids=ids, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            times = []
-            for _ in range(steps):
-                start = time.process_time()
-                out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-                times.append(time.process_time() - start)
-                nxt = out.logits[:, -1:].argmax(-1)
-        return times
+        yield
     finally:
-        if fusion is not None:
-            model.set_gate_mode()
+        model.set_gate_mode()
+        model.merge_static = True
 
 
 def count_aten_ops(model, ids) -> int:
@@ -157,146 +181,109 @@ def bytes_per_token(model) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds of the forward measurement")
+    p.add_argument("--instances", type=int, default=2, help="copies of each configuration (pooled)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--xlora-new-tokens", type=int, default=6)
+    p.add_argument("--steps", type=int, default=6, help="decode steps per configuration, copy and round")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--no-xlora", action="store_true")
-    p.add_argument("--cpu-rounds", type=int, default=10,
-                   help="rounds of the CPU-time decode-step measurement (each: every configuration in turn)")
-    p.add_argument("--cpu-steps", type=int, default=8, help="decode steps per configuration and round")
-    p.add_argument("--skip-generate", action="store_true", help="only the CPU-time decode-step measurement")
-    p.add_argument("--quick", action="store_true", help="2 rounds, batch 1, k in (2,), 8 new tokens")
+    p.add_argument("--xlora-new-tokens", type=int, default=6, help="tokens of the X-LoRA generate comparison")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 round, 1 copy, batch 1, k=2, 2 steps")
     p.add_argument("--json", type=Path, default=Path(__file__).with_name("smollm2_results.json"))
     p.add_argument("--plot", type=Path, default=Path(__file__).with_name("smollm2_k_scaling.png"))
     args = p.parse_args(argv)
     if args.quick:
-        args.rounds, args.batch_sizes, args.ks, args.new_tokens = 2, [1], [2], 8
+        args.rounds, args.instances, args.batch_sizes, args.ks, args.steps = 1, 1, [1], [2], 2
     import torch
 
     set_threads(1)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     ks = sorted(set(args.ks) | {2})
-    keys = ["base", "peft1", "peft2"] + ([] if args.no_xlora else ["xlora2"]) + [f"loraflow{k}" for k in ks]
+    keys = ["base", "peft1", "peft2"] + [f"loraflow{k}" for k in ks]
     with tempfile.TemporaryDirectory(prefix="loraflow-smollm2-") as tmp:
-        base_for_adapters = load_base()
-        paths = make_adapters(base_for_adapters, Path(tmp), max(ks), args.seed)
-        del base_for_adapters
-        models = build(keys, paths, args.seed)
-    # static modes run on the k=2 model, merged into its weights: measured as their own "configurations"
-    runs = [(key, key, None) for key in keys] + [("loraflow2", "static_avg", "avg"),
-                                                   ("loraflow2", "static_single", "single:a0")]
-    vocab = models["base"].config.vocab_size
+        paths = make_adapters(load_base(), Path(tmp), max(ks), args.seed)
+        models = {key: [build([key], paths, args.seed)[key] for _ in range(args.instances)] for key in keys}
+        xlora = None if args.no_xlora else build(["xlora2"], paths, args.seed)["xlora2"]
+    print(f"models built ({time.perf_counter() - started:.0f}s)", flush=True)
+    # (model key, label, fusion, merged): static modes run on the k=2 models
+    runs = [(key, key, None, True) for key in keys] + [
+        ("loraflow2", "off", "off", True), ("loraflow2", "static_avg_unmerged", "avg", False),
+        ("loraflow2", "static_avg", "avg", True), ("loraflow2", "static_single", "single:a0", True)]
+    vocab = models["base"][0].config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
     prompts = {b: torch.randint(3, vocab, (b, args.prompt_len), generator=gen) for b in args.batch_sizes}
-    times: dict[str, dict[int, list[tuple[float, float]]]] = {label: {b: [] for b in args.batch_sizes}
-                                                              for _, label, _ in runs}
-    for key, label, fusion in runs:  # warm-up
-        _measure(models[key], fusion, prompts[args.batch_sizes[0]], 3)
-    cpu = {label: {b: [] for b in args.batch_sizes} for key, label, _ in runs if key != "xlora2"}
-    for round_ in range(args.cpu_rounds):
+    prefill = {label: {b: [] for b in args.batch_sizes} for _, label, _, _ in runs}
+    decode = {label: {b: [] for b in args.batch_sizes} for _, label, _, _ in runs}
+    for round_ in range(args.rounds + 1):  # round 0 warms up and is dropped
         for b in args.batch_sizes:
-            for key, label, fusion in runs:
-                if key != "xlora2":
-                    cpu[label][b] += decode_step_cpu(models[key], fusion, prompts[b][:, :32], args.cpu_steps)
-    print(f"CPU-time decode steps done ({time.perf_counter() - started:.0f}s)", flush=True)
-    for round_ in range(0 if args.skip_generate else args.rounds):
-        for b in args.batch_sizes:
-            for key, label, fusion in runs:
-                if key == "xlora2" and round_ > 0:
-                    continue  # far behind and slow (no KV cache): one round
-                n = args.xlora_new_tokens if key == "xlora2" else args.new_tokens
-                times[label][b].append(_measure(models[key], fusion, prompts[b], n))
-        print(f"round {round_ + 1}/{args.rounds} done ({time.perf_counter() - started:.0f}s)", flush=True)
-    cpu_ms = {label: {b: 1000 * statistics.median(ts) for b, ts in per_b.items()} for label, per_b in cpu.items()}
-    results = {}
-    for key, label, _ in ([] if args.skip_generate else runs):
-        n = args.xlora_new_tokens if key == "xlora2" else args.new_tokens
-        results[label] = {b: {"prefill_tok_s": b * args.prompt_len / statistics.median(t[0] for t in ts),
-                              "decode_tok_s": b * (n - 1) / statistics.median(t[1] for t in ts), "runs": ts}
-                          for b, ts in times[label].items()}
+            for key, label, fusion, merged in runs:
+                for model in models[key]:
+                    with fusion_mode(model, fusion, merged):
+                        pre, steps = forward_cpu(model, prompts[b], args.steps)
+                    if round_:
+                        prefill[label][b].append(pre)
+                        decode[label][b] += steps
+        print(f"round {round_}/{args.rounds} done ({time.perf_counter() - started:.0f}s)", flush=True)
+    ms = {label: {b: {"prefill": 1000 * statistics.median(prefill[label][b]),
+                      "decode": 1000 * statistics.median(decode[label][b])} for b in args.batch_sizes}
+          for _, label, _, _ in runs}
+    xl = xlora_comparison(models["base"][0], models["loraflow2"][0], xlora, prompts, args) if xlora else {}
     ids = prompts[args.batch_sizes[0]][:1]
-    ops = {key: count_aten_ops(models[key], ids) for key in ("base", "peft2", "loraflow2")}
-    bw = {key: bytes_per_token(models[key]) for key in keys if key.startswith("loraflow")}
-    text = render_cpu(cpu_ms, runs, args) + "\n\n"
-    if results:
-        text += render(results, runs, ops, bw, args, time.perf_counter() - started)
-    else:
-        text += _notes(ops, bw, args)
+    ops = {key: count_aten_ops(models[key][0], ids) for key in ("base", "peft2", "loraflow2")}
+    bw = {key: bytes_per_token(models[key][0]) for key in keys if key.startswith("loraflow")}
+    text = render(ms, runs, ops, bw, xl, args, time.perf_counter() - started)
     print(text)
-    args.json.write_text(json.dumps({"cpu_ms": cpu_ms, "results": results, "ops": ops, "bandwidth": bw, "args": vars(args) | {
+    args.json.write_text(json.dumps({"ms": ms, "xlora": xl, "ops": ops, "bandwidth": bw, "args": vars(args) | {
         "json": str(args.json), "plot": str(args.plot)}, "info": machine_info(1, args.seed)}, indent=1, default=str))
     if len(ks) > 1:
-        plot(cpu_ms, ks, args)
+        plot(ms, ks, args)
     return 0
 
 
-def _measure(model, fusion, ids, n):
-    if fusion is None:
-        return timed_generate(model, ids, n)
-    model.set_fusion(fusion)
-    try:
-        return timed_generate(model, ids, n)
-    finally:
-        model.set_gate_mode()
+def xlora_comparison(base, loraflow, xlora, prompts, args) -> dict:
+    """Decode tok/s of greedy `generate` (wall clock), X-LoRA against the base and loraflow k=2."""
+    n = args.xlora_new_tokens
+    out = {}
+    for b, ids in prompts.items():
+        for name, model in (("base", base), ("loraflow2", loraflow), ("xlora2", xlora)):
+            _, decode_s = timed_generate(model, ids, n)
+            out.setdefault(name, {})[b] = b * (n - 1) / decode_s
+    return out
 
 
 LABELS = {"base": "base model", "peft1": "PEFT LoRA, 1 adapter (a0)", "peft2": "PEFT LoRA, 2 adapters active",
-          "xlora2": "PEFT X-LoRA, 2 adapters (*)", "static_avg": "loraflow k=2, static avg (merged)",
-          "static_single": "loraflow k=2, single:a0 (merged)"}
+          "off": "loraflow k=2, fusion off (the wrapping alone)",
+          "static_avg_unmerged": "loraflow k=2, static avg, not merged (LoRA matmuls, no gate)",
+          "static_avg": "loraflow k=2, static avg (merged)", "static_single": "loraflow k=2, single:a0 (merged)"}
 
 
 def _label(key: str) -> str:
     return LABELS.get(key, f"loraflow, dynamic gate, k={key[len('loraflow'):]}")
 
 
-def render_cpu(cpu_ms, runs, args) -> str:
+def render(ms, runs, ops, bw, xl, args, wall) -> str:
     bs = args.batch_sizes
-    lines = [f"Decode step, CPU time (median over {args.cpu_rounds} interleaved rounds x {args.cpu_steps} steps; "
-             f"32-token prompt; ratio = base time / configuration time, i.e. relative tokens/s):", "",
-             "| configuration | " + " | ".join(f"ms/step b={b} | vs base b={b}" for b in bs) + " |",
-             "|---|" + "---:|---:|" * len(bs)]
-    for _, label, _ in runs:
-        if label not in cpu_ms:
-            continue
+    lines = [f"SmolLM2-135M-Instruct (fp32 from {GGUF}), 1 thread; CPU time per forward, median over {args.rounds} "
+             f"interleaved rounds x {args.instances} copies (prefill of {args.prompt_len} tokens, then "
+             f"{args.steps} decode steps); ratio = relative tokens/s vs the base model; wall {wall / 60:.1f} min.", "",
+             "| configuration | " + " | ".join(f"prefill b={b} | decode b={b}" for b in bs) + " | bandwidth bound |",
+             "|---|" + "---:|---:|" * len(bs) + "---:|"]
+    for key, label, _, _ in runs:
         cells = []
         for b in bs:
-            cells += [f"{cpu_ms[label][b]:.1f}", f"{cpu_ms['base'][b] / cpu_ms[label][b]:.3f}x"]
-        lines.append(f"| {_label(label)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _notes(ops, bw, args) -> str:
-    return "\n".join([
-        "aten ops in one decode step (batch 1, torch.profiler, all levels): "
-        + ", ".join(f"{k} {v:,}" for k, v in ops.items()), "",
-        "Bandwidth bound (decode is weight-bound at batch 1: base weight bytes / (base + adapters + gates)): "
-        + ", ".join(f"k={k[len('loraflow'):]} {v['bound']:.3f}x (+{v['extra'] / 2**20:.1f} MiB)" for k, v in bw.items())])
-
-
-def render(results, runs, ops, bw, args, wall) -> str:
-    labels = {"base": "base model", "peft1": "PEFT LoRA, 1 adapter (a0)", "peft2": "PEFT LoRA, 2 adapters active",
-              "xlora2": "PEFT X-LoRA, 2 adapters (*)", "static_avg": "loraflow k=2, static avg (merged)",
-              "static_single": "loraflow k=2, single:a0 (merged)"}
-    bs = args.batch_sizes
-    lines = [f"SmolLM2-135M-Instruct (fp32 from {GGUF}), 1 thread, median of {args.rounds} interleaved rounds, "
-             f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens; wall {wall / 60:.1f} min.", "",
-             "| configuration | " + " | ".join(f"prefill b={b} | decode b={b}" for b in bs) + " |",
-             "|---|" + "---:|---:|" * len(bs)]
-    base = results["base"]
-    for _, label, _ in runs:
-        r = results[label]
-        name = labels.get(label, f"loraflow, dynamic gate, k={label[len('loraflow'):]}")
-        cells = []
-        for b in bs:
-            cells.append(f"{r[b]['prefill_tok_s']:,.0f} ({r[b]['prefill_tok_s'] / base[b]['prefill_tok_s']:.3f}x)")
-            cells.append(f"{r[b]['decode_tok_s']:,.1f} ({r[b]['decode_tok_s'] / base[b]['decode_tok_s']:.3f}x)")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"(*) X-LoRA cannot use a KV cache; {args.xlora_new_tokens} new tokens, one round.", "",
-              "aten ops in one decode step (batch 1, torch.profiler, all levels): "
+            for phase in ("prefill", "decode"):
+                cells.append(f"{ms['base'][b][phase] / ms[label][b][phase]:.3f}x ({ms[label][b][phase]:.1f} ms)")
+        bound = f"{bw[key]['bound']:.3f}x" if label in bw else ("1.000x" if label.startswith("static") else "")
+        lines.append(f"| {_label(label)} | " + " | ".join(cells) + f" | {bound} |")
+    if xl:
+        lines += ["", "PEFT X-LoRA (no KV cache; greedy generate wall clock, "
+                  f"{args.xlora_new_tokens} new tokens): decode tok/s "
+                  + "; ".join(f"b={b}: X-LoRA {xl['xlora2'][b]:.2f}, base {xl['base'][b]:.2f}, loraflow k=2 "
+                              f"{xl['loraflow2'][b]:.2f} (loraflow {xl['loraflow2'][b] / xl['xlora2'][b]:.1f}x X-LoRA)"
+                              for b in bs)]
+    lines += ["", "aten ops in one decode step (batch 1, torch.profiler, all levels): "
               + ", ".join(f"{k} {v:,}" for k, v in ops.items()), "",
               "Bandwidth bound (decode is weight-bound at batch 1: base weight bytes / (base + adapters + gates)): "
               + ", ".join(f"k={k[len('loraflow'):]} {v['bound']:.3f}x (+{v['extra'] / 2**20:.1f} MiB)"
@@ -304,7 +291,7 @@ def render(results, runs, ops, bw, args, wall) -> str:
     return "\n".join(lines)
 
 
-def plot(cpu_ms, ks, args) -> None:
+def plot(ms, ks, args) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -312,9 +299,10 @@ def plot(cpu_ms, ks, args) -> None:
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     for b in args.batch_sizes:
-        base = cpu_ms["base"][b]
-        ax.plot(ks, [base / cpu_ms[f"loraflow{k}"][b] for k in ks], marker="o", label=f"loraflow decode, batch {b}")
-        ax.axhline(base / cpu_ms["peft1"][b], ls="--", lw=1, color=ax.lines[-1].get_color(),
+        base = ms["base"][b]["decode"]
+        ax.plot(ks, [base / ms[f"loraflow{k}"][b]["decode"] for k in ks], marker="o",
+                label=f"loraflow decode, batch {b}")
+        ax.axhline(base / ms["peft1"][b]["decode"], ls="--", lw=1, color=ax.lines[-1].get_color(),
                    label=f"PEFT 1 adapter, batch {b}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])

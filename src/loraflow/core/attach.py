@@ -33,15 +33,15 @@ class LayerMixer:
         self.engine = engine
         self.groups: list[LoraInputGroup] = []
         self.layout_key: tuple = ()
+        self.group_sizes: list[int] = []  # columns of each group, in order
         self._column_maps: dict = {}
 
     def set_groups(self, groups: list[LoraInputGroup]) -> None:
         """The layer's input groups; their column maps side by side give all its scales in one matmul."""
         self.groups = list(dict.fromkeys(groups))
-        start = 0
-        for g in self.groups:
-            g.layer_columns = slice(start, start + g.lora_A_t.shape[1])
-            start = g.layer_columns.stop
+        for i, g in enumerate(self.groups):
+            g.layer_position = i
+        self.group_sizes = [g.lora_A_t.shape[1] for g in self.groups]
         self.layout_key = tuple(g.layout_key for g in self.groups)
         self._column_maps = {}
 
@@ -55,7 +55,7 @@ class LayerMixer:
 
     def lora_hidden(self, module: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         """`module`'s scaled low-rank hidden (N, R) for input x, or None when there is nothing to add."""
-        ctx = self.engine.current()
+        ctx = self.engine.current()  # runs once per adapted module per forward
         if ctx is None:
             raise RuntimeError(f"fused LoRA layer {module.module_key} called outside its model's forward")
         return ctx.lora_hidden(self, module, x)
@@ -287,11 +287,11 @@ def share_inputs(model: nn.Module, attachment: Attachment, engine: FusionEngine)
 def _group(members: list[FusedLoraLinear]) -> None:
     lora_A = torch.cat([m.group.lora_A.detach() for m in members])
     column_map = torch.cat([m.group.column_map for m in members], dim=1)
-    group = LoraInputGroup(lora_A, column_map)
+    group = LoraInputGroup(lora_A, column_map, member_sizes=[m.lora_B_t.shape[0] for m in members])
     start = 0
     for i, m in enumerate(members):
         stop = start + m.lora_B_t.shape[0]
-        m.join(group, slice(start, stop), owner=i == 0)
+        m.join(group, slice(start, stop), owner=i == 0, member_index=i)
         start = stop
 
 

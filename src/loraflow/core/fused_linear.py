@@ -22,6 +22,15 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
+
+
+def _hook_free(module: nn.Module) -> bool:
+    """True when calling `module` would run its plain `forward` (no hooks of any kind, no patched forward)."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__
+                or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+                or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks)
 
 
 class LoraSource(Protocol):
@@ -45,10 +54,17 @@ class LoraInputGroup(nn.Module):
         column_map: (k, R_group) float, column_map[i, j] = scale of column j if it belongs to
             adapter i, else 0; so per-token column scales are one small matmul: w @ column_map.
         layout_key: equal for groups with equal column maps (their scales can be shared).
+        member_sizes: the columns of each member module, in order (default: one member).
     """
 
-    def __init__(self, lora_A: torch.Tensor, column_map: torch.Tensor, layout_key: int = 0) -> None:
+    def __init__(self, lora_A: torch.Tensor, column_map: torch.Tensor, layout_key: int = 0,
+                 member_sizes: list[int] | None = None) -> None:
         super().__init__()
+        self.member_sizes = list(member_sizes or [lora_A.shape[0]])
+        if sum(self.member_sizes) != lora_A.shape[0]:
+            raise ValueError(f"member sizes {self.member_sizes} do not add up to {lora_A.shape[0]} columns")
+        self.shared = len(self.member_sizes) > 1
+        self.layer_position = 0  # index among its layer's groups (set by the layer's mixer)
         # held transposed, (in, R_group): x (N, in) @ lora_A_t is then one plain matmul, no transpose op
         self.lora_A_t = nn.Parameter(lora_A.t().contiguous(), requires_grad=False)
         self.register_buffer("column_map", column_map.float(), persistent=False)
@@ -108,6 +124,8 @@ class FusedLoraLinear(nn.Module):
                 f"{in_features}->{out_features} layer"
             )
         self.base_layer = base_layer
+        self.__dict__["_base"] = base_layer  # plain reference: nn.Module.__getattr__ is slow per token
+        self._plain_linear = type(base_layer) is nn.Linear
         self.in_features, self.out_features = in_features, out_features
         self.num_adapters = num_adapters
         self.module_key = module_key
@@ -121,6 +139,7 @@ class FusedLoraLinear(nn.Module):
         self.dropout_p = tuple(ps)
         # nn.Dropout at the largest p marks "dropout is on" (and shows in the repr); masks come from dropout_p
         self.lora_dropout = nn.Dropout(max(ps)) if max(ps, default=0.0) > 0 else nn.Identity()
+        self.has_dropout = max(ps, default=0.0) > 0
         counts = torch.bincount(adapter_index.long(), minlength=num_adapters).tolist()
         self._adapter_runs = [(i, n) for i, n in enumerate(counts) if n]  # columns are stacked adapter by adapter
         column_map = torch.zeros(num_adapters, lora_A.shape[0])
@@ -128,15 +147,18 @@ class FusedLoraLinear(nn.Module):
         self.lora_group = LoraInputGroup(lora_A, column_map)  # a group of one until attach regroups
         self.__dict__["group"] = self.lora_group  # plain reference: every member of a group holds one
         self.columns = slice(0, lora_A.shape[0])  # this module's columns in its group
+        self.member_index = 0  # its place among its group's members
         self.mixer: LoraSource | None = None  # set by loraflow.core.attach; not a submodule
 
-    def join(self, group: LoraInputGroup, columns: slice, *, owner: bool) -> None:
-        """Read A from `group` (columns `columns`); the owner registers the group as its submodule."""
+    def join(self, group: LoraInputGroup, columns: slice, *, owner: bool, member_index: int) -> None:
+        """Read A from `group` (columns `columns`, its member `member_index`); the owner registers the
+        group as its submodule."""
         del self.lora_group
         if owner:
             self.lora_group = group
         self.__dict__["group"] = group
         self.columns = columns
+        self.member_index = member_index
 
     @property
     def lora_A(self) -> torch.Tensor:
@@ -162,15 +184,24 @@ class FusedLoraLinear(nn.Module):
         return torch.bincount(self.adapter_index, minlength=self.num_adapters).tolist()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        h = self.mixer.lora_hidden(self, x) if self.mixer is not None else None  # (N, R) scaled, or None
+        base = self._base
+        if self._plain_linear and _hook_free(base):
+            # what nn.Linear's own call would run, without its module-call overhead
+            params = base._parameters
+            result = F.linear(x, params["weight"], params["bias"])
+        else:
+            result = base(x)
+        mixer = self.mixer
+        h = mixer.lora_hidden(self, x) if mixer is not None else None  # (N, R) scaled, or None
         if h is None:
             return result
+        # _parameters[...] rather than self.lora_B_t: nn.Module.__getattr__ is slow on a per-token path
+        b_t = self._parameters["lora_B_t"]
         if not torch.is_grad_enabled() and result.dtype == h.dtype and result.is_contiguous():
             # inference: accumulate into the base output, saving one allocation and one add
-            result.view(-1, self.out_features).addmm_(h, self.lora_B_t)
+            result.view(-1, self.out_features).addmm_(h, b_t)
             return result
-        return result + (h @ self.lora_B_t).to(result.dtype).view(result.shape)
+        return result + (h @ b_t).to(result.dtype).view(result.shape)
 
     def project_with_dropout(self, x: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
         """(N, R) = x @ A^T for this module's columns `a_t` (in, R), each adapter's columns from its own

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
-from torch import nn
 
 from loraflow.common.errors import LoraFlowError
 from loraflow.core.fusion_spec import FusionSpec
@@ -80,8 +79,8 @@ class LayerCall:
     def __init__(self, hidden: torch.Tensor) -> None:
         self.hidden = hidden
         self.weights: dict[str | None, torch.Tensor] = {}  # per gate key: (N, k), N = B * T tokens
-        self.scales: torch.Tensor | None = None  # (N, R_layer): every group's column scales
-        self.projections: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per group: (x, scaled h)
+        self.scales: tuple[torch.Tensor, ...] | None = None  # every group's column scales, (N, R_group)
+        self.projections: dict = {}  # per input group (the module): (x, its scaled h)
 
 
 class CallContext:
@@ -117,7 +116,8 @@ class CallContext:
             w = torch.stack(ws).mean(0) if len(ws) > 1 else ws[0]
             if self.offset is not None:
                 w = w + self.offset.to(w.device)  # record the fusion used, not its difference to the merged one
-            self.weights[index] = w.detach().view(*layer.hidden.shape[:-1], w.shape[-1])  # (B, T, k)
+            w = w.detach() if torch.is_grad_enabled() else w
+            self.weights[index] = w.view(*layer.hidden.shape[:-1], w.shape[-1])  # (B, T, k)
         layer.weights, layer.scales, layer.projections = {}, None, {}
         if not torch.is_grad_enabled():
             self.layers[index] = None
@@ -128,30 +128,36 @@ class CallContext:
     def lora_hidden(self, mixer, module, x: torch.Tensor) -> torch.Tensor | None:
         """(N, R) = dropout(x) @ A^T scaled per column for `module`, or None when there is nothing to add.
 
-        Modules of one input group called with the same tensor share one projection.
+        Modules of one input group called with the same tensor share one projection. This runs once
+        per adapted module per forward, so it keeps its Python work small.
         """
         if not self.active:
             return None
-        index = mixer.layer_index
-        layer = self.layers[index]
+        layer = self.layers[mixer.layer_index]
         if layer is None:
-            raise RuntimeError(f"fused LoRA layer {module.module_key} called outside decoder layer {index}'s forward")
+            raise RuntimeError(
+                f"fused LoRA layer {module.module_key} called outside decoder layer {mixer.layer_index}'s forward")
         group = module.group
-        a_t = group.lora_A_t  # (in, R_group)
-        x_in = x if x.dtype == a_t.dtype else x.to(a_t.dtype)
-        if self.plan.module_granular or (module.training and not isinstance(module.lora_dropout, nn.Identity)):
-            # one gate per module, or dropout drawn per module: nothing can be shared
-            w = self._weights(index, layer, module.module_key if self.plan.module_granular else None)
-            scales = self._cast((w @ group.column_map.to(w.device, w.dtype))[..., module.columns], a_t)
-            h = module.project_with_dropout(x_in.reshape(-1, x.shape[-1]), a_t[:, module.columns])
-            return _scale(h, scales)
-        cached = layer.projections.get(id(group))
+        cached = layer.projections.get(group)
         if cached is None or cached[0] is not x:
-            h = torch.mm(x_in.reshape(-1, x.shape[-1]), a_t)  # (N, R_group)
-            cached = (x, _scale(h, self._group_scales(mixer, layer, group)))
-            layer.projections[id(group)] = cached
-        h = cached[1]
-        return h if h.shape[1] == module.columns.stop - module.columns.start else h[:, module.columns]
+            if self.plan.module_granular or (module.training and module.has_dropout):
+                return self._own_projection(mixer, layer, module, x)  # nothing can be shared
+            a_t = group._parameters["lora_A_t"]  # (in, R_group)
+            x2 = x.reshape(-1, x.shape[-1])
+            h = torch.mm(x2 if x2.dtype == a_t.dtype else x2.to(a_t.dtype), a_t)  # (N, R_group)
+            h = _scale(h, self._group_scales(mixer, layer, group))
+            # one split for all members (q/k/v) rather than a slice each
+            cached = layer.projections[group] = (x, h.split_with_sizes(group.member_sizes, 1) if group.shared else (h,))
+        return cached[1][module.member_index]
+
+    def _own_projection(self, mixer, layer: LayerCall, module, x: torch.Tensor) -> torch.Tensor:
+        """`module`'s own scaled projection: one gate per module, or dropout masks drawn per module."""
+        a_t = module.group.lora_A_t
+        x_in = x if x.dtype == a_t.dtype else x.to(a_t.dtype)
+        w = self._weights(mixer.layer_index, layer, module.module_key if self.plan.module_granular else None)
+        scales = self._cast((w @ module.group.column_map.to(w.device, w.dtype))[..., module.columns], a_t)
+        h = module.project_with_dropout(x_in.reshape(-1, x.shape[-1]), a_t[:, module.columns])
+        return _scale(h, scales)
 
     def _group_scales(self, mixer, layer: LayerCall, group) -> torch.Tensor:
         """The group's column scales, (R_group,) or (N, R_group): one matmul per layer for all its groups."""
@@ -160,11 +166,12 @@ class CallContext:
             w = self._weights(mixer.layer_index, layer, None)  # (k,) or (N, k)
             cmap = mixer.column_map(w.device)
             scales = self._cast(torch.mm(w, cmap) if w.dim() == 2 else w @ cmap, group.lora_A_t)
+            scales = scales.split_with_sizes(mixer.group_sizes, -1) if len(mixer.group_sizes) > 1 else (scales,)
             if self.plan.gates:
                 layer.scales = scales
             else:  # the same constants in every layer of this layout: once per call
                 self.constant_scales[mixer.layout_key] = scales
-        return scales if len(mixer.groups) == 1 else scales[..., group.layer_columns]
+        return scales[group.layer_position]
 
     @staticmethod
     def _cast(scales: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
