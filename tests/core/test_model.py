@@ -75,8 +75,9 @@ def test_one_hot_gate_equals_peft_single_adapter(arch, tmp_path):
     assert (ref - plain_ref).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("rows", [1, 2])  # one row takes the batched-matmul path, more rows the 2-D one
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
-def test_constant_weights_equal_peft_combined_adapters(arch, tmp_path):
+def test_constant_weights_equal_peft_combined_adapters(arch, rows, tmp_path):
     base = build_tiny_model(arch)
     targets = ARCH_TARGETS[arch]
     specs = [
@@ -87,7 +88,7 @@ def test_constant_weights_equal_peft_combined_adapters(arch, tmp_path):
     adapters = _adapters(base, tmp_path, arch, specs)
     model = LoraFlowModel.from_pretrained(copy.deepcopy(base), adapters)
     weights = {"zh": 0.7, "math": -0.4, "code": 1.3}
-    ids = _ids(1)
+    ids = _ids(1, shape=(rows, 9))
     with model.static_weights(weights), torch.no_grad():
         ours = model(input_ids=ids).logits
     torch.testing.assert_close(ours, _peft_logits(base, adapters, weights, ids), atol=ATOL, rtol=0)
@@ -150,21 +151,22 @@ def _reference_fused_logits(base, adapter_dirs, gate_sd, temperature, ids, layer
         return model(input_ids=ids).logits
 
 
+@pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_official_gate_matches_reference_formula(with_bias, tmp_path):
+def test_official_gate_matches_reference_formula(with_bias, rows, tmp_path):
     base = build_tiny_model("llama", num_layers=3)
     adapters = _adapters(base, tmp_path, "llama", [("zh", dict(r=4, alpha=8)), ("math", dict(r=8, alpha=16))])
     gate_file = tmp_path / "zh_math.pt"
     gate_sd = _write_official_gate(gate_file, 3, 2, 32, seed=5, with_bias=with_bias)
     model = LoraFlowModel.from_pretrained(copy.deepcopy(base), adapters, gate=gate_file, temperature=1.1)
-    ids = _ids(2)
+    ids = _ids(2, shape=(rows, 9))
     with torch.no_grad():
         ours = model(input_ids=ids).logits
     ref = _reference_fused_logits(base, list(adapters.values()), gate_sd, 1.1, ids)
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
     # the gate weights really vary per token (otherwise this would test a static mix)
     w = model.last_fusion_weights
-    assert w.shape == (3, 2, 9, 2)
+    assert w.shape == (3, rows, 9, 2)
     assert w[..., 0].std() > 1e-3
 
 
@@ -332,3 +334,27 @@ def test_gate_gradients_equal_with_activation_checkpointing(tmp_path):
     assert all(g.abs().sum() > 0 for g in grads[0].values())
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_fused_layer_fed_flattened_tokens_gives_each_token_its_own_weights(rows, tmp_path):
+    """Some architectures flatten (B, T, d) to (B * T, d) before a projection: same result as unflattened."""
+    base = build_tiny_model("llama", num_layers=2)
+    adapters = _adapters(base, tmp_path, "llama", [("zh", {}), ("math", dict(r=8))])
+    model = LoraFlowModel.from_pretrained(base, adapters, seed=0, gate_init_std=0.5)
+    ids = _ids(3, shape=(rows, 7))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    hooks = []
+    for layer in model.model.model.layers:
+        o_proj = layer.self_attn.o_proj
+        hooks.append(o_proj.register_forward_pre_hook(lambda m, args: (args[0].reshape(-1, args[0].shape[-1]),)))
+        hooks.append(o_proj.register_forward_hook(lambda m, args, out: out.view(rows, 7, -1)))
+    try:
+        with torch.no_grad():
+            flat = model(input_ids=ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    assert model.last_fusion_weights[..., 0].std() > 1e-3  # weights really differ per token
+    torch.testing.assert_close(flat, ref, atol=1e-5, rtol=0)

@@ -192,16 +192,26 @@ class FusedLoraLinear(nn.Module):
         else:
             result = base(x)
         mixer = self.mixer
-        h = mixer.lora_hidden(self, x) if mixer is not None else None  # (N, R) scaled, or None
+        h = mixer.lora_hidden(self, x) if mixer is not None else None  # (1, T, R) or (N, R), scaled; or None
         if h is None:
             return result
         # _parameters[...] rather than self.lora_B_t: nn.Module.__getattr__ is slow on a per-token path
         b_t = self._parameters["lora_B_t"]
         if not torch.is_grad_enabled() and result.dtype == h.dtype and result.is_contiguous():
             # inference: accumulate into the base output, saving one allocation and one add
-            result.view(-1, self.out_features).addmm_(h, b_t)
+            if h.dim() == 3:  # one row: a batched matmul with B as (1, R, out), no reshape of the output
+                result.baddbmm_(h, self._batched_b(b_t))
+            else:
+                result.view(-1, self.out_features).addmm_(h, b_t)
             return result
         return result + (h @ b_t).to(result.dtype).view(result.shape)
+
+    def _batched_b(self, b_t: torch.Tensor) -> torch.Tensor:
+        """B as (1, R, out): a view made once (again if the parameter's storage was replaced, e.g. by .to())."""
+        b3 = self.__dict__.get("_b3")
+        if b3 is None or b3.data_ptr() != b_t.data_ptr():
+            b3 = self.__dict__["_b3"] = b_t.unsqueeze(0)
+        return b3
 
     def project_with_dropout(self, x: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
         """(N, R) = x @ A^T for this module's columns `a_t` (in, R), each adapter's columns from its own

@@ -78,8 +78,8 @@ class LayerCall:
 
     def __init__(self, hidden: torch.Tensor) -> None:
         self.hidden = hidden
-        self.weights: dict[str | None, torch.Tensor] = {}  # per gate key: (N, k), N = B * T tokens
-        self.scales: tuple[torch.Tensor, ...] | None = None  # every group's column scales, (N, R_group)
+        self.weights: dict[str | None, torch.Tensor] = {}  # per gate key: (B, T, k)
+        self.scales: tuple[torch.Tensor, ...] | None = None  # every group's column scales, (B, T, R_group)
         self.projections: dict = {}  # per input group (the module): (x, its scaled h)
 
 
@@ -96,8 +96,7 @@ class CallContext:
         merged = engine.merged
         self.offset = None if merged is None or plan is engine.merged_plan else merged
         self.active = not plan.off if merged is None else self.offset is not None
-        self.constant_scales: dict[tuple, torch.Tensor] = {}  # per layer layout, when no gate is in use
-        self._per_token: dict[tuple, torch.Tensor] = {}  # per-row constants and masks spread over tokens
+        self.constant_scales: dict[tuple, tuple] = {}  # per layer layout, when no gate is in use
 
     def begin_layer(self, index: int, hidden: torch.Tensor) -> None:
         rows = self.plan.rows
@@ -116,8 +115,7 @@ class CallContext:
             w = torch.stack(ws).mean(0) if len(ws) > 1 else ws[0]
             if self.offset is not None:
                 w = w + self.offset.to(w.device)  # record the fusion used, not its difference to the merged one
-            w = w.detach() if torch.is_grad_enabled() else w
-            self.weights[index] = w.view(*layer.hidden.shape[:-1], w.shape[-1])  # (B, T, k)
+            self.weights[index] = w.detach() if torch.is_grad_enabled() else w  # (B, T, k)
         layer.weights, layer.scales, layer.projections = {}, None, {}
         if not torch.is_grad_enabled():
             self.layers[index] = None
@@ -126,10 +124,12 @@ class CallContext:
         # without re-running the module hooks, and the recomputed fused layers must find it here.
 
     def lora_hidden(self, mixer, module, x: torch.Tensor) -> torch.Tensor | None:
-        """(N, R) = dropout(x) @ A^T scaled per column for `module`, or None when there is nothing to add.
+        """dropout(x) @ A^T scaled per column for `module`, or None when there is nothing to add.
 
-        Modules of one input group called with the same tensor share one projection. This runs once
-        per adapted module per forward, so it keeps its Python work small.
+        The result is (1, T, R) for a batch of one row (the fused layer adds it with one batched
+        matmul) and (N, R) otherwise. Modules of one input group called with the same tensor share
+        one projection. This runs once per adapted module per forward, so it keeps its Python work
+        and its tensor operations few: every extra op costs microseconds on every layer and token.
         """
         if not self.active:
             return None
@@ -143,29 +143,29 @@ class CallContext:
             if self.plan.module_granular or (module.training and module.has_dropout):
                 return self._own_projection(mixer, layer, module, x)  # nothing can be shared
             a_t = group._parameters["lora_A_t"]  # (in, R_group)
-            x2 = x.reshape(-1, x.shape[-1])
-            h = torch.mm(x2 if x2.dtype == a_t.dtype else x2.to(a_t.dtype), a_t)  # (N, R_group)
-            h = _scale(h, self._group_scales(mixer, layer, group))
+            h = torch.matmul(x if x.dtype == a_t.dtype else x.to(a_t.dtype), a_t)  # (..., R_group)
+            h = _scale(h, self._group_scales(mixer, layer, group), layer.hidden)
+            if h.dim() != 3 or h.shape[0] != 1:
+                h = h.view(-1, h.shape[-1])  # (N, R_group)
             # one split for all members (q/k/v) rather than a slice each
-            cached = layer.projections[group] = (x, h.split_with_sizes(group.member_sizes, 1) if group.shared else (h,))
+            cached = layer.projections[group] = (x, h.split_with_sizes(group.member_sizes, -1) if group.shared else (h,))
         return cached[1][module.member_index]
 
     def _own_projection(self, mixer, layer: LayerCall, module, x: torch.Tensor) -> torch.Tensor:
-        """`module`'s own scaled projection: one gate per module, or dropout masks drawn per module."""
+        """`module`'s own scaled projection, (N, R): one gate per module, or dropout masks drawn per module."""
         a_t = module.group.lora_A_t
         x_in = x if x.dtype == a_t.dtype else x.to(a_t.dtype)
         w = self._weights(mixer.layer_index, layer, module.module_key if self.plan.module_granular else None)
         scales = self._cast((w @ module.group.column_map.to(w.device, w.dtype))[..., module.columns], a_t)
         h = module.project_with_dropout(x_in.reshape(-1, x.shape[-1]), a_t[:, module.columns])
-        return _scale(h, scales)
+        return _scale(h, scales, layer.hidden)
 
     def _group_scales(self, mixer, layer: LayerCall, group) -> torch.Tensor:
-        """The group's column scales, (R_group,) or (N, R_group): one matmul per layer for all its groups."""
+        """The group's column scales: (R_group,), (B, 1, R_group) or (B, T, R_group); one matmul per layer."""
         scales = self.constant_scales.get(mixer.layout_key) if not self.plan.gates else layer.scales
         if scales is None:
-            w = self._weights(mixer.layer_index, layer, None)  # (k,) or (N, k)
-            cmap = mixer.column_map(w.device)
-            scales = self._cast(torch.mm(w, cmap) if w.dim() == 2 else w @ cmap, group.lora_A_t)
+            w = self._weights(mixer.layer_index, layer, None)  # (k,), (B, 1, k) or (B, T, k)
+            scales = self._cast(torch.matmul(w, mixer.column_map(w.device)), group.lora_A_t)
             scales = scales.split_with_sizes(mixer.group_sizes, -1) if len(mixer.group_sizes) > 1 else (scales,)
             if self.plan.gates:
                 layer.scales = scales
@@ -178,20 +178,19 @@ class CallContext:
         return scales if scales.dtype == like.dtype else scales.to(like.dtype)
 
     def _weights(self, index: int, layer: LayerCall, module_key: str | None) -> torch.Tensor:
-        """Adapter weights for the layer's tokens: (N, k) with gates or per-row constants, else (k,)."""
+        """Adapter weights for the layer's tokens: (B, T, k) with gates, (B, 1, k) per-row constants, else (k,)."""
         w = layer.weights.get(module_key)
         if w is not None:
             return w
         plan, hidden = self.plan, layer.hidden
-        w = self._spread(plan.static, hidden) if plan.static is not None else None
-        tokens = hidden.reshape(-1, hidden.shape[-1]) if plan.gates else None  # (N, d)
+        w = None if plan.static is None else plan.static.to(hidden.device)
         for name, mask in plan.gates:
             bank = self.engine.gates[name]
-            gated = bank.gate(index, module_key if bank.config.granularity == "module" else None)(tokens)  # (N, k)
+            gated = bank.gate(index, module_key if bank.config.granularity == "module" else None)(hidden)  # (B, T, k)
             if mask is None:
                 w = gated
             else:
-                w = torch.where(self._spread(mask, hidden), gated, w if w is not None else 0.0)
+                w = torch.where(mask.to(hidden.device).view(-1, 1, 1), gated, w if w is not None else 0.0)
         if self.offset is not None:
             offset = self.offset.to(hidden.device)
             w = -offset if w is None else w - offset
@@ -199,25 +198,22 @@ class CallContext:
             layer.weights[module_key] = w
         return w
 
-    def _spread(self, per_row: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """(k,) as is; per-row (B, 1, k) constants or (B,) masks -> one row per token, (N, k) / (N, 1)."""
-        if per_row.dim() == 1 and per_row.dtype != torch.bool:
-            return per_row.to(hidden.device)
-        key = (id(per_row), hidden.shape[1])
-        spread = self._per_token.get(key)
-        if spread is None:
-            rows = per_row.to(hidden.device).view(per_row.shape[0], 1, -1)  # (B, 1, k) or (B, 1, 1)
-            spread = rows.expand(-1, hidden.shape[1], -1).reshape(-1, rows.shape[-1])
-            self._per_token[key] = spread
-        return spread
-
     def finish(self) -> list[torch.Tensor | None]:
         """The weights each layer used (None where no gate ran)."""
         return self.weights
 
 
-def _scale(h: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """h (N, R) times column scales (R,) or (N, R); in place at inference."""
+def _scale(h: torch.Tensor, scales: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """h (..., R) times column scales (R,), (B, 1, R) or (B, T, R); in place at inference.
+
+    A fused layer whose input is flattened to (B * T, in) gets its scales flattened the same way.
+    """
+    if scales.dim() == 3 and h.dim() != 3:
+        tokens = hidden.shape[:-1]
+        if h.shape[:-1].numel() != tokens.numel():
+            raise RuntimeError(f"a fused LoRA layer got {h.shape[:-1].numel()} rows in a decoder layer "
+                               f"of {tokens.numel()} tokens: its rows must be the layer's tokens")
+        scales = scales.expand(*tokens, scales.shape[-1]).reshape(*h.shape[:-1], scales.shape[-1])
     return h * scales if torch.is_grad_enabled() else h.mul_(scales)
 
 
