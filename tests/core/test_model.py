@@ -358,3 +358,32 @@ def test_a_fused_layer_fed_flattened_tokens_gives_each_token_its_own_weights(row
             h.remove()
     assert model.last_fusion_weights[..., 0].std() > 1e-3  # weights really differ per token
     torch.testing.assert_close(flat, ref, atol=1e-5, rtol=0)
+
+
+def test_hooks_on_a_wrapped_base_linear_still_run(tmp_path):
+    """The fused layer calls a plain base nn.Linear directly for speed, but never skips a hook on it."""
+    from loraflow.core.fused_linear import FusedLoraLinear
+
+    base = build_tiny_model("llama", num_layers=2)
+    adapters = _adapters(base, tmp_path, "llama", [("zh", {})])
+    model = LoraFlowModel.from_pretrained(base, adapters, seed=0)
+    ids = _ids(4, shape=(1, 5))
+    fused = next(m for m in model.modules() if isinstance(m, FusedLoraLinear))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        calls = []
+        handle = fused.base_layer.register_forward_hook(lambda m, args, out: calls.append(1) or out * 0)
+        try:
+            zeroed = model(input_ids=ids).logits
+        finally:
+            handle.remove()
+        assert calls == [1] and not torch.allclose(zeroed, plain)
+        seen = []
+        handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(m))
+        try:
+            model(input_ids=ids)
+        finally:
+            handle.remove()
+        wrapped = [m.base_layer for m in model.modules() if isinstance(m, FusedLoraLinear)]
+        assert all(any(b is m for m in seen) for b in wrapped)  # a process-wide hook sees every base linear
+        torch.testing.assert_close(model(input_ids=ids).logits, plain, atol=0, rtol=0)

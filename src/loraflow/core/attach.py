@@ -55,7 +55,7 @@ class LayerMixer:
 
     def lora_hidden(self, module: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         """`module`'s scaled low-rank hidden (N, R) for input x, or None when there is nothing to add."""
-        ctx = self.engine.current()  # runs once per adapted module per forward
+        ctx = self.engine.current()
         if ctx is None:
             raise RuntimeError(f"fused LoRA layer {module.module_key} called outside its model's forward")
         return ctx.lora_hidden(self, module, x)
