@@ -87,7 +87,8 @@ def count(config: str, adapters: Path, args: argparse.Namespace) -> int:
 
 def render(counts: dict[str, int], args: argparse.Namespace, info: dict) -> str:
     base = counts["base"] / args.steps
-    lines = [f"Produced by `python benchmarks/overhead.py` (valgrind callgrind; {args.steps} cached decode steps "
+    lines = ["## Per-token overhead in instructions", "",
+             f"Produced by `python benchmarks/overhead.py` (valgrind callgrind; {args.steps} cached decode steps "
              f"of a batch of one row after a 32-token prompt; random Llama-shaped model with {args.layers} layers "
              "and hidden 64, so the count is the per-operation work, not arithmetic; 1 thread).", "",
              f"- versions: {info['versions']}", f"- date: {info['date']}; {info['code']}", "",
