@@ -194,6 +194,25 @@ def phase_peak_bytes() -> int:
     return 0
 
 
+def at_least(low: int):
+    """An argparse type: a whole number >= low (argparse then exits 2 with a one-line error)."""
+    import argparse
+
+    from loraflow.common.checks import check_int
+
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        try:
+            return check_int("value", number, low=low)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("value: ")) from None
+
+    return parse
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:,.0f}"
 

