@@ -1,0 +1,107 @@
+"""The LoRA-Flow formula as pure tensor functions, shared by every engine.
+
+No modules, no state, no Python branches on tensor values: the transformers engine
+(`loraflow.core`) and the vLLM plugin both call these, and `torch.compile` traces them whole.
+What varies per call (which rows use which gate, static weights) arrives as tensors:
+
+    static  (..., k)   constant weights per token (zeros on gate rows; one-hot for one adapter)
+    select  (..., G)   how much of gate g's output each token takes (one-hot on gate rows, else 0)
+
+so a token's fusion weights are  w = static + sum_g select_g * (softmax(W_g x / T_g) + b_g),
+and every adapted linear module of the layer adds  sum_i w_i * s_i * B_i A_i x  to its base output.
+
+Shapes: `...` is any leading token dimensions ((N,) flattened, or (B, T)), d the hidden size, k
+adapters, G gates, R stacked rank columns (r_1 + ... + r_k), `in`/`out` a module's features.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gate_weights(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """One gate: softmax(hidden W^T / T) + b, the bias added after the softmax as in the paper.
+
+    Args:
+        hidden: (..., d) the hidden state entering the layer (before its input norm).
+        weight: (k, d); bias: (k,) or (1, k); temperature: a float or a 0-d tensor.
+
+    Returns:
+        (..., k) in the gate's dtype.
+    """
+    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight) / temperature
+    return torch.softmax(logits, dim=-1) + bias.reshape(-1)
+
+
+def mixed_weights(hidden: torch.Tensor, static: torch.Tensor, select: torch.Tensor,
+                  gate_weight: torch.Tensor, gate_bias: torch.Tensor,
+                  temperature: torch.Tensor) -> torch.Tensor:
+    """Per-token fusion weights from per-token data: static + sum_g select_g * gate_g(hidden).
+
+    Args:
+        hidden: (..., d).
+        static: (..., k) or broadcastable to it (e.g. (B, 1, k) per row, (k,) for all).
+        select: (..., G) or broadcastable; 0/1 for routing (any value scales that gate's output).
+        gate_weight: (G, k, d); gate_bias: (G, k); temperature: (G,).
+
+    Returns:
+        (..., k) float32 weights. Every gate runs on every token (G*k*d multiply-adds per token, a
+        rounding error next to the layer): a fixed graph whatever the routing.
+    """
+    x = hidden.to(gate_weight.dtype)
+    logits = torch.einsum("...d,gkd->...gk", x, gate_weight) / temperature.unsqueeze(-1)  # (..., G, k)
+    probs = torch.softmax(logits, dim=-1) + gate_bias  # (..., G, k)
+    gated = (select.to(probs.dtype).unsqueeze(-1) * probs).sum(dim=-2)  # (..., k)
+    return gated + static.to(gated.dtype)
+
+
+def column_scales(weights: torch.Tensor, column_map: torch.Tensor) -> torch.Tensor:
+    """Per-token scale of each stacked rank column: (..., k) @ (k, R) -> (..., R).
+
+    column_map[i, j] = lora_alpha_i / r_i where column j belongs to adapter i, else 0; so column j
+    of adapter i gets w_i * s_i.
+    """
+    return weights.to(column_map.dtype) @ column_map
+
+
+def lora_delta(x: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i s_i B_i A_i x for stacked adapters: ((x @ A^T) * scales) @ B^T.
+
+    Args:
+        x: (..., in); a_t: (in, R) the stacked A transposed; b_t: (R, out) the stacked B transposed;
+        scales: (..., R) or broadcastable (from `column_scales`).
+
+    Returns:
+        (..., out) in the adapters' dtype.
+    """
+    h = x.to(a_t.dtype) @ a_t  # (..., R)
+    return (h * scales.to(h.dtype)) @ b_t
+
+
+def fused_linear(x: torch.Tensor, base_out: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor,
+                 weights: torch.Tensor, column_map: torch.Tensor) -> torch.Tensor:
+    """A fused module's output: base_out + lora_delta(x, ..., column_scales(weights, column_map)).
+
+    Args:
+        x: (..., in); base_out: (..., out) = W0 x (+ bias); weights: (..., k) (or broadcastable).
+    """
+    delta = lora_delta(x, a_t, b_t, column_scales(weights, column_map))
+    return base_out + delta.to(base_out.dtype)
+
+
+def stack_static_lora(a_list: list[torch.Tensor], b_list: list[torch.Tensor],
+                      scales: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A static mix sum_i c_i B_i A_i as ONE LoRA of rank sum(r_i) (A rows stacked, B columns stacked,
+    each adapter's columns times its c_i): what any engine that serves plain LoRAs can run exactly.
+
+    Args:
+        a_list: per adapter (r_i, in); b_list: per adapter (out, r_i); scales: per adapter c_i
+            (its fusion weight times its lora_alpha / r).
+
+    Returns:
+        (A (R, in), B (out, R)) with B @ A = sum_i c_i B_i A_i.
+    """
+    a = torch.cat(list(a_list), dim=0)
+    b = torch.cat([b_i * float(c) for b_i, c in zip(b_list, scales)], dim=1)
+    return a, b
