@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-import subprocess
-
 from loraflow.common.errors import LoraFlowError
-from loraflow.evaluation.sandbox import ExecutionResult, SandboxLimits, _kill_group, run_program, run_programs
+from loraflow.evaluation.sandbox import (
+    ExecutionResult, SandboxError, SandboxLimits, _kill_group, run_program, run_programs,
+)
 
 CHECK = "\ndef check(candidate):\n    assert candidate(2) == 4\n\ncheck(square)\n"
 GOOD = "def square(x):\n    return x * x\n"
+REAL_BWRAP = shutil.which("bwrap")  # before any test replaces shutil.which
 
 
 def _sandbox_dir(result: ExecutionResult) -> str:
@@ -305,3 +310,207 @@ def test_missing_isolation_fails_closed_unless_opted_out(monkeypatch):
 def test_bad_timeouts_are_refused(timeout):
     with pytest.raises(LoraFlowError, match="timeout"):
         run_programs([GOOD + CHECK], timeout=timeout)
+
+
+# ------------------------------------------------------------------ infrastructure failures are errors (#16)
+def _fake_bwrap(tmp_path, fail_when: str | None = None) -> str:
+    """A `bwrap` that fails as bubblewrap does where it cannot create namespaces: always, or (with `fail_when`)
+    only for programs containing that text, handing every other run to the real bubblewrap."""
+    assert REAL_BWRAP, "the sandbox tests need bubblewrap"
+    script = tmp_path / f"fake-bwrap-{fail_when or 'always'}"
+    condition = "true" if fail_when is None else f'grep -q {fail_when} "$dir/solution.py" 2>/dev/null'
+    script.write_text(
+        "#!/bin/sh\n"
+        'prev=; dir=; for a in "$@"; do [ "$prev" = --chdir ] && dir=$a; prev=$a; done\n'
+        f"if {condition}; then\n"
+        "  echo 'bwrap: Creating new namespace failed: Operation not permitted' >&2; exit 1\n"
+        "fi\n"
+        f'exec {REAL_BWRAP} "$@"\n'
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+def _code_files(directory: Path, outputs: list[str], rows: list[dict] | None = None) -> tuple[Path, Path]:
+    rows = rows or [{"task_id": f"Mine/{i}", "prompt": "", "entry_point": "square", "test": CHECK.split("\ncheck(")[0]}
+                    for i in range(len(outputs))]
+    data, pred = directory / "data.jsonl", directory / "pred.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    pred.write_text("".join(json.dumps({"output": o}) + "\n" for o in outputs), encoding="utf-8")
+    return data, pred
+
+
+def test_a_sandbox_that_cannot_start_is_an_error_and_gives_no_score(tmp_path, monkeypatch, capsys):
+    """bubblewrap refused by the kernel is the machine's problem, not a failed program: no 0% score, exit 2."""
+    from loraflow.cli import main
+
+    always = _fake_bwrap(tmp_path)
+    monkeypatch.setattr("shutil.which", lambda name, *a, **k: always if name == "bwrap" else None)
+    with pytest.raises(SandboxError, match="Creating new namespace failed.*user namespaces"):
+        run_programs([GOOD + CHECK])
+    with pytest.raises(SandboxError, match="Creating new namespace failed"):
+        run_program(GOOD + CHECK)
+    data, pred = _code_files(tmp_path, [GOOD, GOOD])
+    out = tmp_path / "RESULT.json"
+    rc = main(["score", "--task", "code", "--data", str(data), "--predictions", str(pred), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 2 and not out.exists() and captured.out == ""
+    assert captured.err.count("\n") == 1 and "Creating new namespace failed" in captured.err, captured.err
+    assert captured.err.startswith("loraflow score: error: the code sandbox could not start a program (bwrap: ")
+
+    # a sandbox that stops starting mid-way (the check before scoring passed) stops the whole run
+    some = _fake_bwrap(tmp_path, fail_when="INFRA-BREAKS")
+    monkeypatch.setattr("shutil.which", lambda name, *a, **k: some if name == "bwrap" else None)
+    programs = [GOOD + CHECK] * 3 + ["# INFRA-BREAKS\n" + GOOD + CHECK] + [GOOD + CHECK] * 3
+    with pytest.raises(SandboxError, match="could not start a program.*Creating new namespace failed"):
+        run_programs(programs, workers=2)
+    data, pred = _code_files(tmp_path, [GOOD, GOOD, "# INFRA-BREAKS\n" + GOOD, GOOD])
+    rc = main(["score", "--task", "code", "--data", str(data), "--predictions", str(pred), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 2 and not out.exists() and captured.out == "" and captured.err.count("\n") == 1
+    assert "could not start a program (bwrap: Creating new namespace failed" in captured.err
+
+
+def test_an_interpreter_that_does_not_start_is_an_error(tmp_path):
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'python: cannot start' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    for isolation in ("bwrap", "none"):
+        with pytest.raises(SandboxError, match="python: cannot start"):
+            run_programs([GOOD + CHECK], python=str(broken), isolation=isolation)
+    with pytest.raises(SandboxError, match="could not start|does not run"):
+        run_program(GOOD + CHECK, python=str(tmp_path / "missing"), isolation="none")
+
+
+# ------------------------------------------------------------------ the sandbox sees only what the program needs (#16)
+# Each hostile program knows where the secrets are and what they look like, never their values (random per run);
+# whatever it finds it puts in its exception, whose last line becomes RESULT.json's `detail`.
+_HUNT = '''
+import json, os, stat, sys
+HOME = {home!r}
+MARKS = ("hf_", "PRIVATE KEY", "AKIA")
+found = []
+def look(what, text):
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+    for mark in MARKS:
+        if mark in text:
+            i = text.index(mark)
+            found.append(what + ":" + text[max(0, i - 5):i + 60].replace("\\n", " "))
+def read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(1 << 20)
+    except OSError:
+        return b""
+def report(seen):
+    print(found)
+    print(found, file=sys.stderr)
+    raise RuntimeError(("LEAKED " + " | ".join(found)) if found else "clean " + seen)
+'''
+_ROUTES = {
+    "files": "for p in [HOME + '/.cache/huggingface/token', HOME + '/.ssh/id_rsa', HOME + '/.env',\n"
+             "          os.path.expanduser('~/.cache/huggingface/token'), '/root/.cache/huggingface/token',\n"
+             "          '/root/.ssh/id_rsa', '/proc/1/root' + HOME + '/.ssh/id_rsa']:\n"
+             "    look(p, read(p))\n"
+             "report('files')",
+    "environment": "look('os.environ', os.environ)\n"
+                   "for pid in [p for p in os.listdir('/proc') if p.isdigit()] + ['self']:\n"
+                   "    for part in ('environ', 'cmdline'):\n"
+                   "        look(pid + '/' + part, read('/proc/%s/%s' % (pid, part)))\n"
+                   "report('environment')",
+    "listing": "seen = {d: sorted(os.listdir(d)) for d in ['/home', '/root', '/run', '/var', '/var/tmp', '/tmp', HOME,\n"
+               "        '/etc', '/mnt', '/srv', '/opt'] if os.path.isdir(d)}\n"
+               "report(json.dumps(seen))",
+    "walk": "files = 0\n"
+            "skip = ('/proc', '/sys', '/dev', '/usr', os.getcwd(), sys.prefix, sys.base_prefix, sys.exec_prefix)\n"
+            "for root, dirs, names in os.walk('/'):\n"
+            "    dirs[:] = [d for d in dirs if os.path.join(root, d) not in skip]\n"
+            "    for name in names:\n"
+            "        path = os.path.join(root, name)\n"
+            "        files += 1\n"
+            "        mode = os.lstat(path).st_mode\n"
+            "        if stat.S_ISSOCK(mode):\n"
+            "            found.append('socket:' + path)\n"
+            "        elif stat.S_ISREG(mode):\n"
+            "            look(path, read(path))\n"
+            "    if files > 5000:\n"
+            "        found.append('too many files')\n"
+            "        break\n"
+            "report('walk %d files' % files)",
+}
+
+
+@pytest.fixture
+def planted_secrets(monkeypatch):
+    """A home directory outside /tmp (the sandbox's old private /tmp would have hidden it) holding a Hugging Face
+    token, an SSH key, a .env file and an agent socket, named by HOME; secrets in the environment too."""
+    import secrets as random_secrets
+    import socket
+    import tempfile
+
+    parent = "/var/tmp" if os.access("/var/tmp", os.W_OK) else os.getcwd()
+    home = Path(tempfile.mkdtemp(prefix="loraflow-fake-home-", dir=parent))
+    values = {
+        "token": "hf_" + random_secrets.token_hex(16),
+        "ssh": random_secrets.token_hex(24),
+        "env-file": "AKIA" + random_secrets.token_hex(8).upper(),
+        "HF_TOKEN": "hf_" + random_secrets.token_hex(16),
+        "AWS_SECRET_ACCESS_KEY": "AKIA" + random_secrets.token_hex(8).upper(),
+    }
+    (home / ".cache" / "huggingface").mkdir(parents=True)
+    (home / ".cache" / "huggingface" / "token").write_text(values["token"])
+    (home / ".ssh").mkdir()
+    (home / ".ssh" / "id_rsa").write_text(f"-----BEGIN OPENSSH PRIVATE KEY-----\n{values['ssh']}\n-----END OPENSSH "
+                                          "PRIVATE KEY-----\n")
+    (home / ".env").write_text(f"AWS_ACCESS_KEY_ID={values['env-file']}\n")
+    agent = socket.socket(socket.AF_UNIX)
+    agent.bind(str(home / "agent.sock"))
+    agent.listen(1)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("SSH_AUTH_SOCK", str(home / "agent.sock"))
+    for name in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, values[name])
+    try:
+        yield home, values
+    finally:
+        agent.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_planted_secrets_never_reach_an_output(planted_secrets, tmp_path, capsys):
+    """Hostile programs look for the scorer's secrets in files, the environment (/proc/*/environ included),
+    directory listings and a walk of everything they can see: nothing reaches RESULT.json or the console, and
+    /run, /var, the home directory and host sockets are not there at all."""
+    from loraflow.cli import main
+
+    home, values = planted_secrets
+    hunt = _HUNT.format(home=str(home))
+    rows = [{"task_id": f"Hunt/{name}", "prompt": "", "entry_point": "len", "test": "def check(c):\n    pass\n"}
+            for name in _ROUTES]
+    data, pred = _code_files(tmp_path, [hunt + code for code in _ROUTES.values()], rows)
+    out = tmp_path / "RESULT.json"
+    rc = main(["score", "--task", "code", "--data", str(data), "--predictions", str(pred), "--out", str(out),
+               "--workers", "2", "--timeout", "30"])
+    captured = capsys.readouterr()
+    text = out.read_text(encoding="utf-8") + captured.out + captured.err
+    assert rc == 0 and [name for name, value in values.items() if value in text] == []
+    details = {ex["task_id"].split("/")[1]: ex["detail"] for ex in json.loads(out.read_text())["examples"]}
+    assert all(d.startswith("RuntimeError: clean ") for d in details.values()), details  # ran, found nothing
+    seen = json.loads(details["listing"].split("clean ", 1)[1])
+    assert not {"/run", "/var", "/var/tmp", "/home", "/mnt", "/srv", "/opt", str(home)} & set(seen), seen
+    # what is there: the interpreter's own prefixes, a working directory in /tmp, the loader's cache in /etc
+    assert seen.get("/etc") == ["ld.so.cache"] and len(seen["/tmp"]) == 1, seen
+    assert set(seen.get("/root", [])) <= {p.split("/")[2] for p in _prefixes() if p.startswith("/root/")}, seen
+
+    # the same hunt for files without bubblewrap finds the token: the test can see a leak
+    data, pred = _code_files(tmp_path, [hunt + _ROUTES["files"]], rows[:1])
+    rc = main(["score", "--task", "code", "--data", str(data), "--predictions", str(pred), "--out", str(out),
+               "--isolation", "none", "--timeout", "30"])
+    capsys.readouterr()
+    assert rc == 0 and values["token"] in out.read_text(encoding="utf-8")
+
+
+def _prefixes() -> list[str]:
+    import sys
+
+    return [os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)]
