@@ -514,3 +514,106 @@ def _prefixes() -> list[str]:
     import sys
 
     return [os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)]
+
+
+# ------------------------------------------------------------------ as an ordinary user (#16)
+NOBODY = 65534
+
+
+def _run_unprivileged(code: str, workdir: Path) -> subprocess.CompletedProcess:
+    """Run `python -c code` as an unprivileged user: as uid/gid 65534 through `setpriv` when the tests run as root
+    (as CI does), as ourselves otherwise. The interpreter and the code under test may live where that user cannot
+    look (pyenv under /root, a clone in root's home): such a directory is replaced, for this command only, by an
+    empty one holding just those paths (a mount namespace made by bubblewrap, as root); nothing is copied or
+    chmod-ed. `workdir` becomes the user's HOME, TMPDIR and working directory."""
+    import sys
+
+    import loraflow
+
+    src = str(Path(loraflow.__file__).resolve().parents[1])
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": src, "HF_HUB_OFFLINE": "1",
+           "HOME": str(workdir), "TMPDIR": str(workdir)}
+    cmd = [sys.executable, "-c", code]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is needed to drop root privileges for this test")
+        os.chown(workdir, NOBODY, NOBODY)
+        needed = {src, *_prefixes(), *(os.path.dirname(p) for p in _link_chain(sys.executable))}
+        hidden: dict[str, set[str]] = {}  # directory others cannot enter -> needed paths under it
+        for path in needed:
+            parts = Path(path).parts
+            for i in range(2, len(parts)):
+                ancestor = os.path.join(*parts[:i])
+                if not os.stat(ancestor).st_mode & 0o001:
+                    hidden.setdefault(ancestor, set()).add(path)
+                    break
+        outer = [REAL_BWRAP, "--dev-bind", "/", "/"]
+        for ancestor, paths in sorted(hidden.items()):
+            outer += ["--tmpfs", ancestor]
+            for path in sorted(paths):  # bubblewrap would make the directories between them root-only
+                between = Path(path).relative_to(ancestor).parents
+                for parent in sorted(str(Path(ancestor) / d) for d in between if str(d) != "."):
+                    outer += ["--perms", "0755", "--dir", parent]
+                outer += ["--ro-bind", path, path]
+        cmd = [*outer, "--", setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd]
+    return subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+
+
+def _link_chain(path: str) -> list[str]:
+    """`path` and every file its symbolic links lead to."""
+    chain = [os.path.abspath(path)]
+    while os.path.islink(chain[-1]) and len(chain) < 40:
+        chain.append(os.path.join(os.path.dirname(chain[-1]), os.readlink(chain[-1])))
+    return [os.path.realpath(os.path.dirname(p)) + "/" + os.path.basename(p) for p in chain]
+
+
+@pytest.fixture
+def unprivileged_dir():
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="loraflow-unprivileged-"))  # not tmp_path: pytest makes that root-only
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_canonical_solutions_score_100_percent_as_an_unprivileged_user(shared_data, unprivileged_dir):
+    """`loraflow score --task code` with the default isolation, as an ordinary user, on the canonical solutions of
+    the first 10 Chinese code test rows (bubblewrap must create its namespaces without root)."""
+    from loraflow.evaluation.scoring import humaneval_english_prompts
+
+    english = humaneval_english_prompts()
+    with open(shared_data / "test" / "zh_code_test.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()][:10]
+    outputs = ["```python\n" + english[r["task_id"]] + r["canonical_solution"] + "```" for r in rows]
+    _code_files(unprivileged_dir, outputs, rows)
+    code = ("import os, sys\n"
+            "assert os.getuid() != 0 and os.geteuid() != 0, 'still root'\n"
+            "from loraflow.cli.main import main\n"
+            "sys.exit(main(['score', '--task', 'code', '--data', 'data.jsonl', '--predictions', 'pred.jsonl', "
+            "'--out', 'RESULT.json', '--workers', '2']))\n")
+    proc = _run_unprivileged(code, unprivileged_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "score: 10/10 = 100.0%", proc.stdout + proc.stderr
+    result = json.loads((unprivileged_dir / "RESULT.json").read_text(encoding="utf-8"))
+    assert result["config"]["isolation"] == "bwrap"
+    assert [ex["status"] for ex in result["examples"]] == ["passed"] * 10, result["examples"]
+
+
+def test_an_ordinary_user_out_of_processes_gets_an_error_not_a_score(unprivileged_dir):
+    """The old failure, on purpose: RLIMIT_NPROC 1 on the scorer itself (as the old sandbox set it on bubblewrap)
+    leaves no process to start a sandbox with; the command says so and exits 2 instead of scoring 0%."""
+    _code_files(unprivileged_dir, [GOOD, GOOD])
+    code = ("import os, resource, sys\n"
+            "assert os.getuid() != 0, 'still root'\n"
+            "from loraflow.cli.main import main\n"
+            "resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))\n"
+            "sys.exit(main(['score', '--task', 'code', '--data', 'data.jsonl', '--predictions', 'pred.jsonl', "
+            "'--out', 'RESULT.json']))\n")
+    proc = _run_unprivileged(code, unprivileged_dir)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.startswith("loraflow score: error: the code sandbox could not start a program (")
+    assert proc.stderr.count("\n") == 1 and not (unprivileged_dir / "RESULT.json").exists()
