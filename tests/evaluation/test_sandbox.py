@@ -318,7 +318,7 @@ def _fake_bwrap(tmp_path, fail_when: str | None = None) -> str:
     only for programs containing that text, handing every other run to the real bubblewrap."""
     assert REAL_BWRAP, "the sandbox tests need bubblewrap"
     script = tmp_path / f"fake-bwrap-{fail_when or 'always'}"
-    condition = "true" if fail_when is None else f'grep -q {fail_when} "$dir/solution.py" 2>/dev/null'
+    condition = "true" if fail_when is None else f'grep -q "{fail_when}" "$dir/solution.py" 2>/dev/null'
     script.write_text(
         "#!/bin/sh\n"
         'prev=; dir=; for a in "$@"; do [ "$prev" = --chdir ] && dir=$a; prev=$a; done\n'
@@ -371,6 +371,29 @@ def test_a_sandbox_that_cannot_start_is_an_error_and_gives_no_score(tmp_path, mo
     assert "could not start a program (bwrap: Creating new namespace failed" in captured.err
 
 
+def test_eval_stops_when_the_sandbox_fails_and_keeps_the_outputs(saved_base, tmp_path, monkeypatch, capsys):
+    """`loraflow eval --task code` whose sandbox passes the check before generation but then cannot start the
+    programs: exit 2 with the reason, no RESULT.json, and the generated outputs kept for `loraflow score`."""
+    from loraflow.cli import main
+
+    rows = [{"task_id": f"Mine/{i}", "prompt": "def square(x):\n", "entry_point": "square",
+             "test": CHECK.split("\ncheck(")[0]} for i in range(2)]
+    data, _ = _code_files(tmp_path, ["", ""], rows)
+    fake = _fake_bwrap(tmp_path, fail_when="def check")  # every scored program, never the check's own
+    monkeypatch.setattr("shutil.which", lambda name, *a, **k: fake if name == "bwrap" else None)
+    out = tmp_path / "code.json"
+    d = saved_base
+    rc = main(["eval", "--base", str(d / "base"), "--adapter", f"zh={d / 'zh'}", "--method", "single:zh",
+               "--task", "code", "--lang", "es", "--data", str(data), "--out", str(out), "--max-new-tokens", "3",
+               "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and not out.exists()
+    assert err.startswith("loraflow eval: error: the code sandbox could not start a program (bwrap: Creating"), err
+    assert err.endswith(f"(the outputs are kept in {tmp_path / 'code.outputs.jsonl'}; `loraflow score` can score "
+                        "them later)")
+    assert len((tmp_path / "code.outputs.jsonl").read_text().splitlines()) == 2
+
+
 def test_an_interpreter_that_does_not_start_is_an_error(tmp_path):
     broken = tmp_path / "python"
     broken.write_text("#!/bin/sh\necho 'python: cannot start' >&2\nexit 1\n")
@@ -418,8 +441,8 @@ _ROUTES = {
                    "    for part in ('environ', 'cmdline'):\n"
                    "        look(pid + '/' + part, read('/proc/%s/%s' % (pid, part)))\n"
                    "report('environment')",
-    "listing": "seen = {d: sorted(os.listdir(d)) for d in ['/home', '/root', '/run', '/var', '/var/tmp', '/tmp', HOME,\n"
-               "        '/etc', '/mnt', '/srv', '/opt'] if os.path.isdir(d)}\n"
+    "listing": "seen = {d: sorted(os.listdir(d)) for d in ['/home', '/root', '/run', '/var', '/var/tmp', '/tmp',\n"
+               "        HOME, '/etc', '/mnt', '/srv', '/opt'] if os.path.isdir(d)}\n"
                "report(json.dumps(seen))",
     "walk": "files = 0\n"
             "skip = ('/proc', '/sys', '/dev', '/usr', os.getcwd(), sys.prefix, sys.base_prefix, sys.exec_prefix)\n"

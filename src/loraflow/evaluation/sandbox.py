@@ -3,16 +3,17 @@
 Containment is structural first: each program runs under bubblewrap (`bwrap`) in its own mount,
 PID, network, IPC and UTS namespaces (and a user namespace when not run as root), with every
 capability dropped, a clean environment (`--clearenv`) and a filesystem built from nothing: the
-system directories (/usr and the /bin, /lib... links into it) and `/etc/ld.so.cache`, the
+system directories (/usr, /bin, /lib, /lib64...; links kept as links) and `/etc/ld.so.cache`, the
 interpreter's own prefixes (a virtual environment and the Python it was made from, wherever they
 live), all read-only, plus its own fresh temporary working directory, the only writable place.
-There is no home directory, /root, /run, /var, /tmp, /sys or host socket to read, and /proc and
-/dev are the sandbox's own (/proc/1 is bubblewrap, started with the same clean environment). So
-reads of the scorer's secrets and writes, renames, deletions or permission changes outside the
-working directory fail in the kernel whatever route the program takes (`dir_fd=` calls,
-`os.fchmod` on an outside descriptor, `sqlite3.connect`, C extensions). Where bubblewrap is
-missing or cannot run, code execution fails closed with a clear error, unless the caller opts in
-to `isolation="none"` (the second layer below, alone).
+There is no home directory, /root (but for an interpreter living there), /run, /var, /sys, host
+socket or other file in /tmp to read, and /proc and /dev are the sandbox's own (/proc/1 is
+bubblewrap, started with the same clean environment). So reads of the scorer's secrets and
+writes, renames, deletions or permission changes outside the working directory fail in the kernel
+whatever route the program takes (`dir_fd=` calls, `os.fchmod` on an outside descriptor,
+`sqlite3.connect`, C extensions). Where bubblewrap is missing or cannot run, code execution fails
+closed with a clear error, unless the caller opts in to `isolation="none"` (the second layer
+below, alone).
 
 Inside, as a second layer, each program runs in its own `python -I -B` subprocess with:
 
@@ -78,8 +79,8 @@ from loraflow.common.errors import LoraFlowError
 
 STATUSES = ("passed", "failed", "timeout", "error")
 ISOLATIONS = ("bwrap", "none")
-ISOLATION_HELP = ("bwrap (default: each program in its own namespaces, filesystem read-only but for its "
-                  "temp dir; needs bubblewrap) or none (audit hook and limits only: weaker, opt-in)")
+ISOLATION_HELP = ("bwrap (default: each program in its own namespaces, seeing only the interpreter, read-only, and "
+                  "its temp dir; needs bubblewrap) or none (audit hook and limits only: weaker, opt-in)")
 
 # The bootstrap writes this to stdout once its limits are set, before the program runs: a run that ends without it
 # never started (see `SandboxError`).
@@ -362,8 +363,15 @@ def run_program(
     if resource is None:  # pragma: no cover
         raise LoraFlowError("the code sandbox needs a POSIX system (resource limits, process groups)")
     _check_timeout(timeout)
-    python = python or sys.executable
+    python = _interpreter(python)
     return _run(program, timeout, limits or SandboxLimits(), python, isolation_command(isolation, python))
+
+
+def _interpreter(python: str | None) -> str:
+    """The interpreter as a path: the running one by default, a bare name looked up on PATH."""
+    if not python:
+        return sys.executable
+    return python if os.sep in python else (shutil.which(python) or python)
 
 
 def _check_timeout(timeout) -> None:
@@ -403,7 +411,8 @@ def _run(program: str, timeout: float, limits: SandboxLimits, python: str, wrapp
                 proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                         pass_fds=(read_fd,), start_new_session=True)
             except (OSError, subprocess.SubprocessError) as e:
-                raise SandboxError(f"the code sandbox could not start a program ({e}); {_advice(wrapper, str(e))}") from None
+                why = str(e)
+                raise SandboxError(f"the code sandbox could not start a program ({why}); {_advice(wrapper, why)}") from None
             os.close(read_fd)
             read_fd = -1
             finished = _wait_exit(proc.pid, start + timeout)
@@ -461,7 +470,7 @@ def isolation_command(isolation: str, python: str | None = None) -> list[str]:
                                 "isolation 'none' (--isolation none)")
         prefix = [exe, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
                   "--dev", "/dev", "--proc", "/proc", *_system_binds()]
-    _probe(tuple(prefix), python or sys.executable)
+    _probe(tuple(prefix), _interpreter(python))
     return prefix
 
 
@@ -602,7 +611,7 @@ def run_programs(
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise LoraFlowError(f"workers must be a whole number >= 1, got {workers}")
     _check_timeout(timeout)
-    python = python or sys.executable
+    python = _interpreter(python)
     wrapper = isolation_command(isolation, python)  # fail closed before any program runs
     if not programs:
         return []
