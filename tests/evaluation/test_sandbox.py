@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-import subprocess
-
 from loraflow.common.errors import LoraFlowError
-from loraflow.evaluation.sandbox import ExecutionResult, SandboxLimits, _kill_group, run_program, run_programs
+from loraflow.evaluation.sandbox import (
+    ExecutionResult, SandboxError, SandboxLimits, _kill_group, run_program, run_programs,
+)
 
 CHECK = "\ndef check(candidate):\n    assert candidate(2) == 4\n\ncheck(square)\n"
 GOOD = "def square(x):\n    return x * x\n"
+REAL_BWRAP = shutil.which("bwrap")  # before any test replaces shutil.which
 
 
 def _sandbox_dir(result: ExecutionResult) -> str:
@@ -305,3 +310,333 @@ def test_missing_isolation_fails_closed_unless_opted_out(monkeypatch):
 def test_bad_timeouts_are_refused(timeout):
     with pytest.raises(LoraFlowError, match="timeout"):
         run_programs([GOOD + CHECK], timeout=timeout)
+
+
+# ------------------------------------------------------------------ infrastructure failures are errors (#16)
+def _fake_bwrap(tmp_path, fail_when: str | None = None) -> str:
+    """A `bwrap` that fails as bubblewrap does where it cannot create namespaces: always, or (with `fail_when`)
+    only for programs containing that text, handing every other run to the real bubblewrap."""
+    assert REAL_BWRAP, "the sandbox tests need bubblewrap"
+    script = tmp_path / f"fake-bwrap-{fail_when or 'always'}"
+    condition = "true" if fail_when is None else f'grep -q "{fail_when}" "$dir/solution.py" 2>/dev/null'
+    script.write_text(
+        "#!/bin/sh\n"
+        'prev=; dir=; for a in "$@"; do [ "$prev" = --chdir ] && dir=$a; prev=$a; done\n'
+        f"if {condition}; then\n"
+        "  echo 'bwrap: Creating new namespace failed: Operation not permitted' >&2; exit 1\n"
+        "fi\n"
+        f'exec {REAL_BWRAP} "$@"\n'
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+def _code_files(directory: Path, outputs: list[str], rows: list[dict] | None = None) -> tuple[Path, Path]:
+    rows = rows or [{"task_id": f"Mine/{i}", "prompt": "", "entry_point": "square", "test": CHECK.split("\ncheck(")[0]}
+                    for i in range(len(outputs))]
+    data, pred = directory / "data.jsonl", directory / "pred.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    pred.write_text("".join(json.dumps({"output": o}) + "\n" for o in outputs), encoding="utf-8")
+    return data, pred
+
+
+def test_a_sandbox_that_cannot_start_is_an_error_and_gives_no_score(tmp_path, monkeypatch, capsys):
+    """bubblewrap refused by the kernel is the machine's problem, not a failed program: no 0% score, exit 2."""
+    from loraflow.cli import main
+
+    always = _fake_bwrap(tmp_path)
+    monkeypatch.setattr("shutil.which", lambda name, *a, **k: always if name == "bwrap" else None)
+    with pytest.raises(SandboxError, match="Creating new namespace failed.*user namespaces"):
+        run_programs([GOOD + CHECK])
+    with pytest.raises(SandboxError, match="Creating new namespace failed"):
+        run_program(GOOD + CHECK)
+    data, pred = _code_files(tmp_path, [GOOD, GOOD])
+    out = tmp_path / "RESULT.json"
+    rc = main(["score", "--task", "code", "--data", str(data), "--predictions", str(pred), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 2 and not out.exists() and captured.out == ""
+    assert captured.err.count("\n") == 1 and "Creating new namespace failed" in captured.err, captured.err
+    assert captured.err.startswith("loraflow score: error: the code sandbox could not start a program (bwrap: ")
+
+    # a sandbox that stops starting mid-way (the check before scoring passed) stops the whole run
+    some = _fake_bwrap(tmp_path, fail_when="INFRA-BREAKS")
+    monkeypatch.setattr("shutil.which", lambda name, *a, **k: some if name == "bwrap" else None)
+    programs = [GOOD + CHECK] * 3 + ["# INFRA-BREAKS\n" + GOOD + CHECK] + [GOOD + CHECK] * 3
+    with pytest.raises(SandboxError, match="could not start a program.*Creating new namespace failed"):
+        run_programs(programs, workers=2)
+    data, pred = _code_files(tmp_path, [GOOD, GOOD, "# INFRA-BREAKS\n" + GOOD, GOOD])
+    rc = main(["score", "--task", "code", "--data", str(data), "--predictions", str(pred), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 2 and not out.exists() and captured.out == "" and captured.err.count("\n") == 1
+    assert "could not start a program (bwrap: Creating new namespace failed" in captured.err
+
+
+def test_eval_stops_when_the_sandbox_fails_and_keeps_the_outputs(saved_base, tmp_path, monkeypatch, capsys):
+    """`loraflow eval --task code` whose sandbox passes the check before generation but then cannot start the
+    programs: exit 2 with the reason, no RESULT.json, and the generated outputs kept for `loraflow score`."""
+    from loraflow.cli import main
+
+    rows = [{"task_id": f"Mine/{i}", "prompt": "def square(x):\n", "entry_point": "square",
+             "test": CHECK.split("\ncheck(")[0]} for i in range(2)]
+    data, _ = _code_files(tmp_path, ["", ""], rows)
+    fake = _fake_bwrap(tmp_path, fail_when="def check")  # every scored program, never the check's own
+    monkeypatch.setattr("shutil.which", lambda name, *a, **k: fake if name == "bwrap" else None)
+    out = tmp_path / "code.json"
+    d = saved_base
+    rc = main(["eval", "--base", str(d / "base"), "--adapter", f"zh={d / 'zh'}", "--method", "single:zh",
+               "--task", "code", "--lang", "es", "--data", str(data), "--out", str(out), "--max-new-tokens", "3",
+               "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and not out.exists()
+    assert err.startswith("loraflow eval: error: the code sandbox could not start a program (bwrap: Creating"), err
+    assert err.endswith(f"(the outputs are kept in {tmp_path / 'code.outputs.jsonl'}; `loraflow score` can score "
+                        "them later)")
+    assert len((tmp_path / "code.outputs.jsonl").read_text().splitlines()) == 2
+
+
+def test_an_interpreter_that_does_not_start_is_an_error(tmp_path):
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'python: cannot start' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    for isolation in ("bwrap", "none"):
+        with pytest.raises(SandboxError, match="python: cannot start"):
+            run_programs([GOOD + CHECK], python=str(broken), isolation=isolation)
+    with pytest.raises(SandboxError, match="could not start|does not run"):
+        run_program(GOOD + CHECK, python=str(tmp_path / "missing"), isolation="none")
+
+
+# ------------------------------------------------------------------ the sandbox sees only what the program needs (#16)
+# Each hostile program knows where the secrets are and what they look like, never their values (random per run);
+# whatever it finds it puts in its exception, whose last line becomes RESULT.json's `detail`.
+_HUNT = '''
+import json, os, stat, sys
+HOME = {home!r}
+MARKS = ("hf_", "PRIVATE KEY", "AKIA")
+found = []
+def look(what, text):
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+    for mark in MARKS:
+        if mark in text:
+            i = text.index(mark)
+            found.append(what + ":" + text[max(0, i - 5):i + 60].replace("\\n", " "))
+def read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(1 << 20)
+    except OSError:
+        return b""
+def report(seen):
+    print(found)
+    print(found, file=sys.stderr)
+    raise RuntimeError(("LEAKED " + " | ".join(found)) if found else "clean " + seen)
+'''
+_ROUTES = {
+    "files": "for p in [HOME + '/.cache/huggingface/token', HOME + '/.ssh/id_rsa', HOME + '/.env',\n"
+             "          os.path.expanduser('~/.cache/huggingface/token'), '/root/.cache/huggingface/token',\n"
+             "          '/root/.ssh/id_rsa', '/proc/1/root' + HOME + '/.ssh/id_rsa']:\n"
+             "    look(p, read(p))\n"
+             "report('files')",
+    "environment": "look('os.environ', os.environ)\n"
+                   "for pid in [p for p in os.listdir('/proc') if p.isdigit()] + ['self']:\n"
+                   "    for part in ('environ', 'cmdline'):\n"
+                   "        look(pid + '/' + part, read('/proc/%s/%s' % (pid, part)))\n"
+                   "report('environment')",
+    "listing": "seen = {d: sorted(os.listdir(d)) for d in ['/home', '/root', '/run', '/var', '/var/tmp', '/tmp',\n"
+               "        HOME, '/etc', '/mnt', '/srv', '/opt'] if os.path.isdir(d)}\n"
+               "report(json.dumps(seen))",
+    "walk": "files = 0\n"
+            "skip = ('/proc', '/sys', '/dev', '/usr', os.getcwd(), sys.prefix, sys.base_prefix, sys.exec_prefix)\n"
+            "for root, dirs, names in os.walk('/'):\n"
+            "    dirs[:] = [d for d in dirs if os.path.join(root, d) not in skip]\n"
+            "    for name in names:\n"
+            "        path = os.path.join(root, name)\n"
+            "        files += 1\n"
+            "        mode = os.lstat(path).st_mode\n"
+            "        if stat.S_ISSOCK(mode):\n"
+            "            found.append('socket:' + path)\n"
+            "        elif stat.S_ISREG(mode):\n"
+            "            look(path, read(path))\n"
+            "    if files > 5000:\n"
+            "        found.append('too many files')\n"
+            "        break\n"
+            "report('walk %d files' % files)",
+}
+
+
+@pytest.fixture
+def planted_secrets(monkeypatch):
+    """A home directory outside /tmp (the sandbox's old private /tmp would have hidden it) holding a Hugging Face
+    token, an SSH key, a .env file and an agent socket, named by HOME; secrets in the environment too."""
+    import secrets as random_secrets
+    import socket
+    import tempfile
+
+    parent = "/var/tmp" if os.access("/var/tmp", os.W_OK) else os.getcwd()
+    home = Path(tempfile.mkdtemp(prefix="loraflow-fake-home-", dir=parent))
+    values = {
+        "token": "hf_" + random_secrets.token_hex(16),
+        "ssh": random_secrets.token_hex(24),
+        "env-file": "AKIA" + random_secrets.token_hex(8).upper(),
+        "HF_TOKEN": "hf_" + random_secrets.token_hex(16),
+        "AWS_SECRET_ACCESS_KEY": "AKIA" + random_secrets.token_hex(8).upper(),
+    }
+    (home / ".cache" / "huggingface").mkdir(parents=True)
+    (home / ".cache" / "huggingface" / "token").write_text(values["token"])
+    (home / ".ssh").mkdir()
+    (home / ".ssh" / "id_rsa").write_text(f"-----BEGIN OPENSSH PRIVATE KEY-----\n{values['ssh']}\n-----END OPENSSH "
+                                          "PRIVATE KEY-----\n")
+    (home / ".env").write_text(f"AWS_ACCESS_KEY_ID={values['env-file']}\n")
+    agent = socket.socket(socket.AF_UNIX)
+    agent.bind(str(home / "agent.sock"))
+    agent.listen(1)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("SSH_AUTH_SOCK", str(home / "agent.sock"))
+    for name in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, values[name])
+    try:
+        yield home, values
+    finally:
+        agent.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_planted_secrets_never_reach_an_output(planted_secrets, tmp_path, capsys):
+    """Hostile programs look for the scorer's secrets in files, the environment (/proc/*/environ included),
+    directory listings and a walk of everything they can see: nothing reaches RESULT.json or the console, and
+    /run, /var, the home directory and host sockets are not there at all."""
+    from loraflow.cli import main
+
+    home, values = planted_secrets
+    hunt = _HUNT.format(home=str(home))
+    rows = [{"task_id": f"Hunt/{name}", "prompt": "", "entry_point": "len", "test": "def check(c):\n    pass\n"}
+            for name in _ROUTES]
+    data, pred = _code_files(tmp_path, [hunt + code for code in _ROUTES.values()], rows)
+    out = tmp_path / "RESULT.json"
+    rc = main(["score", "--task", "code", "--data", str(data), "--predictions", str(pred), "--out", str(out),
+               "--workers", "2", "--timeout", "30"])
+    captured = capsys.readouterr()
+    text = out.read_text(encoding="utf-8") + captured.out + captured.err
+    assert rc == 0 and [name for name, value in values.items() if value in text] == []
+    details = {ex["task_id"].split("/")[1]: ex["detail"] for ex in json.loads(out.read_text())["examples"]}
+    assert all(d.startswith("RuntimeError: clean ") for d in details.values()), details  # ran, found nothing
+    seen = json.loads(details["listing"].split("clean ", 1)[1])
+    assert not {"/run", "/var", "/var/tmp", "/home", "/mnt", "/srv", "/opt", str(home)} & set(seen), seen
+    # what is there: the interpreter's own prefixes, a working directory in /tmp, the loader's cache in /etc
+    assert seen.get("/etc") == ["ld.so.cache"] and len(seen["/tmp"]) == 1, seen
+    assert set(seen.get("/root", [])) <= {p.split("/")[2] for p in _prefixes() if p.startswith("/root/")}, seen
+
+    # the same hunt for files without bubblewrap finds the token: the test can see a leak
+    data, pred = _code_files(tmp_path, [hunt + _ROUTES["files"]], rows[:1])
+    rc = main(["score", "--task", "code", "--data", str(data), "--predictions", str(pred), "--out", str(out),
+               "--isolation", "none", "--timeout", "30"])
+    capsys.readouterr()
+    assert rc == 0 and values["token"] in out.read_text(encoding="utf-8")
+
+
+def _prefixes() -> list[str]:
+    import sys
+
+    return [os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)]
+
+
+# ------------------------------------------------------------------ as an ordinary user (#16)
+NOBODY = 65534
+
+
+def _run_unprivileged(code: str, workdir: Path) -> subprocess.CompletedProcess:
+    """Run `python -c code` as an unprivileged user: as uid/gid 65534 through `setpriv` when the tests run as root
+    (as CI does), as ourselves otherwise. The interpreter and the code under test may live where that user cannot
+    look (pyenv under /root, a clone in root's home): such a directory is replaced, for this command only, by an
+    empty one holding just those paths (a mount namespace made by bubblewrap, as root); nothing is copied or
+    chmod-ed. `workdir` becomes the user's HOME, TMPDIR and working directory."""
+    import sys
+
+    import loraflow
+
+    src = str(Path(loraflow.__file__).resolve().parents[1])
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": src, "HF_HUB_OFFLINE": "1",
+           "HOME": str(workdir), "TMPDIR": str(workdir)}
+    cmd = [sys.executable, "-c", code]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is needed to drop root privileges for this test")
+        os.chown(workdir, NOBODY, NOBODY)
+        needed = {src, *_prefixes(), *(os.path.dirname(p) for p in _link_chain(sys.executable))}
+        hidden: dict[str, set[str]] = {}  # directory others cannot enter -> needed paths under it
+        for path in needed:
+            parts = Path(path).parts
+            for i in range(2, len(parts)):
+                ancestor = os.path.join(*parts[:i])
+                if not os.stat(ancestor).st_mode & 0o001:
+                    hidden.setdefault(ancestor, set()).add(path)
+                    break
+        outer = [REAL_BWRAP, "--dev-bind", "/", "/"]
+        for ancestor, paths in sorted(hidden.items()):
+            outer += ["--tmpfs", ancestor]
+            for path in sorted(paths):  # bubblewrap would make the directories between them root-only
+                between = Path(path).relative_to(ancestor).parents
+                for parent in sorted(str(Path(ancestor) / d) for d in between if str(d) != "."):
+                    outer += ["--perms", "0755", "--dir", parent]
+                outer += ["--ro-bind", path, path]
+        cmd = [*outer, "--", setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd]
+    return subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+
+
+def _link_chain(path: str) -> list[str]:
+    """`path` and every file its symbolic links lead to."""
+    chain = [os.path.abspath(path)]
+    while os.path.islink(chain[-1]) and len(chain) < 40:
+        chain.append(os.path.join(os.path.dirname(chain[-1]), os.readlink(chain[-1])))
+    return [os.path.realpath(os.path.dirname(p)) + "/" + os.path.basename(p) for p in chain]
+
+
+@pytest.fixture
+def unprivileged_dir():
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="loraflow-unprivileged-"))  # not tmp_path: pytest makes that root-only
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_canonical_solutions_score_100_percent_as_an_unprivileged_user(shared_data, unprivileged_dir):
+    """`loraflow score --task code` with the default isolation, as an ordinary user, on the canonical solutions of
+    the first 10 Chinese code test rows (bubblewrap must create its namespaces without root)."""
+    from loraflow.evaluation.scoring import humaneval_english_prompts
+
+    english = humaneval_english_prompts()
+    with open(shared_data / "test" / "zh_code_test.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()][:10]
+    outputs = ["```python\n" + english[r["task_id"]] + r["canonical_solution"] + "```" for r in rows]
+    _code_files(unprivileged_dir, outputs, rows)
+    code = ("import os, sys\n"
+            "assert os.getuid() != 0 and os.geteuid() != 0, 'still root'\n"
+            "from loraflow.cli.main import main\n"
+            "sys.exit(main(['score', '--task', 'code', '--data', 'data.jsonl', '--predictions', 'pred.jsonl', "
+            "'--out', 'RESULT.json', '--workers', '2']))\n")
+    proc = _run_unprivileged(code, unprivileged_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "score: 10/10 = 100.0%", proc.stdout + proc.stderr
+    result = json.loads((unprivileged_dir / "RESULT.json").read_text(encoding="utf-8"))
+    assert result["config"]["isolation"] == "bwrap"
+    assert [ex["status"] for ex in result["examples"]] == ["passed"] * 10, result["examples"]
+
+
+def test_an_ordinary_user_out_of_processes_gets_an_error_not_a_score(unprivileged_dir):
+    """The old failure, on purpose: RLIMIT_NPROC 1 on the scorer itself (as the old sandbox set it on bubblewrap)
+    leaves no process to start a sandbox with; the command says so and exits 2 instead of scoring 0%."""
+    _code_files(unprivileged_dir, [GOOD, GOOD])
+    code = ("import os, resource, sys\n"
+            "assert os.getuid() != 0, 'still root'\n"
+            "from loraflow.cli.main import main\n"
+            "resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))\n"
+            "sys.exit(main(['score', '--task', 'code', '--data', 'data.jsonl', '--predictions', 'pred.jsonl', "
+            "'--out', 'RESULT.json']))\n")
+    proc = _run_unprivileged(code, unprivileged_dir)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.startswith("loraflow score: error: the code sandbox could not start a program (")
+    assert proc.stderr.count("\n") == 1 and not (unprivileged_dir / "RESULT.json").exists()

@@ -234,11 +234,15 @@ def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: P
     if not state.is_main_process:
         return {}
     outputs = [text for _, text in sorted(gathered)]
-    result = scoring.score_predictions(cfg.task, rows, outputs, mode=cfg.mode, workers=cfg.workers,
-                                       timeout=cfg.timeout, isolation=cfg.isolation)
     inputs = [data_path, train_path, *(p for _, p in adapters)]
+    # written before scoring, so that a sandbox failing mid-way loses no generation
     write_jsonl_atomic(pred_path, [{"index": i, "prompt": p, "output": o} for i, (p, o) in enumerate(zip(prompts, outputs))],
                        inputs=inputs)
+    try:
+        result = scoring.score_predictions(cfg.task, rows, outputs, mode=cfg.mode, workers=cfg.workers,
+                                           timeout=cfg.timeout, isolation=cfg.isolation)
+    except LoraFlowError as e:
+        raise type(e)(f"{e} (the outputs are kept in {pred_path}; `loraflow score` can score them later)") from None
     result.update({
         "method": method, "lang": cfg.lang, "task": cfg.task, "seed": cfg.seed,
         "base": str(base), "adapters": [[n, str(p)] for n, p in adapters],

@@ -360,6 +360,7 @@ def score_predictions(
 
     Raises:
         LoraFlowError: unknown task/mode, count mismatch, or rows lacking required fields.
+        SandboxError: (a LoraFlowError) the code sandbox could not start a program: no score is computed.
     """
     if task not in TASKS:
         raise LoraFlowError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
