@@ -56,17 +56,37 @@ def test_the_engine_imports_without_extras():
     assert done.stdout.strip() == "ok []"
 
 
-def test_serve_without_its_extra_says_what_to_install_in_one_line():
+def test_commands_without_their_extra_say_what_to_install_in_one_line(tmp_path):
+    missing = "nowhere"  # the extra is checked before any path or model
+    commands = [
+        ["serve", "--base", missing, "--adapter", f"zh={missing}"],
+        ["inspect", "--base", missing, "--adapter", f"zh={missing}", "--prompt", "hi", "--out", str(tmp_path / "w.png")],
+        ["eval", "--base", missing, "--adapter", f"zh={missing}", "--adapter", f"math={missing}", "--method", "lorahub",
+         "--train", missing, "--task", "math", "--data", missing, "--out", str(tmp_path / "r.json")],
+        ["report", missing, "--out-dir", str(tmp_path / "report")],
+        ["demo", "--out", str(tmp_path / "demo")],
+    ]
     done = run_hidden(
         "from loraflow.cli.main import main\n"
-        "rc = main(['serve', '--base', 'nowhere', '--adapter', 'zh=nowhere'])\n"
+        f"print([main(c) for c in {commands!r}])\n"
         "try:\n    from loraflow import Server\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
-        "raise SystemExit(rc)\n"
     )
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr == ("loraflow serve: error: serving needs the serve extra (No module named 'fastapi'): "
-                           "pip install 'loraflow[serve]'\n")
-    assert done.stdout.startswith("LoraFlowError serving needs the serve extra") and "loraflow[serve]" in done.stdout
+    assert done.returncode == 0, done.stderr[-2000:]
+    codes, library = done.stdout.splitlines()
+    assert codes == "[2, 2, 2, 2, 2]"
+    assert done.stderr.splitlines() == [
+        "loraflow serve: error: serving needs the serve extra (No module named 'fastapi'): pip install 'loraflow[serve]'",
+        "loraflow inspect: error: the fusion-weight heatmap needs the eval extra (No module named 'matplotlib'): "
+        "pip install 'loraflow[eval]'",
+        "loraflow eval: error: --method lorahub needs the eval extra (No module named 'nevergrad'): "
+        "pip install 'loraflow[eval]'",
+        "loraflow report: error: the report's bar chart (table.png) needs the eval extra (No module named "
+        "'matplotlib'): pip install 'loraflow[eval]'",
+        "loraflow demo: error: the demo needs the demo extra (No module named 'nevergrad'): pip install 'loraflow[demo]'",
+    ]
+    assert library == ("LoraFlowError serving needs the serve extra (No module named 'fastapi'): "
+                       "pip install 'loraflow[serve]'")
+    assert not (tmp_path / "report").exists() and not (tmp_path / "demo").exists()
 
 
 def test_help_lists_every_command_without_extras():
