@@ -137,10 +137,9 @@ def add_inspect(sub) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     import torch
 
-    from loraflow.core.inspection import inspect_prompt
-
     from loraflow.common.extras import require
     from loraflow.common.io import check_output_file
+    from loraflow.core.inspection import inspect_prompt
 
     build(RuntimeOptions, args).apply()
     model_opts, choice, opts = build(ModelOptions, args), build(PromptChoice, args), build(InspectOptions, args)

@@ -33,11 +33,11 @@ def require(*modules: str, what: str, extra: str | None = None) -> ModuleType:
 
     Args:
         modules: module names, e.g. "fastapi", "uvicorn".
-        what: who needs them, for the message (e.g. "loraflow serve", "LoRAHub").
+        what: who needs them, for the message (e.g. "serving", "the LoRAHub baseline").
         extra: the pip extra; default: the one `EXTRA_OF` names for the first missing module.
 
     Raises:
-        LoraFlowError: one line, e.g. "loraflow serve needs the serve extra (No module named 'fastapi'):
+        LoraFlowError: one line, e.g. "serving needs the serve extra (No module named 'fastapi'):
             pip install 'loraflow[serve]'".
     """
     module = None

@@ -7,8 +7,9 @@ Three pieces, used by gate training, LoRA training, dev-set selection and evalua
   the first line, or given explicitly.
 * `PromptTemplate` turns an `Example` into the prompt text and the response text:
   the official Llama-2 chat format (`llama2`), the tokenizer's own chat template (`chat`), the
-  query verbatim (`plain`) or the query and a newline (`plain-nl`). The named templates users choose (official, released, ...)
-  and the prompt rendering for generation live in `loraflow.data.templates`.
+  query verbatim (`plain`) or the query and a newline (`plain-nl`). The named templates users
+  choose (official, released, ...) and the prompt rendering for generation live in
+  `loraflow.data.templates`.
 * `encode_example` / `encode_examples` / `collate` tokenise for causal-LM training with the loss on
   the response tokens only.
 
@@ -392,7 +393,8 @@ class PromptTemplate:
         known = {k: record[k] for k in ("kind", "system", "cue", "name") if k in record}
         version = record.get("format_version", 1)
         if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= TEMPLATE_FORMAT:
-            raise ValueError(f"template format_version {version!r} is not one this loraflow reads (1..{TEMPLATE_FORMAT})")
+            raise ValueError(f"template format_version {version!r} is not one this loraflow reads "
+                             f"(1..{TEMPLATE_FORMAT})")
         if version == 1 and known.get("kind") in _FORMAT_1_KINDS:
             known["kind"] = _FORMAT_1_KINDS[known["kind"]]
             known["name"] = _FORMAT_1_KINDS.get(known.get("name"), known.get("name"))
