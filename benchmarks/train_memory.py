@@ -101,7 +101,7 @@ def worker(args: argparse.Namespace) -> dict:
     set_threads(args.threads)
     assets = json.loads(Path(args.assets).read_text())
     tokenizer = PreTrainedTokenizerFast.from_pretrained(assets["tokenizer"])
-    template = PromptTemplate(kind="plain")
+    template = PromptTemplate(kind="plain-nl")  # the format its measurements were made with
     examples = load_examples(assets["train"])
     items = encode_examples(examples, tokenizer, template, args.max_length)
     first = items[:args.batch_size]

@@ -173,7 +173,7 @@ def build_toy_lora_pair(tmp: Path) -> dict:
     from loraflow.data.formats import PromptTemplate
     from loraflow.train.training import TrainConfig, train_lora
 
-    plain = PromptTemplate(kind="plain")
+    plain = PromptTemplate(kind="plain-nl")
     tokenizer = build_tokenizer()
     base = build_tiny_model("llama", vocab_size=len(tokenizer), seed=0)
     with torch.no_grad():

@@ -66,9 +66,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from loraflow.train.training import train_gate, train_lora
 
 
+# Names whose module needs an extra (loraflow.common.extras): what a missing one says.
+_NEEDS = {"Server": ("serving", ("fastapi", "uvicorn", "prometheus_client"))}
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
+        if name in _NEEDS:
+            from loraflow.common.extras import require
+
+            what, modules = _NEEDS[name]
+            require(*modules, what=what)
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'loraflow' has no attribute {name!r}")

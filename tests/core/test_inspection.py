@@ -26,9 +26,9 @@ def test_inspect_writes_png_and_csv_matching_recomputed_weights(saved_base, toke
     assert len(rows) == 2 * 5 and rows[0].keys() >= {"layer", "token_index", "token", "w_zh", "w_math"}
     # Independent check: a full forward over prompt + generated tokens gives, at the position that
     # produced each generated token, the same gate weights.
-    # the plain template's prompt is the question and a newline, without special tokens
-    trace = trace_generation(model, tokenizer, "hello world\n", max_new_tokens=5)
-    enc = tokenizer(["hello world\n"], return_tensors="pt", add_special_tokens=False)
+    # the plain template's prompt is the question verbatim, without special tokens
+    trace = trace_generation(model, tokenizer, "hello world", max_new_tokens=5)
+    enc = tokenizer(["hello world"], return_tensors="pt", add_special_tokens=False)
     n = enc["input_ids"].shape[1]
     assert len(trace.token_ids) == 5
     full = torch.cat([enc["input_ids"], torch.tensor([trace.token_ids])], dim=1)

@@ -221,7 +221,8 @@ def test_llama2_template_strings():
     )
     assert PromptTemplate.from_preset("paper", lang="zh", task="math").system.startswith("你是中文人工智能助手")
     assert PromptTemplate.from_preset("official", lang="zh", task="math") == PromptTemplate.paper("zh", "math")
-    assert PromptTemplate(kind="plain").render(EX) == "What is 2+3?\nThe answer is: 5</s>"
+    assert PromptTemplate(kind="plain").render(EX) == "What is 2+3?The answer is: 5</s>"  # verbatim
+    assert PromptTemplate(kind="plain-nl").render(EX) == "What is 2+3?\nThe answer is: 5</s>"
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -259,7 +260,7 @@ def test_labels_mask_exactly_the_prompt(tok, template):
 
 
 def test_plain_template_tokens(tok):
-    item = encode_example(EX, tok, PromptTemplate(kind="plain"), max_length=64)
+    item = encode_example(EX, tok, PromptTemplate(kind="plain-nl"), max_length=64)
     ids, labels = item["input_ids"], item["labels"]
     assert tok.bos_token_id not in ids and ids[-1] == tok.eos_token_id
     kept = [t for t in labels if t != IGNORE_INDEX]

@@ -40,16 +40,21 @@ def _rows(path, n: int, lang_word: str):
     return path
 
 
-def test_chat_template_prompt_without_injected_system_prompt(smollm2):
+def test_chat_template_prompt_is_apply_chat_templates(smollm2):
     from loraflow.data.formats import Example, encode_prompt
     from loraflow.data.templates import format_warning, make_template, render_prompt
 
     tok = smollm2["tokenizer"]
+    messages = [{"role": "user", "content": "你好"}]
     text, special = render_prompt("chat", tok, "你好")
-    assert text == "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
-    assert special is False and "SmolLM" not in text
-    assert tok(text, add_special_tokens=special)["input_ids"] == encode_prompt(Example("你好", ""), tok,
-                                                                               make_template("chat"))
+    assert text == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert special is False and "You are a helpful AI assistant named SmolLM" in text  # its default system prompt
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    ids = ids if isinstance(ids, list) else ids["input_ids"]
+    assert tok(text, add_special_tokens=special)["input_ids"] == ids == encode_prompt(Example("你好", ""), tok,
+                                                                                      make_template("chat"))
+    old = render_prompt("chat-empty-system", tok, "你好").text  # how `chat` rendered before template format 2
+    assert old == "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
     # a Llama-2 format on this model: no <|im_start|> as a fake BOS, and a warning that says so
     assert render_prompt("released", tok, "你好").text == "[INST] 你好 [/INST]让我们一步一步地思考。"
     assert "own chat template" in format_warning("released", tok)
@@ -75,7 +80,7 @@ def test_workflow_on_smollm2_with_its_chat_template(smollm2, tmp_path, capsys):
     assert main(["train-gate", "--base", base, *adapters, "--train", str(train), "--out", str(gate),
                  "--template", "chat", *common]) == 0
     recorded = json.loads((gate / "best" / "gate_config.json").read_text())["extra"]["training"]["template"]
-    assert (recorded["kind"], recorded["name"], recorded["system"]) == ("chat", "chat", None)
+    assert (recorded["kind"], recorded["name"], recorded["system"], recorded["format_version"]) == ("chat", "chat", None, 2)
     capsys.readouterr()
 
     model_args = ["--base", base, *adapters, "--gate", str(gate / "best"), "--device", "auto", "--threads", "1"]
@@ -101,16 +106,16 @@ def test_workflow_on_smollm2_with_its_chat_template(smollm2, tmp_path, capsys):
     result = json.loads(result_path.read_text())
     assert result["total"] == 2 and result["partial"] is True and result["template"]["kind"] == "chat"
     assert json.loads(result_path.with_suffix(".outputs.jsonl").read_text().splitlines()[0])["prompt"].startswith(
-        "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n1 + 1 = ?")
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\n1 + 1 = ?")
     capsys.readouterr()
     assert main(["report", str(tmp_path / "results")]) == 0
     assert "†" in capsys.readouterr().out
 
 
-def test_served_chat_prompt_has_no_injected_system_prompt(smollm2):
-    """The server renders chats as the `chat` training template does: SmolLM2's template would add its own
-    system prompt to a chat without one; the server sends an empty system turn instead, and keeps a
-    request's own system message."""
+def test_served_chat_prompt_is_apply_chat_templates(smollm2):
+    """The server renders chats as `apply_chat_template` does (vLLM, TGI, `transformers serve` alike): SmolLM2's
+    template adds its own system prompt to a chat without one, and a request's own system message replaces it."""
     import threading
     import types
 
@@ -120,9 +125,9 @@ def test_served_chat_prompt_has_no_injected_system_prompt(smollm2):
     tok = smollm2["tokenizer"]
     injected = chat_default_system(tok)
     assert injected and "SmolLM" in injected
-    server = types.SimpleNamespace(tokenizer=tok, _empty_system=True, _tokenizer_lock=threading.Lock())
-    plain = tok.decode(Server.chat_prompt(server, [{"role": "user", "content": "What is 2+3?"}]))
-    assert "What is 2+3?" in plain and injected not in plain
-    own = tok.decode(Server.chat_prompt(server, [{"role": "system", "content": "Be brief."},
-                                                 {"role": "user", "content": "What is 2+3?"}]))
-    assert "Be brief." in own and injected not in own
+    server = types.SimpleNamespace(tokenizer=tok, _tokenizer_lock=threading.Lock())
+    for messages in ([{"role": "user", "content": "What is 2+3?"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"}]):
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        assert Server.chat_prompt(server, messages) == (ids if isinstance(ids, list) else ids["input_ids"])
+        assert (injected in tok.decode(Server.chat_prompt(server, messages))) == (len(messages) == 1)

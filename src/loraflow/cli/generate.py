@@ -137,12 +137,13 @@ def add_inspect(sub) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     import torch
 
-    from loraflow.core.inspection import inspect_prompt
-
+    from loraflow.common.extras import require
     from loraflow.common.io import check_output_file
+    from loraflow.core.inspection import inspect_prompt
 
     build(RuntimeOptions, args).apply()
     model_opts, choice, opts = build(ModelOptions, args), build(PromptChoice, args), build(InspectOptions, args)
+    require("matplotlib", what="the fusion-weight heatmap")
     check_output_file(opts.out, what="heatmap file")  # before the model loads and generates
     if opts.csv:
         check_output_file(opts.csv, inputs=[opts.out], what="CSV file")

@@ -39,6 +39,9 @@ def add_serve(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from loraflow.common.extras import require
+
+    require("fastapi", "uvicorn", "prometheus_client", what="serving")
     from loraflow.serve.server import Server
 
     opts, config = build(ServeOptions, args), build(ServeConfig, args)

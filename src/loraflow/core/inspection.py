@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from loraflow.common.errors import LoraFlowError
+from loraflow.common.extras import require
 from loraflow.common.io import atomic_path, write_text_atomic
 
 
@@ -102,6 +103,7 @@ def to_csv(trace: FusionTrace) -> str:
 
 def to_png(trace: FusionTrace, path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Heatmap per adapter: layers x generated tokens, shared colour scale; written atomically."""
+    require("matplotlib", what="the fusion-weight heatmap")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -165,6 +167,7 @@ def drawable(label: str, covered: set[int]) -> str:
 def inspect_prompt(model, tokenizer, prompt: str, out_png: str | os.PathLike, *, csv_path=None,
                    max_new_tokens: int = 64, title: str | None = None, add_special_tokens: bool = False) -> FusionTrace:
     """Trace one prompt (tokenised with `add_special_tokens`) and write the heatmap (and CSV)."""
+    require("matplotlib", what="the fusion-weight heatmap")  # before generating
     trace = trace_generation(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
                              add_special_tokens=add_special_tokens)
     to_png(trace, out_png, title=title)

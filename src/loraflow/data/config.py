@@ -37,6 +37,7 @@ class PromptChoice:
     template: str | None = option(None, "prompt template: " + TEMPLATE_HELP + ". Default: the one the gate was "
                                         "trained with, else chat when the tokenizer has a chat template, else plain",
                                   choices=(*TEMPLATES, "paper"))
-    system: str | None = option(None, "system prompt (default: the template's; none for llama2 and chat)")
+    system: str | None = option(None, "system prompt (default: the template's; none for llama2, the chat "
+                                      "template's own default for chat)")
     lang: str | None = option(None, "language code for --template official (zh, ru, es)")
     task: str | None = option(None, "task for --template official (math, code)")

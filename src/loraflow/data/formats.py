@@ -6,9 +6,10 @@ Three pieces, used by gate training, LoRA training, dev-set selection and evalua
   gold answer). The authors' files are read as they are; the format is detected from the keys of
   the first line, or given explicitly.
 * `PromptTemplate` turns an `Example` into the prompt text and the response text:
-  the official Llama-2 chat format (`llama2`), the tokenizer's own chat template (`chat`) or a
-  bare `{query}\\n` format (`plain`). The named templates users choose (official, released, ...)
-  and the prompt rendering for generation live in `loraflow.data.templates`.
+  the official Llama-2 chat format (`llama2`), the tokenizer's own chat template (`chat`), the
+  query verbatim (`plain`) or the query and a newline (`plain-nl`). The named templates users
+  choose (official, released, ...) and the prompt rendering for generation live in
+  `loraflow.data.templates`.
 * `encode_example` / `encode_examples` / `collate` tokenise for causal-LM training with the loss on
   the response tokens only.
 
@@ -38,7 +39,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -291,8 +292,13 @@ BOS = _Marker("BOS")
 EOS = _Marker("EOS")
 Segment = str | _Marker
 
-TemplateKind = Literal["llama2", "chat", "plain"]
-_KINDS = ("llama2", "chat", "plain")
+TemplateKind = Literal["llama2", "chat", "chat-empty-system", "plain", "plain-nl"]
+_KINDS = ("llama2", "chat", "chat-empty-system", "plain", "plain-nl")
+# Version of the recorded template (`PromptTemplate.to_record`). Records without one (format 1) come from
+# before `chat` rendered as `apply_chat_template` does and before `plain` meant the prompt verbatim: there
+# `chat` was today's `chat-empty-system` and `plain` today's `plain-nl`.
+TEMPLATE_FORMAT = 2
+_FORMAT_1_KINDS = {"chat": "chat-empty-system", "plain": "plain-nl"}
 
 
 @dataclass(frozen=True)
@@ -304,23 +310,27 @@ class PromptTemplate:
     * `llama2` (the official format): `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{query} [/INST]{cue}`
       -> `{response} </s>`; without a system prompt the prefix is `<s>[INST] {query} [/INST]`.
       Earlier turns follow Llama-2's multi-turn format: `<s>[INST] {u1} [/INST] {a1} </s><s>[INST] ...`.
-    * `chat`: the tokenizer's own `chat_template` (`apply_chat_template` with the generation prompt),
-      `{cue}` appended to it; target = what the template adds for the assistant turn (its own
-      end-of-turn tokens included, no extra EOS). No system prompt unless one is given: a template
-      that would inject its own default (SmolLM2, Qwen2.5) gets an empty system turn instead.
-    * `plain`: `{query}\\n{cue}` -> `{response}</s>` (no BOS; `{system}\\n\\n` in front when set),
-      for models without chat formatting.
+    * `chat`: the tokenizer's own `chat_template`, exactly as `apply_chat_template(messages,
+      add_generation_prompt=True)` renders it (a default system prompt the template injects when there
+      is none, as SmolLM2's and Qwen2.5's do, included), `{cue}` appended to it; target = what the
+      template adds for the assistant turn (its own end-of-turn tokens included, no extra EOS).
+    * `chat-empty-system`: `chat`, but with an empty system turn in place of the default system prompt
+      a template would inject (how loraflow rendered `chat` before template format 2).
+    * `plain`: `{query}{cue}` -> `{response}</s>`: the query verbatim (no BOS; `{system}\\n\\n` in front
+      when set), for models without chat formatting.
+    * `plain-nl`: `{query}\\n{cue}` -> `{response}</s>`, otherwise as `plain` (what `plain` meant before
+      template format 2; the demo's format).
 
     Presets: `released()` reproduces the authors' released training script (no system prompt, cue
     `让我们一步一步地思考。` for every language and task); `paper(lang, task)` follows the paper's
     description (the official system prompt of that pair, no cue).
 
     Attributes:
-        kind: "llama2", "chat" or "plain".
+        kind: "llama2", "chat", "chat-empty-system", "plain" or "plain-nl".
         system: default system prompt, or None for none (an `Example.system` overrides it).
         cue: text appended right after the prompt (after `[/INST]` for llama2) and before the response;
             part of the prompt, so never trained on and also given at generation time.
-        name: the preset it was made from ("official", "released", "llama2", "chat", "plain"), recorded
+        name: the preset it was made from ("official", "released", or a kind's name), recorded
             with a trained gate so that every consumer can use the same prompts.
     """
 
@@ -351,8 +361,8 @@ class PromptTemplate:
 
     @classmethod
     def from_preset(cls, name: str, *, lang: str | None = None, task: str | None = None) -> PromptTemplate:
-        """Build a template by name: "official" (alias "paper"; needs lang and task), "released",
-        "llama2", "chat" or "plain".
+        """Build a template by name: "official" (alias "paper"; needs lang and task), "released", or a
+        kind ("llama2", "chat", "chat-empty-system", "plain", "plain-nl").
 
         Raises:
             LoraFlowError: unknown name, or "official" without lang/task.
@@ -365,12 +375,29 @@ class PromptTemplate:
             return cls.paper(lang, task)
         if name in _KINDS:
             return cls(kind=name, name=name)
-        raise LoraFlowError(f"unknown prompt template {name!r}; expected official, released, llama2, chat or plain")
+        raise LoraFlowError(f"unknown prompt template {name!r}; expected official, released, {', '.join(_KINDS)}")
+
+    def to_record(self) -> dict:
+        """The template as recorded with a gate or a result: its fields and `format_version`."""
+        return {**asdict(self), "format_version": TEMPLATE_FORMAT}
 
     @classmethod
     def from_record(cls, record: dict) -> PromptTemplate:
-        """The template a gate recorded (`dataclasses.asdict` of one); unknown keys are ignored."""
+        """The template a gate or result recorded (`to_record`, or `asdict` before format 2); unknown keys
+        are ignored. A record without `format_version` renders as it did then: its `chat` is
+        `chat-empty-system` and its `plain` is `plain-nl` (see `TEMPLATE_FORMAT`).
+
+        Raises:
+            ValueError: a field of the wrong type, or a format newer than this loraflow knows.
+        """
         known = {k: record[k] for k in ("kind", "system", "cue", "name") if k in record}
+        version = record.get("format_version", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= TEMPLATE_FORMAT:
+            raise ValueError(f"template format_version {version!r} is not one this loraflow reads "
+                             f"(1..{TEMPLATE_FORMAT})")
+        if version == 1 and known.get("kind") in _FORMAT_1_KINDS:
+            known["kind"] = _FORMAT_1_KINDS[known["kind"]]
+            known["name"] = _FORMAT_1_KINDS.get(known.get("name"), known.get("name"))
         return cls(**known)
 
     # ---- segments -------------------------------------------------------------------------------
@@ -383,8 +410,8 @@ class PromptTemplate:
         system = example.system if example.system is not None else self.system
         if self.kind == "llama2":
             return self._llama2(example, system)
-        if self.kind == "plain":
-            return self._plain(example, system)
+        if self.kind in ("plain", "plain-nl"):
+            return self._plain(example, system, "\n" if self.kind == "plain-nl" else "")
         return self._chat(example, system, tokenizer)
 
     def _llama2(self, ex: Example, system: str | None) -> tuple[list[Segment], list[Segment]]:
@@ -399,11 +426,11 @@ class PromptTemplate:
         prompt.append(self.cue)
         return _merge(prompt), _merge([ex.response + " ", EOS])
 
-    def _plain(self, ex: Example, system: str | None) -> tuple[list[Segment], list[Segment]]:
+    def _plain(self, ex: Example, system: str | None, sep: str) -> tuple[list[Segment], list[Segment]]:
         prompt: list[Segment] = [f"{system}\n\n" if system is not None else ""]
         for user, assistant in ex.history:
-            prompt += [f"{user}\n{assistant}", EOS]
-        prompt.append(f"{ex.prompt}\n{self.cue}")
+            prompt += [f"{user}{sep}{assistant}", EOS]
+        prompt.append(f"{ex.prompt}{sep}{self.cue}")
         return _merge(prompt), _merge([ex.response, EOS])
 
     def _chat(self, ex: Example, system: str | None, tokenizer: Any) -> tuple[list[Segment], list[Segment]]:
@@ -415,7 +442,7 @@ class PromptTemplate:
                 f"tokenizer {name!r} has no chat template; use kind='llama2' or kind='plain', "
                 "or set tokenizer.chat_template"
             )
-        if system is None and chat_default_system(tokenizer) is not None:
+        if self.kind == "chat-empty-system" and system is None and chat_default_system(tokenizer) is not None:
             system = ""  # an empty system turn: the template would inject its own default otherwise
         messages = [{"role": "system", "content": system}] if system is not None else []
         for user, assistant in ex.history:

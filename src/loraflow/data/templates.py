@@ -8,9 +8,13 @@ Templates (names a user passes as `--template`, recorded with a trained gate):
 * `released`: the authors' released training script: Llama-2 chat, no system prompt, the cue
   `让我们一步一步地思考。` after `[/INST]`.
 * `llama2`: Llama-2 chat, no system prompt unless one is given.
-* `chat`: the tokenizer's own chat template; no system prompt unless one is given (a template that
-  would inject a default one gets an empty system turn instead).
-* `plain`: `{question}\\n`, no special tokens.
+* `chat`: the tokenizer's own chat template, exactly as `tokenizer.apply_chat_template(messages,
+  add_generation_prompt=True)` renders it: a default system prompt the template injects when none
+  is given (SmolLM2, Qwen2.5) included, as in vLLM, TGI and `transformers serve`.
+* `chat-empty-system`: the chat template with an empty system turn in place of such a default
+  (`chat` before template format 2; gates recorded then as `chat` use it).
+* `plain`: the question verbatim, no special tokens.
+* `plain-nl`: the question and a newline (`plain` before template format 2; the demo's format).
 
 `render_prompt` is what generation, inspection, evaluation and serving call; its ids are the very
 prompt tokens training used (`loraflow.data.formats.encode_prompt`). Pure Python, no torch import.
@@ -25,12 +29,13 @@ from loraflow.common.errors import LoraFlowError
 from loraflow.data import protocol
 from loraflow.data.formats import BOS, EOS, Example, PromptTemplate, starts_with_bos
 
-TEMPLATES = ("official", "released", "llama2", "chat", "plain")
+TEMPLATES = ("official", "released", "llama2", "chat", "chat-empty-system", "plain", "plain-nl")
 TEMPLATE_HELP = (
     "official (the paper's prompts; needs --lang and --task), released (the authors' released training "
     "script: Llama-2 format, no system prompt, Chinese step-by-step cue), llama2 (Llama-2 chat format), "
-    "chat (the tokenizer's own chat template, no system prompt unless --system) or plain (the question "
-    "and a newline)"
+    "chat (the tokenizer's own chat template, as apply_chat_template renders it, its default system prompt "
+    "included), chat-empty-system (the same with an empty system turn instead of that default), plain (the "
+    "question verbatim) or plain-nl (the question and a newline)"
 )
 
 
@@ -80,7 +85,7 @@ def render_prompt(template: str | PromptTemplate, tokenizer: Any, question: str,
     the BOS and flag True, exactly as the paper's evaluation did; any other gets flag False.
 
     Args:
-        template: a name (`official`, `released`, `llama2`, `chat`, `plain`) or a PromptTemplate.
+        template: a name (one of `TEMPLATES`) or a PromptTemplate.
         tokenizer: the model's tokenizer (its chat template for `chat`, its BOS for the others).
         question: the user's question, as written.
         system: a system prompt that replaces the template's (None keeps it).

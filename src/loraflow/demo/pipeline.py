@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loraflow.common.errors import LoraFlowError
+from loraflow.common.extras import require
 from loraflow.common.options import option
 
 LANG = "xx"  # the foreign language's code in results and the table
@@ -120,11 +121,13 @@ def run_demo(out_dir: str | os.PathLike = DemoOptions.out, *, seed: int = DemoOp
              quick: bool = DemoOptions.quick, force: bool = DemoOptions.force,
              log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the demo under `out_dir`; return the table and the paths of the artifacts."""
+    require("nevergrad", "matplotlib", what="the demo", extra="demo")  # LoRAHub, the report chart, the heatmap
     import torch
 
     from loraflow.core.config import ModelOptions
     from loraflow.core.inspection import inspect_prompt
     from loraflow.data.config import PromptOptions
+    from loraflow.data.templates import render_prompt
     from loraflow.demo import base as demo_base, world as demo_world
     from loraflow.evaluation.harness import EvalConfig, evaluate
     from loraflow.evaluation.report import write_report
@@ -165,8 +168,8 @@ def run_demo(out_dir: str | os.PathLike = DemoOptions.out, *, seed: int = DemoOp
 
     steps.run("pretrain base model", [base], make_base)
 
-    plain = PromptOptions(template="plain").to_template()
-    shown = ["--template", "plain", "--seed", str(seed)] + ([] if show_progress else ["--no-progress"])
+    plain = PromptOptions(template="plain-nl").to_template()  # the question, a newline, the answer
+    shown = ["--template", "plain-nl", "--seed", str(seed)] + ([] if show_progress else ["--no-progress"])
     for name, split in [("lang", "language_train"), ("task", "task_train")]:
         target = out / f"lora-{name}"
         lora_cfg = LoraTrainConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=0.05, epochs=cfg.lora_epochs,
@@ -193,7 +196,7 @@ def run_demo(out_dir: str | os.PathLike = DemoOptions.out, *, seed: int = DemoOp
         "--lr", str(cfg.gate_lr), "--batch-size", str(cfg.gate_batch), "--max-length", "256", *shown])
 
     results = out / "results"
-    eval_cfg = EvalConfig(task="math", lang=LANG, template="plain", max_new_tokens=cfg.max_new_tokens,
+    eval_cfg = EvalConfig(task="math", lang=LANG, template="plain-nl", max_new_tokens=cfg.max_new_tokens,
                           batch_size=cfg.eval_batch, lorahub_budget=cfg.lorahub_budget, seed=seed)
     for method, stem, role in METHODS:
         target = results / f"{stem}.json"
@@ -226,12 +229,13 @@ def run_demo(out_dir: str | os.PathLike = DemoOptions.out, *, seed: int = DemoOp
     def heatmap() -> None:
         model, tokenizer = ModelOptions(base=str(base), adapter=[f"{n}={p}" for n, p in adapters],
                                         gate=str(gate / "best")).load(seed=seed)
-        inspect_prompt(model, tokenizer, f"{first['question']}\n", heat, csv_path=heat_csv,
+        prompt = render_prompt(plain, tokenizer, first["question"]).text
+        inspect_prompt(model, tokenizer, prompt, heat, csv_path=heat_csv,
                        max_new_tokens=cfg.max_new_tokens, title=heat_title)
 
     steps.run("heatmap", [heat, heat_csv], heatmap, command=[
         "inspect", "--base", str(base), *adapter_flags, "--gate", str(gate / "best"), "--prompt",
-        f"{first['question']}\n", "--out", str(heat), "--csv", str(heat_csv),
+        first["question"], "--out", str(heat), "--csv", str(heat_csv),
         "--max-new-tokens", str(cfg.max_new_tokens), "--title", heat_title])
 
     table = (report / "table.md").read_text(encoding="utf-8")

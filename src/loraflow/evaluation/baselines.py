@@ -16,6 +16,7 @@ import numpy as np
 
 from loraflow.common.checks import check_float, check_int, check_positive
 from loraflow.common.errors import LoraFlowError
+from loraflow.common.extras import require
 
 
 def average_weights(k: int) -> list[float]:
@@ -48,8 +49,7 @@ def lorahub_search(
         budget: number of loss evaluations (LoRAHub: 40).
         progress: called after each evaluation with its index.
     """
-    import nevergrad as ng
-
+    ng = require("nevergrad", what="the LoRAHub baseline")
     try:
         check_int("k", k, low=1)
         check_int("lorahub_budget", budget, low=1)

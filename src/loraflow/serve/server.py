@@ -17,7 +17,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from loraflow.common.errors import LoraFlowError
-from loraflow.data.formats import chat_default_system
 from loraflow.serve.config import ServeConfig
 from loraflow.serve.metrics import Metrics
 from loraflow.serve.registry import ServedModels
@@ -53,10 +52,6 @@ class Server:
                              max_queue=self.config.max_queue, max_model_len=self.max_model_len,
                              seed=self.config.seed, metrics=self.metrics)
         self._tokenizer_lock = threading.Lock()
-        # The `chat` template of training: the model's own chat template without the system prompt some
-        # templates inject by themselves (SmolLM2's), so a gate trained with --template chat sees at serving
-        # time the prompts it was trained on. A request's own system message is kept as sent.
-        self._empty_system = bool(getattr(tokenizer, "chat_template", None)) and chat_default_system(tokenizer) is not None
         self.app = create_app(self)
 
     @classmethod
@@ -103,15 +98,14 @@ class Server:
 
     # ----------------------------------------------------------------- prompts
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of a chat, rendered by the tokenizer's chat template with the assistant turn opened
-        (no system prompt injected by the template itself: the `chat` template of training)."""
+        """Token ids of a chat exactly as `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`
+        gives them (a default system prompt the template injects included), as other servers render it and as
+        the `chat` template of training does."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions with a plain "
                                 "prompt, or serve a base model whose tokenizer_config.json has a chat_template",
                            param="messages")
         try:
-            if self._empty_system and not any(m.get("role") == "system" for m in messages):
-                messages = [{"role": "system", "content": ""}, *messages]
             with self._tokenizer_lock:
                 text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
                 return self.tokenizer(text, add_special_tokens=False)["input_ids"]

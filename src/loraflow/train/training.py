@@ -429,7 +429,7 @@ def train_gate(
         if cfg.gradient_checkpointing:
             _enable_checkpointing(model.model)
         meta = {"kind": "gate", "train": str(train_path), "dev": str(dev_path) if dev_path else None,
-                "template": asdict(template), "temperature": temperature, "granularity": granularity}
+                "template": template.to_record(), "temperature": temperature, "granularity": granularity}
         trainable = Trainable(
             model=model, parameters=model.gate_parameters(),
             save=lambda d: _save_gate_into(model, d, meta, cfg),
@@ -512,7 +512,7 @@ def train_lora(
         params = [p for p in peft_model.parameters() if p.requires_grad]
         meta = {"kind": "lora", "train": str(train_path), "r": r, "alpha": alpha, "dropout": dropout,
                 "target_modules": sorted(targets) if not isinstance(targets, str) else targets,
-                "template": asdict(template)}
+                "template": template.to_record()}
         log = fit(Trainable(peft_model, params, save, load), train, dev, cfg, out_dir, pad_id=_pad_id(tokenizer),
                   resume=resume, dev_accuracy=accuracy, run_info=meta, accelerator=accelerator, force=force)
     return TrainResult(out_dir, out_dir / "best", out_dir / "last", sum(p.numel() for p in params), log)
