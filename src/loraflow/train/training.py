@@ -149,7 +149,8 @@ def fit(
     Raises:
         LoraFlowError: batch size not divisible by the processes, an empty training set, a
             non-finite loss or gradient (nothing of that step is saved), or a checkpoint that cannot
-            be resumed.
+            be resumed. Under fp16 loss scaling a gradient overflow is not an error: the GradScaler
+            skips that step (logged with "skipped") and training goes on.
     """
     if accelerator is None:
         with accelerated(cfg) as accelerator:
@@ -204,17 +205,30 @@ def fit(
                 break
             global_ids = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             lr = optimizer.param_groups[0]["lr"]  # the rate this step really uses
-            loss = _train_step(model, train, global_ids, cfg, pad_id, accelerator, trainable)
+            loss, grad_norm = _train_step(model, train, global_ids, cfg, pad_id, accelerator, trainable)
             step_no += 1
             if not math.isfinite(loss):
                 raise LoraFlowError(
                     f"the training loss became {loss} at step {step_no} (epoch {epoch + 1}); stopped without saving "
                     "this epoch (lower --lr, or check the data and the adapters)"
                 )
+            if not math.isfinite(grad_norm) and getattr(accelerator, "scaler", None) is None:
+                raise LoraFlowError(
+                    f"the gradient norm became {grad_norm} at step {step_no} (epoch {epoch + 1}); stopped without "
+                    "saving this epoch (lower --lr, or check the data and the adapters)"
+                )
+            # Under fp16 loss scaling an overflow is expected now and then: the GradScaler skips that
+            # step and lowers its scale; the learning-rate schedule waits for the next real step.
             optimizer.step()
-            scheduler.step()
+            skipped = accelerator.optimizer_step_was_skipped
+            if not skipped:
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            log["steps"].append({"step": step_no, "epoch": epoch + 1, "loss": round(loss, 6), "lr": lr})
+            entry = {"step": step_no, "epoch": epoch + 1, "loss": round(loss, 6), "lr": lr}
+            if skipped:
+                entry["skipped"] = "fp16 gradient overflow"
+                logger.info("step %d skipped: fp16 gradient overflow (the loss scale is lowered)", step_no)
+            log["steps"].append(entry)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}")
 
@@ -243,8 +257,12 @@ def fit(
     return log
 
 
-def _train_step(model, train, global_ids: list[int], cfg: TrainConfig, pad_id: int, accelerator, trainable) -> float:
-    """Forward and backward of one optimizer step on this process's share; returns the global mean token loss.
+def _train_step(model, train, global_ids: list[int], cfg: TrainConfig, pad_id: int, accelerator,
+                trainable) -> tuple[float, float]:
+    """Forward and backward of one optimizer step on this process's share.
+
+    Returns the global mean token loss and the gradient norm after unscaling (inf or NaN when the
+    gradients overflowed; 0.0 when --max-grad-norm is off and no norm is computed).
 
     A process with no example in the step (a last step smaller than the number of processes) still
     runs one forward and backward through the DDP model, with weight 0, so every process takes part
@@ -268,11 +286,10 @@ def _train_step(model, train, global_ids: list[int], cfg: TrainConfig, pad_id: i
         if not idle:
             step_loss += loss_sum.detach().double()
     step_loss = accelerator.reduce(step_loss, reduction="sum") if world > 1 else step_loss
+    norm = None
     if cfg.max_grad_norm:
         norm = accelerator.clip_grad_norm_(trainable.parameters, cfg.max_grad_norm)
-        if norm is not None and not math.isfinite(float(norm)):
-            return math.nan
-    return (step_loss / tokens).item()
+    return (step_loss / tokens).item(), 0.0 if norm is None else float(norm)
 
 
 def _save_epoch(trainable: Trainable, optimizer, scheduler, epoch: int, step: int, log: dict, last_dir: Path,
