@@ -110,7 +110,7 @@ def add_report(sub) -> None:
             "  loraflow report runs/ --out-dir report/        # also writes table.md, table.csv, table.png\n"
             "  loraflow report 'runs/**/RESULT.json' --csv t.csv --png t.png --title 'Llama-2-7B'\n"
             "\nA directory contributes its *.json files that look like results (have 'method' and "
-            "'score');\nother JSON there is skipped with a count on stderr. Files named explicitly "
+            "'score');\nother JSON there is skipped with a warning naming it on stderr. Files named explicitly "
             "must be valid results."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -138,8 +138,8 @@ def run_report(args: argparse.Namespace) -> int:
         title=args.title, task_names=parse_task_names(args.task_name),
     )
     sys.stdout.write(rep.markdown)
-    if rep.skipped:
-        print(f"loraflow report: skipped {rep.skipped} non-result JSON file(s)", file=sys.stderr)
+    for why in rep.skipped:
+        print(f"loraflow report: warning: skipped {why}", file=sys.stderr)
     for note in rep.table.notes:
         print(f"loraflow report: warning: {note}", file=sys.stderr)
     for path in rep.written:

@@ -119,6 +119,8 @@ class GenerateOptions:
             raise ValueError("prompt: give --prompt (repeatable) or --prompts-file, not both or neither")
         check_int("max_new_tokens", self.max_new_tokens, low=1)
         check_int("batch_size", self.batch_size, low=1)
+        if any(s == "" for s in self.stop):
+            raise ValueError("stop: an empty stop string would end every output before its first token")
         self.sampling()  # validates the sampling settings
 
     def sampling(self):

@@ -146,6 +146,9 @@ def evaluate(
 
     names = [n for n, _ in adapters]
     kind, detail = parse_method(method, names)
+    if adapter_role and kind != "single":
+        raise LoraFlowError(f"--adapter-role {adapter_role}: names the row of a single LoRA; it needs "
+                            f"--method single:NAME, not {method!r}")
     if kind == "loraflow" and not gate:
         raise LoraFlowError("--method loraflow needs --gate")
     if kind == "lorahub" and not train_path:

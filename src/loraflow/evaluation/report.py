@@ -145,6 +145,8 @@ def _read_json(path: Path) -> Any:
         raise LoraFlowError(f"{path}: not a UTF-8 text file") from None
     except json.JSONDecodeError as e:
         raise LoraFlowError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise LoraFlowError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def load_results(paths: Iterable[str | os.PathLike]) -> list[dict]:
@@ -171,7 +173,7 @@ def _looks_like_result(obj: Any) -> bool:
     return isinstance(obj, dict) and "method" in obj and "score" in obj
 
 
-def gather_results(inputs: Sequence[str | os.PathLike]) -> tuple[list[dict], int]:
+def gather_results(inputs: Sequence[str | os.PathLike]) -> tuple[list[dict], list[str]]:
     """Collect results from files, directories and glob patterns.
 
     An explicit file must be a valid result. A directory contributes the `*.json` files in it and
@@ -180,18 +182,17 @@ def gather_results(inputs: Sequence[str | os.PathLike]) -> tuple[list[dict], int
     A file reached twice is read once. When nothing is found, the error says where it looked.
 
     Returns:
-        (results, number of skipped files).
+        (results, one "PATH: why" line per skipped file).
     Raises:
         LoraFlowError: on an invalid result, a missing path, a glob matching nothing, or no
             results at all.
     """
     results: list[dict] = []
     seen: set[Path] = set()
-    skipped = 0
+    skipped: list[str] = []
     looked: list[str] = []
 
     def take(path: Path, strict: bool) -> None:
-        nonlocal skipped
         key = path.resolve()
         if key in seen:
             return
@@ -201,11 +202,11 @@ def gather_results(inputs: Sequence[str | os.PathLike]) -> tuple[list[dict], int
             return
         try:
             obj = _read_json(path)
-        except LoraFlowError:
-            skipped += 1
+        except LoraFlowError as e:
+            skipped.append(str(e))
             return
         if not _looks_like_result(obj):
-            skipped += 1
+            skipped.append(f"{path}: not a result (no 'method' and 'score')")
             return
         _check_result(obj, str(path))
         results.append({**obj, "_source": str(path)})
@@ -230,7 +231,7 @@ def gather_results(inputs: Sequence[str | os.PathLike]) -> tuple[list[dict], int
             take(path, strict=True)
     if not results:
         where = "; ".join(looked) or ", ".join(os.fspath(i) for i in inputs) or "(no inputs)"
-        extra = f" ({skipped} non-result JSON file(s) skipped)" if skipped else ""
+        extra = f" ({len(skipped)} non-result JSON file(s) skipped: {'; '.join(skipped)})" if skipped else ""
         raise LoraFlowError(f"no result files found in {where}{extra}")
     return results, skipped
 
@@ -534,12 +535,13 @@ def to_png(
 
 @dataclass
 class Report:
-    """What `write_report` produced: the table, its Markdown, the files written, skipped inputs."""
+    """What `write_report` produced: the table, its Markdown, the files written, skipped inputs
+    ("PATH: why" each)."""
 
     table: Table
     markdown: str
     written: list[Path]
-    skipped: int
+    skipped: list[str]
 
 
 def write_report(

@@ -477,6 +477,8 @@ def score_file(
     if out_path is not None:
         check_output_file(out_path, inputs=[data_path, predictions_path], what="result file")
     rows = read_jsonl(data_path)
+    if not rows:
+        raise LoraFlowError(f"{data_path}: no test rows; an empty test set has no score")
     preds = read_jsonl(predictions_path)
     if len(rows) != len(preds):
         raise LoraFlowError(

@@ -93,6 +93,8 @@ def check_run_dir(out_dir: str | os.PathLike, *, resume: bool, force: bool = Fal
         if not (out_dir / "last" / STATE_NAME).is_file():
             raise LoraFlowError(f"{out_dir / 'last' / STATE_NAME}: no checkpoint to resume from "
                                 "(run without --resume to start training)")
+        for log_path in (out_dir / "last" / LOG_NAME, out_dir / LOG_NAME):
+            _read_log(log_path)  # a corrupt log is refused before any work, not silently replaced
         return out_dir
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         if (out_dir / LOG_NAME).is_file() or (out_dir / "last").is_dir():
@@ -345,6 +347,11 @@ def _read_log(path: Path) -> dict | None:
         raise LoraFlowError(f"{path}: corrupt training log ({e})") from None
     if not isinstance(log, dict):
         raise LoraFlowError(f"{path}: corrupt training log (not a JSON object)")
+    for key in ("steps", "epochs"):
+        if not isinstance(log.get(key, []), list) or not all(isinstance(x, dict) for x in log.get(key, [])):
+            raise LoraFlowError(f"{path}: corrupt training log ('{key}' is not a list of objects)")
+    if not isinstance(log.get("best"), (dict, type(None))):
+        raise LoraFlowError(f"{path}: corrupt training log ('best' is not an object)")
     return log
 
 
@@ -426,9 +433,10 @@ def train_gate(
     Writes OUT/best and OUT/last (loraflow gate directories), OUT/train_log.json. OUT must be new or
     empty unless `resume` (continue from OUT/last) or `force` (start over / write into a foreign directory).
     """
-    from loraflow.core.model import LoraFlowModel, load_tokenizer
+    from loraflow.core.model import LoraFlowModel, check_torch_dtype, load_tokenizer
 
     cfg = config or GateTrainConfig()
+    torch_dtype = check_torch_dtype(torch_dtype)
     out_dir = check_run_dir(out_dir, resume=resume, force=force)
     try:
         temperature = check_positive("temperature", temperature)
@@ -496,9 +504,10 @@ def train_lora(
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     from loraflow.core.checkpoints import load_safetensors_file
-    from loraflow.core.model import load_base, load_tokenizer
+    from loraflow.core.model import check_torch_dtype, load_base, load_tokenizer
 
     cfg = config or LoraTrainConfig()
+    torch_dtype = check_torch_dtype(torch_dtype)
     try:
         r = check_int("rank", r, low=1)
         alpha = check_positive("alpha", alpha)
