@@ -223,7 +223,8 @@ def test_cli_report_writes_all_outputs(paper_dir: Path, tmp_path: Path, capsys):
     assert rc == 0
     assert "| LoRA-Flow | 33.2 ± 1.2 | 37.6 | 42.0 | 37.6 |" in captured.out
     assert "warning: skipped " in captured.err and "config.json: not a result" in captured.err
-    assert sorted(p.name for p in out.iterdir()) == ["table.csv", "table.md", "table.png"]  # no temp files left
+    # no temp files left; the ledger records the three files as loraflow's (a re-run may replace them)
+    assert sorted(p.name for p in out.iterdir()) == [".loraflow-files", "table.csv", "table.md", "table.png"]
     assert (out / "table.md").read_text(encoding="utf-8") == captured.out
     assert (out / "table.csv").read_text(encoding="utf-8").startswith("method,math_zh,math_zh_std,math_zh_n,")
     png = (out / "table.png").read_bytes()

@@ -48,7 +48,7 @@ def run_eval(args: argparse.Namespace) -> int:
     device = model.torch_device()
     result = evaluate(model.base_path, model.adapters, run.method, run.data, run.out, cfg, gate=model.gate,
                       train_path=run.train, torch_dtype=model.torch_dtype(device), device=device, label=run.label,
-                      adapter_role=run.adapter_role, progress=run.progress)
+                      adapter_role=run.adapter_role, progress=run.progress, force=run.force)
     if result:
         extra = f"  (LoRAHub weights: {result['lorahub']['reuse_as']})" if "lorahub" in result else ""
         print(f"{run.method} {cfg.task} {cfg.lang or ''}: {result['correct']}/{result['total']} = "
@@ -88,6 +88,7 @@ def run_score(args: argparse.Namespace) -> int:
         opts.task, opts.data, opts.predictions, mode=opts.mode, out_path=opts.out, workers=opts.workers,
         timeout=opts.timeout, seed=opts.seed, isolation=opts.isolation,
         metadata={k: v for k, v in (("method", opts.method), ("lang", opts.lang)) if v is not None},
+        force=opts.force,
     )
     print(f"score: {result['correct']}/{result['total']} = {100 * result['score']:.1f}%")
     return 0
@@ -125,6 +126,8 @@ def add_report(sub) -> None:
     p.add_argument("--task-name", action="append", metavar="TASK=NAME", default=[],
                    help="display name of a task's column group (default: math=MGSM, code=HumanEval); repeatable")
     p.add_argument("--seed", type=int, default=0, help="accepted for uniformity with the other commands; unused")
+    p.add_argument("--force", action="store_true",
+                   help="replace output files that loraflow did not write (or that were changed since)")
     p.set_defaults(func=run_report)
 
 
@@ -135,7 +138,7 @@ def run_report(args: argparse.Namespace) -> int:
 
     rep = write_report(
         args.inputs, out_dir=args.out_dir, md=args.md, csv_path=args.csv, png=args.png,
-        title=args.title, task_names=parse_task_names(args.task_name),
+        title=args.title, task_names=parse_task_names(args.task_name), force=args.force,
     )
     sys.stdout.write(rep.markdown)
     for why in rep.skipped:

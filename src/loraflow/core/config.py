@@ -140,6 +140,7 @@ class InspectOptions:
     max_new_tokens: int = option(64, "new tokens at most")
     title: str | None = option(None, "figure title")
     seed: int = option(0, "random seed")
+    force: bool = option(False, "replace output files that loraflow did not write (or that were changed since)")
 
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens, low=1)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.common.errors import LoraFlowError
-from loraflow.common.io import atomic_path, write_text_atomic
+from loraflow.common.io import atomic_path, check_output_file, write_text_atomic
 
 REQUIRED_KEYS = ("task", "method", "score", "correct", "total")
 
@@ -481,10 +481,12 @@ def to_png(
     *,
     title: str | None = None,
     task_names: Mapping[str, str] | None = None,
+    force: bool | None = None,
 ) -> Path:
     """Save a grouped bar chart of the table: x = columns, one bar per method, std error bars.
 
-    Uses matplotlib's Agg canvas directly (no pyplot, no global backend change); written atomically.
+    Uses matplotlib's Agg canvas directly (no pyplot, no global backend change); written atomically
+    (`force`: see loraflow.common.io.atomic_path).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -524,7 +526,7 @@ def to_png(
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, force=force) as tmp:
         fig.savefig(tmp, format="png")
     return path
 
@@ -553,6 +555,7 @@ def write_report(
     png: str | os.PathLike | None = None,
     title: str | None = None,
     task_names: Mapping[str, str] | None = None,
+    force: bool = False,
 ) -> Report:
     """Build the table from result files/directories/globs and write the requested renderings.
 
@@ -563,6 +566,7 @@ def write_report(
         md, csv_path, png: explicit output paths for each rendering.
         title: heading of the Markdown file and title of the chart.
         task_names: display names per task (default MGSM for math, HumanEval for code).
+        force: replace output files that loraflow did not write (otherwise refused, before any is written).
     Returns:
         A `Report`; nothing is printed.
     """
@@ -574,15 +578,18 @@ def write_report(
         md = md or out / "table.md"
         csv_path = csv_path or out / "table.csv"
         png = png or out / "table.png"
+    for path, what in ((md, "Markdown file"), (csv_path, "CSV file"), (png, "chart file")):
+        if path:
+            check_output_file(path, what=what, force=force)
     written = []
     if md:
-        write_text_atomic(md, markdown)
+        write_text_atomic(md, markdown, force=force)
         written.append(Path(md))
     if csv_path:
-        write_text_atomic(csv_path, to_csv(table))
+        write_text_atomic(csv_path, to_csv(table), force=force)
         written.append(Path(csv_path))
     if png:
-        written.append(to_png(table, png, title=title, task_names=task_names))
+        written.append(to_png(table, png, title=title, task_names=task_names, force=force))
     return Report(table=table, markdown=markdown, written=written, skipped=skipped)
 
 
