@@ -29,6 +29,8 @@ def test_demo_refuses_a_bogus_out_before_any_work(tmp_path, capsys):
                         ("/proc/loraflow-demo", "/proc"), (mine, "not a loraflow demo directory")]:
         assert main(["demo", "--quick", "--out", str(out)]) == 2
         _one_line_error(capsys, needle)
+    assert main(["demo", "--quick", "--force", "--out", str(mine)]) == 2  # --force redoes steps; it never takes over
+    _one_line_error(capsys, "not a loraflow demo directory")
     assert (tmp_path / "afile").read_text() == "mine"
     assert sorted(p.name for p in mine.rglob("*")) == ["data", "notes.txt"]
 

@@ -135,9 +135,9 @@ def run_demo(out_dir: str | os.PathLike = DemoOptions.out, *, seed: int = DemoOp
     cfg = QUICK if quick else FULL
     out = check_output_dir(out_dir, force=True, what="demo directory")
     marker = out / "demo_config.json"
-    if out.is_dir() and any(out.iterdir()) and not marker.is_file() and not force:
+    if out.is_dir() and any(out.iterdir()) and not marker.is_file():  # even with --force, which redoes steps
         raise LoraFlowError(f"{out}: exists and is not a loraflow demo directory; refusing to write into it "
-                            "(choose another --out, or pass --force)")
+                            "(choose a new or empty --out, or a previous demo's)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -202,6 +202,7 @@ def fit(
         torch.manual_seed(cfg.seed * 1000 + epoch)  # data order and dropout masks, identical on resume
         order = torch.randperm(len(train)).tolist()
         model.train()
+        skipped_in_epoch = 0
         for step in range(steps_per_epoch):
             if step_no >= total_steps:
                 break
@@ -230,6 +231,7 @@ def fit(
             if skipped:
                 entry["skipped"] = "fp16 gradient overflow"
                 logger.info("step %d skipped: fp16 gradient overflow (the loss scale is lowered)", step_no)
+                skipped_in_epoch += 1
             log["steps"].append(entry)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}")
@@ -251,7 +253,8 @@ def fit(
             write_json_atomic(out_dir / LOG_NAME, log)
             summary = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch")
             bar.write(f"epoch {epoch + 1}/{n_epochs}" + (f": {summary}" if summary else "")
-                      + (" (best)" if new_best else ""))
+                      + (" (best)" if new_best else "")
+                      + (f"; {skipped_in_epoch} step(s) skipped on fp16 overflow" if skipped_in_epoch else ""))
         accelerator.wait_for_everyone()
         if on_epoch_end is not None:
             on_epoch_end(epoch)
