@@ -3,7 +3,11 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+# The lowest versions pyproject.toml allows; `make test-min` runs the core and training tests with them.
+MIN_VENV ?= .venv-min
+MIN_PINS := torch==2.13.0 transformers==5.23.0 peft==0.18.0 accelerate==1.1.0 safetensors==0.8.0
+
+.PHONY: install demo test test-min bench clean
 
 $(BIN)/loraflow: pyproject.toml
 	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; } \
@@ -23,8 +27,15 @@ demo: install
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
+test-min:
+	$(PY) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install -q --upgrade pip
+	$(MIN_VENV)/bin/pip install -q torch==2.13.0
+	$(MIN_VENV)/bin/pip install -q -e ".[dev]" $(MIN_PINS)
+	HF_HUB_OFFLINE=1 $(MIN_VENV)/bin/python -m pytest -q tests/core tests/train
+
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/inference.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(MIN_VENV) build *.egg-info src/*.egg-info

@@ -164,3 +164,34 @@ def _crlf(tmp_path: Path) -> Path:
     f = tmp_path / "crlf.txt"
     f.write_bytes(b"a\r\nb\r\n")
     return f
+
+
+def test_single_output_files_replace_only_their_own(tmp_path):
+    """Issue 16 item 8: a file loraflow did not write (or that was changed since) is refused and kept byte for
+    byte; loraflow's own earlier output is replaced; force replaces a foreign one."""
+    from loraflow.common.io import LEDGER, file_is_ours, write_text_atomic
+
+    ours, theirs = tmp_path / "result.json", tmp_path / "paper.json"
+    theirs.write_bytes(b'{"mine": true}\n')
+    write_json_atomic(ours, {"score": 0.1}, force=False)
+    assert file_is_ours(ours) and not file_is_ours(theirs)
+    write_json_atomic(ours, {"score": 0.2}, force=False)  # a re-run replaces its own output
+    assert '"score": 0.2' in ours.read_text()
+    with pytest.raises(LoraFlowError, match="paper.json: exists and was not written by loraflow.*--force"):
+        write_json_atomic(theirs, {"score": 0.3}, force=False)
+    assert theirs.read_bytes() == b'{"mine": true}\n'
+    ours.write_text(ours.read_text() + " ")  # edited by hand after we wrote it: no longer ours alone
+    with pytest.raises(LoraFlowError, match="not written by loraflow"):
+        check_output_file(ours, force=False)
+    write_json_atomic(theirs, {"score": 0.3}, force=True)
+    assert '"score": 0.3' in theirs.read_text() and file_is_ours(theirs)
+    # a same-named file elsewhere is judged by its own directory's ledger
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "result.json").write_text('{"score": 0.2}')
+    assert not file_is_ours(tmp_path / "sub" / "result.json")
+    # the ledger is sha256sum's format, one line per write
+    lines = (tmp_path / LEDGER).read_text().splitlines()
+    assert len(lines) == 3 and all(len(line.split("  ")[0]) == 64 for line in lines)
+    # internal writers that manage ownership themselves (force=None) neither check nor record
+    write_text_atomic(tmp_path / "log.json", "{}")
+    assert len((tmp_path / LEDGER).read_text().splitlines()) == 3

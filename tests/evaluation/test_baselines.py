@@ -65,3 +65,76 @@ def test_lorahub_search_steers_away_from_non_finite_losses():
     result = lorahub_search(loss, 2, budget=30, l1=0.0, seed=0)
     assert result.weights[0] <= 0.2 and result.loss is not None and np.isfinite(result.loss)
     assert any(h["loss"] is None for h in result.history)  # NaN was seen and recorded as unknown
+
+
+def _reference_loss(base, adapters: dict, weights, batch) -> float:
+    """The LoRA-Flow static formula written out: W + sum_i w_i * (alpha_i / r_i) * B_i @ A_i, then HF's own loss."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    merged = copy.deepcopy(base)
+    modules = dict(merged.named_modules())
+    with torch.no_grad():
+        for w, path in zip(weights, adapters.values()):
+            cfg = json.loads((path / "adapter_config.json").read_text())
+            state = load_file(str(path / "adapter_model.safetensors"))
+            for key, a in state.items():
+                if ".lora_A." not in key:
+                    continue
+                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                b = state[key.replace("lora_A", "lora_B")]
+                modules[name].weight += w * cfg["lora_alpha"] / cfg["r"] * (b @ a)
+        return merged(**batch).loss.item()
+
+
+@pytest.mark.parametrize("default", ["gate", "static"])
+def test_lorahub_search_never_merges_and_its_losses_match_the_formula(saved_base, tokenizer, monkeypatch, default):
+    """Issue 16: each candidate is evaluated without merging into the base weights (0 merges over the
+    whole search, base weights untouched at every evaluation), its recorded loss is the static-fusion
+    formula's, and the user's default fusion (gate, or a merged static) is as before afterwards."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import loraflow.core.attach as attach_module
+    from loraflow.data.formats import PromptTemplate, collate
+
+    adapters = {"zh": saved_base / "zh", "math": saved_base / "math"}
+    base = AutoModelForCausalLM.from_pretrained(saved_base / "base").eval()
+    model = LoraFlowModel.from_pretrained(copy.deepcopy(base), adapters).eval()
+    if default == "static":
+        model.set_static_weights([0.3, 0.7])
+        assert model.merged
+    fused = [m for m in model.modules() if hasattr(m, "base_layer")]
+    before = [m.base_layer.weight.detach().clone() for m in fused]
+
+    merges = []
+    real_merge = attach_module.merge
+    spy = lambda *a, **kw: (merges.append(1), real_merge(*a, **kw))[1]  # noqa: E731
+    monkeypatch.setattr(attach_module, "merge", spy)
+    import loraflow.core.model as model_module
+    if hasattr(model_module, "merge"):
+        monkeypatch.setattr(model_module, "merge", spy)
+
+    rows = [{"prompt": f"question {i}", "completion": f"answer number {i} is here"} for i in range(6)]
+    from loraflow.data.formats import Example, encode_examples
+    data = encode_examples([Example(prompt=r["prompt"], response=r["completion"]) for r in rows], tokenizer,
+                           PromptTemplate(kind="plain"), 64)
+    inner = fewshot_loss_fn(model, data, pad_id=0, batch_size=4)
+
+    def loss(w):
+        value = inner(w)
+        assert all(torch.equal(m.base_layer.weight, b) for m, b in zip(fused, before))  # not merged meanwhile
+        return value
+
+    result = lorahub_search(loss, 2, budget=8, seed=0)
+    assert merges == []
+    batch = collate(list(data), 0)
+    for h in result.history:
+        assert h["loss"] == pytest.approx(_reference_loss(base, adapters, h["weights"], batch), rel=1e-4)
+    # the same search on the formula's losses (what merging each candidate computed) finds the same weights
+    reference = lorahub_search(lambda w: _reference_loss(base, adapters, w, batch), 2, budget=8, seed=0)
+    assert result.weights == pytest.approx(reference.weights)
+    assert model.fusion_mode == ("gate" if default == "gate" else "static")
+    assert model.merged == (default == "static")

@@ -342,9 +342,9 @@ def test_a_nan_loss_stops_training_without_saving_it(saved_base, tmp_path):
 
     model, trainable, data, pad = _fit_setup(saved_base)
 
-    def diverge(epoch):  # from epoch 2 on, an adapter produces NaN, as a diverging run would
+    def diverge(epoch):  # from epoch 2 on, the logits are NaN, as in a diverging run
         with torch.no_grad():
-            model.model.model.layers[0].self_attn.q_proj.lora_B.fill_(float("nan"))
+            model.model.lm_head.weight.fill_(float("nan"))
 
     with pytest.raises(LoraFlowError, match="loss became nan at step 3 "):
         fit(trainable, data, None, TrainConfig(epochs=2, lr=1e-2, batch_size=2, progress=False), tmp_path / "run",
@@ -370,3 +370,52 @@ def test_best_epoch_selection_keeps_the_best_epoch(saved_base, tmp_path):
     best = load_file(str(tmp_path / "run" / "best" / "gate.safetensors"))
     assert all(torch.equal(best[k], snapshots[1][k]) for k in best)
     assert not all(torch.equal(best[k], snapshots[2][k]) for k in best)  # the epochs really differ
+
+
+def _with_overflow_on_first_step(parameter):
+    """Make the first backward's gradient of `parameter` inf, as an fp16 overflow of the scaled loss does."""
+    calls = []
+
+    def hook(grad):
+        calls.append(1)
+        return torch.full_like(grad, float("inf")) if len(calls) == 1 else grad
+
+    parameter.register_hook(hook)
+
+
+def test_fp16_gradient_overflow_skips_the_step_and_training_goes_on(saved_base, tmp_path):
+    """Issue 16: under fp16 loss scaling an overflow is a skipped step (GradScaler), not a stop.
+
+    Accelerate has no fp16 scaler on the CPU, so the run gets a real torch GradScaler, as it has on a GPU.
+    """
+    from loraflow.train.training import fit, make_accelerator
+
+    model, trainable, data, pad = _fit_setup(saved_base)
+    cfg = TrainConfig(epochs=3, lr=5e-2, batch_size=4, progress=False, mixed_precision="fp16", warmup_ratio=0.0)
+    accelerator = make_accelerator(cfg)
+    accelerator.native_amp = True  # unscale in clip_grad_norm_, as on a GPU
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    _with_overflow_on_first_step(trainable.parameters[0])
+    start = [p.detach().clone() for p in trainable.parameters]
+    snapshots = []
+    log = fit(trainable, data, None, cfg, tmp_path / "run", pad_id=pad, accelerator=accelerator,
+              on_epoch_end=lambda e: snapshots.append([p.detach().clone() for p in trainable.parameters]))
+    steps = log["steps"]
+    assert [s.get("skipped") is not None for s in steps] == [True, False, False]
+    assert all(torch.equal(a, b) for a, b in zip(start, snapshots[0]))  # the skipped step changed nothing
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))  # the next ones train
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2]))
+    assert accelerator.scaler.get_scale() == 2.0**9  # the scaler backed off once
+    assert steps[1]["lr"] == steps[0]["lr"] == 5e-2  # the schedule waited for the first real step
+    assert len(log["epochs"]) == 3
+
+
+def test_an_inf_gradient_without_loss_scaling_stops_training(saved_base, tmp_path):
+    from loraflow.train.training import fit
+
+    model, trainable, data, pad = _fit_setup(saved_base)
+    _with_overflow_on_first_step(trainable.parameters[0])
+    with pytest.raises(LoraFlowError, match="gradient norm became (inf|nan) at step 1 "):
+        fit(trainable, data, None, TrainConfig(epochs=1, lr=1e-2, batch_size=4, progress=False), tmp_path / "run",
+            pad_id=pad)
+    assert not (tmp_path / "run" / "last").exists()

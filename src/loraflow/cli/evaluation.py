@@ -48,7 +48,7 @@ def run_eval(args: argparse.Namespace) -> int:
     device = model.torch_device()
     result = evaluate(model.base_path, model.adapters, run.method, run.data, run.out, cfg, gate=model.gate,
                       train_path=run.train, torch_dtype=model.torch_dtype(device), device=device, label=run.label,
-                      adapter_role=run.adapter_role, progress=run.progress)
+                      adapter_role=run.adapter_role, progress=run.progress, force=run.force)
     if result:
         extra = f"  (LoRAHub weights: {result['lorahub']['reuse_as']})" if "lorahub" in result else ""
         print(f"{run.method} {cfg.task} {cfg.lang or ''}: {result['correct']}/{result['total']} = "
@@ -88,6 +88,7 @@ def run_score(args: argparse.Namespace) -> int:
         opts.task, opts.data, opts.predictions, mode=opts.mode, out_path=opts.out, workers=opts.workers,
         timeout=opts.timeout, seed=opts.seed, isolation=opts.isolation,
         metadata={k: v for k, v in (("method", opts.method), ("lang", opts.lang)) if v is not None},
+        force=opts.force,
     )
     print(f"score: {result['correct']}/{result['total']} = {100 * result['score']:.1f}%")
     return 0
@@ -110,7 +111,7 @@ def add_report(sub) -> None:
             "  loraflow report runs/ --out-dir report/        # also writes table.md, table.csv, table.png\n"
             "  loraflow report 'runs/**/RESULT.json' --csv t.csv --png t.png --title 'Llama-2-7B'\n"
             "\nA directory contributes its *.json files that look like results (have 'method' and "
-            "'score');\nother JSON there is skipped with a count on stderr. Files named explicitly "
+            "'score');\nother JSON there is skipped with a warning naming it on stderr. Files named explicitly "
             "must be valid results."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -125,6 +126,8 @@ def add_report(sub) -> None:
     p.add_argument("--task-name", action="append", metavar="TASK=NAME", default=[],
                    help="display name of a task's column group (default: math=MGSM, code=HumanEval); repeatable")
     p.add_argument("--seed", type=int, default=0, help="accepted for uniformity with the other commands; unused")
+    p.add_argument("--force", action="store_true",
+                   help="replace output files that loraflow did not write (or that were changed since)")
     p.set_defaults(func=run_report)
 
 
@@ -135,11 +138,11 @@ def run_report(args: argparse.Namespace) -> int:
 
     rep = write_report(
         args.inputs, out_dir=args.out_dir, md=args.md, csv_path=args.csv, png=args.png,
-        title=args.title, task_names=parse_task_names(args.task_name),
+        title=args.title, task_names=parse_task_names(args.task_name), force=args.force,
     )
     sys.stdout.write(rep.markdown)
-    if rep.skipped:
-        print(f"loraflow report: skipped {rep.skipped} non-result JSON file(s)", file=sys.stderr)
+    for why in rep.skipped:
+        print(f"loraflow report: warning: skipped {why}", file=sys.stderr)
     for note in rep.table.notes:
         print(f"loraflow report: warning: {note}", file=sys.stderr)
     for path in rep.written:

@@ -144,14 +144,14 @@ def run_inspect(args: argparse.Namespace) -> int:
     build(RuntimeOptions, args).apply()
     model_opts, choice, opts = build(ModelOptions, args), build(PromptChoice, args), build(InspectOptions, args)
     require("matplotlib", what="the fusion-weight heatmap")
-    check_output_file(opts.out, what="heatmap file")  # before the model loads and generates
+    check_output_file(opts.out, what="heatmap file", force=opts.force)  # before the model loads and generates
     if opts.csv:
-        check_output_file(opts.csv, inputs=[opts.out], what="CSV file")
+        check_output_file(opts.csv, inputs=[opts.out], what="CSV file", force=opts.force)
     torch.manual_seed(opts.seed)
     model, tokenizer = model_opts.load(seed=opts.seed)
     (prompt,), add_special = render_questions([opts.prompt], choice, model_opts.gate, tokenizer, "inspect")
     trace = inspect_prompt(model, tokenizer, prompt, opts.out, csv_path=opts.csv, max_new_tokens=opts.max_new_tokens,
-                           title=opts.title, add_special_tokens=add_special)
+                           title=opts.title, add_special_tokens=add_special, force=opts.force)
     mean = trace.weights.mean(dim=(0, 1)).tolist()
     summary = ", ".join(f"{n} {w:.3f}" for n, w in zip(trace.adapter_names, mean))
     print(trace.text)

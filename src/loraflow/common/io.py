@@ -2,9 +2,12 @@
 
 Writes never leave a half-written file or directory behind, and never replace something that is
 not ours: a directory is replaced only when it is empty, carries our marker file (`MARKER`, written
-into every directory we produce) or holds nothing but the files the new version would hold; a file
-is never replaced by a directory or the reverse, nor is an input of the same run. `force=True`
-lifts the ownership rule (never the input rule).
+into every directory we produce) or holds nothing but the files the new version would hold; a
+single output file (a result, a chart, a table) is replaced only when the directory's ledger
+(`LEDGER`, one `SHA256  NAME` line per file we wrote there, as `sha256sum` prints) records its
+current content, so a file someone else wrote, or edited since, is kept. A file is never replaced
+by a directory or the reverse, nor is an input of the same run. `force=True` lifts the ownership
+rule (never the input rule).
 
 Crash safety of directory replacement: the new version is complete in a hidden temporary sibling
 before it is swapped in, with one atomic `renameat2(RENAME_EXCHANGE)` where the OS has it; elsewhere
@@ -18,6 +21,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import json
 import os
 import re
@@ -31,6 +35,9 @@ from loraflow.common.errors import LoraFlowError
 
 MARKER = ".loraflow-written"
 """Written last into every directory `atomic_dir` produces: says "ours, and complete"."""
+
+LEDGER = ".loraflow-files"
+"""Next to the single output files loraflow wrote: `SHA256  NAME` per file written (appended, sha256sum format)."""
 
 _SPECIAL_ROOTS = ("/proc", "/sys", "/dev")
 _RENAME_EXCHANGE = 2
@@ -62,12 +69,50 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_is_ours(path: str | os.PathLike) -> bool:
+    """Whether the existing file `path` is, byte for byte, one that loraflow wrote (its directory's `LEDGER` says so)."""
+    path = Path(path)
+    try:
+        lines = (path.parent / LEDGER).read_text(encoding="utf-8").splitlines()
+        recorded = {digest for digest, _, name in (line.partition("  ") for line in lines) if name == path.name}
+        return bool(recorded) and _sha256(path) in recorded
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _record_written(path: Path, content: Path) -> None:
+    """Append `content`'s hash under `path`'s name to the ledger (one write: concurrent writers do not mix lines)."""
+    if "\n" in path.name:
+        return  # never recorded, so never replaced without --force
+    line = f"{_sha256(content)}  {path.name}\n".encode()
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        fd = os.open(path.parent / LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666 & ~umask)
+    except OSError:
+        return  # e.g. a link planted in its place: unrecorded, the file just counts as not ours next time
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
 def check_output_file(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
-                      what: str = "output file") -> Path:
+                      what: str = "output file", force: bool | None = None) -> Path:
     """Refuse, before any expensive work, an output file path that cannot or must not be written.
 
     Refused: a directory, a device or other non-regular file, anything under /proc, /sys or /dev,
     a path whose parent is a file or not writable, and any of `inputs` (the run's own input files).
+    With `force=False`, also an existing file loraflow did not write (`file_is_ours`); `force=None`
+    leaves ownership to the caller (a file inside a directory it checked as a whole).
     """
     path = Path(path)
     if not str(path) or str(path).endswith(os.sep):
@@ -84,6 +129,9 @@ def check_output_file(path: str | os.PathLike, *, inputs: Iterable[str | os.Path
     _check_parent(path, what)
     if path.exists() and not os.access(path, os.W_OK):
         raise LoraFlowError(f"{path}: the existing {what} is not writable (permission denied)")
+    if force is False and path.exists() and not file_is_ours(path):
+        raise LoraFlowError(f"{path}: exists and was not written by loraflow (or was changed since); refusing to "
+                            f"replace it with the {what} (choose another path, or pass --force to replace it)")
     return path
 
 
@@ -129,9 +177,14 @@ def check_output_dir(path: str | os.PathLike, *, force: bool = False, known_name
 
 # ----------------------------------------------------------------------------- atomic files
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = ()) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
-    path = check_output_file(path, inputs=inputs)
+def atomic_path(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
+                force: bool | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
+
+    With `force` True or False (a user-facing output file), an existing file is replaced only if it
+    is ours or `force`, and the new file is recorded in the directory's `LEDGER` as ours.
+    """
+    path = check_output_file(path, inputs=inputs, force=force)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -144,27 +197,33 @@ def atomic_path(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike |
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        if force is not None:
+            check_output_file(path, inputs=inputs, force=force)  # a file that appeared meanwhile
+            _record_written(path, tmp_path)  # before the rename: a recorded hash only ever matches our content
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, *, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
-    """Write `text` to `path` so that readers never see a half-written file."""
-    with atomic_path(path, inputs=inputs) as tmp:
+def write_text_atomic(path: str | os.PathLike, text: str, *, inputs: Iterable[str | os.PathLike | None] = (),
+                      force: bool | None = None) -> None:
+    """Write `text` to `path` so that readers never see a half-written file (`force`: see `atomic_path`)."""
+    with atomic_path(path, inputs=inputs, force=force) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, *, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, inputs: Iterable[str | os.PathLike | None] = (),
+                      force: bool | None = None) -> None:
     """Write `obj` as indented JSON, atomically."""
-    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", inputs=inputs)
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", inputs=inputs, force=force)
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict], *,
-                       inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+                       inputs: Iterable[str | os.PathLike | None] = (), force: bool | None = None) -> None:
     """Write one JSON object per line, atomically."""
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), inputs=inputs)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), inputs=inputs,
+                      force=force)
 
 
 # ----------------------------------------------------------------------------- atomic directories

@@ -119,6 +119,8 @@ class GenerateOptions:
             raise ValueError("prompt: give --prompt (repeatable) or --prompts-file, not both or neither")
         check_int("max_new_tokens", self.max_new_tokens, low=1)
         check_int("batch_size", self.batch_size, low=1)
+        if any(s == "" for s in self.stop):
+            raise ValueError("stop: an empty stop string would end every output before its first token")
         self.sampling()  # validates the sampling settings
 
     def sampling(self):
@@ -138,6 +140,7 @@ class InspectOptions:
     max_new_tokens: int = option(64, "new tokens at most")
     title: str | None = option(None, "figure title")
     seed: int = option(0, "random seed")
+    force: bool = option(False, "replace output files that loraflow did not write (or that were changed since)")
 
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens, low=1)

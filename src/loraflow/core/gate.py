@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraflow.common.checks import check_positive
+
 GRANULARITIES = ("layer", "model", "module")
 OFFICIAL_K2_BIAS = (-0.5, 0.5)  # (language, task): the authors' initialisation for k = 2
 
@@ -80,7 +82,16 @@ class FusionGate(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_adapters, hidden_size))
         self.bias = nn.Parameter(torch.zeros(1, num_adapters))
-        self.temperature = float(temperature)
+        self.temperature = temperature
+
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature T (a finite number > 0)."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = check_positive("temperature", value)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -142,11 +153,15 @@ class GateBank(nn.Module):
             g.reset_parameters(std=std, bias=bias)
 
     def set_temperature(self, temperature: float) -> None:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.config.temperature = float(temperature)
+        """Set every gate's softmax temperature.
+
+        Raises:
+            ValueError: `temperature` is not a finite number > 0 (NaN or inf would make every logit NaN).
+        """
+        temperature = check_positive("temperature", temperature)
+        self.config.temperature = temperature
         for g in self.gates():
-            g.temperature = float(temperature)
+            g.temperature = temperature
 
 
 def _safe(module_key: str | None) -> str:

@@ -118,6 +118,8 @@ def generate_texts(
         sampling: greedy (default) or sampling settings.
         progress: called with the number of prompts that finished, as each one finishes.
     """
+    if any(not isinstance(s, str) or not s for s in stop_strings):
+        raise LoraFlowError(f"stop strings must be non-empty text, got {list(stop_strings)!r}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     eos = tokenizer.eos_token_id
@@ -127,7 +129,7 @@ def generate_texts(
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start:start + batch_size])
         enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=add_special_tokens).to(device)
+                        add_special_tokens=add_special_tokens, return_token_type_ids=False).to(device)
         prompt_len = enc["input_ids"].shape[1]
         kwargs = dict(
             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,

@@ -101,8 +101,10 @@ def to_csv(trace: FusionTrace) -> str:
     return buf.getvalue()
 
 
-def to_png(trace: FusionTrace, path: str | os.PathLike, *, title: str | None = None) -> Path:
-    """Heatmap per adapter: layers x generated tokens, shared colour scale; written atomically."""
+def to_png(trace: FusionTrace, path: str | os.PathLike, *, title: str | None = None,
+           force: bool | None = None) -> Path:
+    """Heatmap per adapter: layers x generated tokens, shared colour scale; written atomically
+    (`force`: see loraflow.common.io.atomic_path)."""
     require("matplotlib", what="the fusion-weight heatmap")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -130,7 +132,7 @@ def to_png(trace: FusionTrace, path: str | os.PathLike, *, title: str | None = N
     fig.colorbar(image, ax=list(axes), label="fusion weight w")
     fig.suptitle(title or "LoRA-Flow fusion weights per layer and token")
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, force=force) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     return path
 
@@ -165,12 +167,21 @@ def drawable(label: str, covered: set[int]) -> str:
 
 
 def inspect_prompt(model, tokenizer, prompt: str, out_png: str | os.PathLike, *, csv_path=None,
-                   max_new_tokens: int = 64, title: str | None = None, add_special_tokens: bool = False) -> FusionTrace:
-    """Trace one prompt (tokenised with `add_special_tokens`) and write the heatmap (and CSV)."""
+                   max_new_tokens: int = 64, title: str | None = None, add_special_tokens: bool = False,
+                   force: bool = False) -> FusionTrace:
+    """Trace one prompt (tokenised with `add_special_tokens`) and write the heatmap (and CSV).
+
+    An existing PNG or CSV is replaced only if loraflow wrote it, or with `force` (loraflow.common.io).
+    """
+    from loraflow.common.io import check_output_file
+
     require("matplotlib", what="the fusion-weight heatmap")  # before generating
+    check_output_file(out_png, what="heatmap file", force=force)
+    if csv_path:
+        check_output_file(csv_path, inputs=[out_png], what="CSV file", force=force)
     trace = trace_generation(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
                              add_special_tokens=add_special_tokens)
-    to_png(trace, out_png, title=title)
+    to_png(trace, out_png, title=title, force=force)
     if csv_path:
-        write_text_atomic(csv_path, to_csv(trace))
+        write_text_atomic(csv_path, to_csv(trace), force=force)
     return trace

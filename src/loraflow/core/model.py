@@ -111,6 +111,7 @@ class LoraFlowModel(nn.Module):
                 not match the adapters or the model, an unknown architecture, or k = 0.
         """
         _check_gate_name(gate_name)
+        torch_dtype = check_torch_dtype(torch_dtype)
         if temperature is not None:
             try:
                 temperature = check_positive("temperature", temperature)
@@ -496,6 +497,21 @@ def load_tokenizer(base, *, gguf_file: str | None = None):
         raise LoraFlowError(f"{where}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
 
 
+def check_torch_dtype(torch_dtype) -> torch.dtype | str | None:
+    """`torch_dtype` as a floating torch dtype, "auto" or None; a name such as "bfloat16" is looked up in torch.
+
+    Raises:
+        LoraFlowError: anything else (a misspelt name, a non-floating dtype), naming the value given.
+    """
+    if torch_dtype is None or torch_dtype == "auto":
+        return torch_dtype
+    dtype = getattr(torch, torch_dtype.removeprefix("torch."), None) if isinstance(torch_dtype, str) else torch_dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise LoraFlowError(f"torch_dtype {torch_dtype!r}: expected a floating torch dtype such as torch.bfloat16, "
+                            "a name such as 'float16', or 'auto'")
+    return dtype
+
+
 def load_base(base, torch_dtype=None, model_kwargs: Mapping | None = None) -> nn.Module:
     """A transformers causal LM in eval mode from a directory, hub name or `.gguf` file.
 
@@ -506,14 +522,13 @@ def load_base(base, torch_dtype=None, model_kwargs: Mapping | None = None) -> nn
         LoraFlowError: a missing path, a directory without config.json, a missing `gguf` package,
             or a checkpoint transformers cannot load as a causal LM.
     """
+    torch_dtype = check_torch_dtype(torch_dtype)
     if isinstance(base, nn.Module):
         return base
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(model_kwargs or {})
     source, gguf_file = split_gguf(base, kwargs.pop("gguf_file", None))
-    if isinstance(torch_dtype, str) and torch_dtype != "auto":
-        torch_dtype = getattr(torch, torch_dtype)
     path = Path(source)
     if not path.exists() and (os.environ.get("HF_HUB_OFFLINE") == "1" or source.startswith((".", "/"))):
         raise LoraFlowError(f"{source}: base model directory not found")

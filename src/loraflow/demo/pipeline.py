@@ -23,6 +23,7 @@ from pathlib import Path
 
 from loraflow.common.errors import LoraFlowError
 from loraflow.common.extras import require
+from loraflow.common.io import check_output_dir
 from loraflow.common.options import option
 
 LANG = "xx"  # the foreign language's code in results and the table
@@ -135,9 +136,15 @@ def run_demo(out_dir: str | os.PathLike = DemoOptions.out, *, seed: int = DemoOp
     from loraflow.train.training import train_gate, train_lora
 
     cfg = QUICK if quick else FULL
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out_dir, force=True, what="demo directory")
     marker = out / "demo_config.json"
+    if out.is_dir() and any(out.iterdir()) and not marker.is_file():  # even with --force, which redoes steps
+        raise LoraFlowError(f"{out}: exists and is not a loraflow demo directory; refusing to write into it "
+                            "(choose a new or empty --out, or a previous demo's)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LoraFlowError(f"{out}: cannot create the demo directory ({e.strerror or e})") from None
     wanted = {"seed": seed, "quick": quick, "config": asdict(cfg)}
     if marker.is_file() and json.loads(marker.read_text()) != wanted and not force:
         raise LoraFlowError(f"{out} holds a demo run with other settings; use --force or another --out")

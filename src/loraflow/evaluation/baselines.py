@@ -81,9 +81,15 @@ def lorahub_search(
 
 
 def fewshot_loss_fn(model, dataset: Sequence[dict], pad_id: int, batch_size: int = 8) -> Callable[[list[float]], float]:
-    """loss(w): mean response-token loss of `model` with static weights w on `dataset`."""
+    """loss(w): mean response-token loss of `model` with static weights w on `dataset`.
+
+    Each candidate runs as a per-call fusion (`model.fusion`), which never merges into the base
+    weights: a search of ~40 candidates costs no merge and restore of the whole model, and the
+    model's default fusion (merged or not) is left as the caller set it.
+    """
     import torch
 
+    from loraflow.core.fusion_spec import FusionSpec
     from loraflow.data.formats import collate
     from loraflow.core.losses import response_token_count, summed_loss
 
@@ -94,7 +100,7 @@ def fewshot_loss_fn(model, dataset: Sequence[dict], pad_id: int, batch_size: int
     def loss(weights: list[float]) -> float:
         model.eval()
         total = 0.0
-        with model.static_weights(weights):
+        with model.fusion(FusionSpec("static", weights=tuple(float(w) for w in weights))):
             for items in batches:
                 batch = {k: v.to(model.device) for k, v in collate(list(items), pad_id).items()}
                 total += summed_loss(model, batch).item()

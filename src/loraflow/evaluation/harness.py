@@ -95,6 +95,7 @@ class EvalRun:
     label: str | None = option(None, "row name in `loraflow report` (default: from --method)")
     adapter_role: str | None = option(None, "for single:NAME, the paper's row name", choices=("language", "task"))
     progress: bool = option(True, "progress bars", flag="--no-progress")
+    force: bool = option(False, "replace output files that loraflow did not write (or that were changed since)")
 
 
 def parse_method(method: str, adapter_names: list[str]) -> tuple[str, list[float] | str | None]:
@@ -136,8 +137,12 @@ def evaluate(
     label: str | None = None,
     adapter_role: str | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate one method on one test file and write RESULT.json (+ raw outputs). Returns the result."""
+    """Evaluate one method on one test file and write RESULT.json (+ raw outputs). Returns the result.
+
+    An existing RESULT.json or outputs file is replaced only if loraflow wrote it, or with `force`.
+    """
     import torch
     from accelerate import PartialState
 
@@ -146,6 +151,9 @@ def evaluate(
 
     names = [n for n, _ in adapters]
     kind, detail = parse_method(method, names)
+    if adapter_role and kind != "single":
+        raise LoraFlowError(f"--adapter-role {adapter_role}: names the row of a single LoRA; it needs "
+                            f"--method single:NAME, not {method!r}")
     if kind == "loraflow" and not gate:
         raise LoraFlowError("--method loraflow needs --gate")
     if kind == "lorahub" and not train_path:
@@ -154,8 +162,8 @@ def evaluate(
         require("nevergrad", what="--method lorahub")
     out_path, pred_path = output_paths(out_path)
     inputs = [data_path, train_path, *(p for _, p in adapters)]
-    check_output_file(out_path, inputs=inputs, what="result file")
-    check_output_file(pred_path, inputs=inputs, what="outputs file")
+    check_output_file(out_path, inputs=inputs, what="result file", force=force)
+    check_output_file(pred_path, inputs=inputs, what="outputs file", force=force)
     if kind == "loraflow":
         gate = resolve_gate(gate)
     device = resolve_device(device)
@@ -176,7 +184,7 @@ def evaluate(
         state = PartialState(cpu=not device.startswith("cuda"))
         return _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path, pred_path, cfg, state,
                          gate=gate, train_path=train_path, torch_dtype=torch_dtype, device=device, label=label,
-                         adapter_role=adapter_role, progress=progress, total_rows=total_rows)
+                         adapter_role=adapter_role, progress=progress, total_rows=total_rows, force=force)
 
 
 def output_paths(out_path: str | os.PathLike) -> tuple[Path, Path]:
@@ -187,7 +195,7 @@ def output_paths(out_path: str | os.PathLike) -> tuple[Path, Path]:
 
 def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: Path, pred_path: Path,
               cfg: EvalConfig, state, *, gate, train_path, torch_dtype, device, label, adapter_role,
-              progress, total_rows: int) -> dict[str, Any]:
+              progress, total_rows: int, force: bool) -> dict[str, Any]:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
@@ -241,7 +249,7 @@ def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: P
     inputs = [data_path, train_path, *(p for _, p in adapters)]
     # written before scoring, so that a sandbox failing mid-way loses no generation
     write_jsonl_atomic(pred_path, [{"index": i, "prompt": p, "output": o} for i, (p, o) in enumerate(zip(prompts, outputs))],
-                       inputs=inputs)
+                       inputs=inputs, force=force)
     try:
         result = scoring.score_predictions(cfg.task, rows, outputs, mode=cfg.mode, workers=cfg.workers,
                                            timeout=cfg.timeout, isolation=cfg.isolation)
@@ -263,7 +271,7 @@ def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: P
         result["label"] = label
     if adapter_role:
         result["adapter_role"] = adapter_role
-    write_json_atomic(out_path, result, inputs=inputs)
+    write_json_atomic(out_path, result, inputs=inputs, force=force)
     return result
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from loraflow.common.errors import LoraFlowError
 from loraflow.common.extras import require
-from loraflow.common.io import atomic_path, write_text_atomic
+from loraflow.common.io import atomic_path, check_output_file, write_text_atomic
 
 REQUIRED_KEYS = ("task", "method", "score", "correct", "total")
 
@@ -146,6 +146,8 @@ def _read_json(path: Path) -> Any:
         raise LoraFlowError(f"{path}: not a UTF-8 text file") from None
     except json.JSONDecodeError as e:
         raise LoraFlowError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise LoraFlowError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def load_results(paths: Iterable[str | os.PathLike]) -> list[dict]:
@@ -172,7 +174,7 @@ def _looks_like_result(obj: Any) -> bool:
     return isinstance(obj, dict) and "method" in obj and "score" in obj
 
 
-def gather_results(inputs: Sequence[str | os.PathLike]) -> tuple[list[dict], int]:
+def gather_results(inputs: Sequence[str | os.PathLike]) -> tuple[list[dict], list[str]]:
     """Collect results from files, directories and glob patterns.
 
     An explicit file must be a valid result. A directory contributes the `*.json` files in it and
@@ -181,18 +183,17 @@ def gather_results(inputs: Sequence[str | os.PathLike]) -> tuple[list[dict], int
     A file reached twice is read once. When nothing is found, the error says where it looked.
 
     Returns:
-        (results, number of skipped files).
+        (results, one "PATH: why" line per skipped file).
     Raises:
         LoraFlowError: on an invalid result, a missing path, a glob matching nothing, or no
             results at all.
     """
     results: list[dict] = []
     seen: set[Path] = set()
-    skipped = 0
+    skipped: list[str] = []
     looked: list[str] = []
 
     def take(path: Path, strict: bool) -> None:
-        nonlocal skipped
         key = path.resolve()
         if key in seen:
             return
@@ -202,11 +203,11 @@ def gather_results(inputs: Sequence[str | os.PathLike]) -> tuple[list[dict], int
             return
         try:
             obj = _read_json(path)
-        except LoraFlowError:
-            skipped += 1
+        except LoraFlowError as e:
+            skipped.append(str(e))
             return
         if not _looks_like_result(obj):
-            skipped += 1
+            skipped.append(f"{path}: not a result (no 'method' and 'score')")
             return
         _check_result(obj, str(path))
         results.append({**obj, "_source": str(path)})
@@ -231,7 +232,7 @@ def gather_results(inputs: Sequence[str | os.PathLike]) -> tuple[list[dict], int
             take(path, strict=True)
     if not results:
         where = "; ".join(looked) or ", ".join(os.fspath(i) for i in inputs) or "(no inputs)"
-        extra = f" ({skipped} non-result JSON file(s) skipped)" if skipped else ""
+        extra = f" ({len(skipped)} non-result JSON file(s) skipped: {'; '.join(skipped)})" if skipped else ""
         raise LoraFlowError(f"no result files found in {where}{extra}")
     return results, skipped
 
@@ -488,10 +489,12 @@ def to_png(
     *,
     title: str | None = None,
     task_names: Mapping[str, str] | None = None,
+    force: bool | None = None,
 ) -> Path:
     """Save a grouped bar chart of the table: x = columns, one bar per method, std error bars.
 
-    Uses matplotlib's Agg canvas directly (no pyplot, no global backend change); written atomically.
+    Uses matplotlib's Agg canvas directly (no pyplot, no global backend change); written atomically
+    (`force`: see loraflow.common.io.atomic_path).
     """
     require("matplotlib", what="the report's bar chart")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -532,7 +535,7 @@ def to_png(
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, force=force) as tmp:
         fig.savefig(tmp, format="png")
     return path
 
@@ -543,12 +546,13 @@ def to_png(
 
 @dataclass
 class Report:
-    """What `write_report` produced: the table, its Markdown, the files written, skipped inputs."""
+    """What `write_report` produced: the table, its Markdown, the files written, skipped inputs
+    ("PATH: why" each)."""
 
     table: Table
     markdown: str
     written: list[Path]
-    skipped: int
+    skipped: list[str]
 
 
 def write_report(
@@ -560,6 +564,7 @@ def write_report(
     png: str | os.PathLike | None = None,
     title: str | None = None,
     task_names: Mapping[str, str] | None = None,
+    force: bool = False,
 ) -> Report:
     """Build the table from result files/directories/globs and write the requested renderings.
 
@@ -570,6 +575,7 @@ def write_report(
         md, csv_path, png: explicit output paths for each rendering.
         title: heading of the Markdown file and title of the chart.
         task_names: display names per task (default MGSM for math, HumanEval for code).
+        force: replace output files that loraflow did not write (otherwise refused, before any is written).
     Returns:
         A `Report`; nothing is printed.
     """
@@ -583,15 +589,18 @@ def write_report(
         md = md or out / "table.md"
         csv_path = csv_path or out / "table.csv"
         png = png or out / "table.png"
+    for path, what in ((md, "Markdown file"), (csv_path, "CSV file"), (png, "chart file")):
+        if path:
+            check_output_file(path, what=what, force=force)
     written = []
     if md:
-        write_text_atomic(md, markdown)
+        write_text_atomic(md, markdown, force=force)
         written.append(Path(md))
     if csv_path:
-        write_text_atomic(csv_path, to_csv(table))
+        write_text_atomic(csv_path, to_csv(table), force=force)
         written.append(Path(csv_path))
     if png:
-        written.append(to_png(table, png, title=title, task_names=task_names))
+        written.append(to_png(table, png, title=title, task_names=task_names, force=force))
     return Report(table=table, markdown=markdown, written=written, skipped=skipped)
 
 

