@@ -32,6 +32,7 @@ from loraflow.serve.engine import GenerationRequest, Overloaded, SamplingParams,
 from loraflow.serve.registry import UnknownModel
 from loraflow.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest
 
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily, as vLLM's _SAMPLING_EPS (logits / T would overflow)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the remaining context
 ENDPOINTS = ("/v1/models", "/v1/chat/completions", "/v1/completions")  # metric labels; others count as "other"
 
@@ -137,7 +138,7 @@ def _resolve(server, body):
 def _submit(server, body, ids: list[int], fusion, *, default_max_tokens: int | None) -> _Job:
     params = SamplingParams(
         max_tokens=server.token_budget(len(ids), body.token_limit, default_max_tokens),
-        temperature=1.0 if body.temperature is None else body.temperature,
+        temperature=1.0 if body.temperature is None else 0.0 if body.temperature < GREEDY_BELOW else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed, stop=body.stops, ignore_eos=body.ignore_eos,
     )

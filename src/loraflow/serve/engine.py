@@ -22,6 +22,7 @@ import torch
 
 from loraflow.core.fusion_spec import FusionSpec
 from loraflow.serve.batching import DecodeBatch
+from loraflow.serve.detokenize import IncrementalDetokenizer
 from loraflow.serve.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -80,11 +81,12 @@ class GenerationRequest:
 
 
 class _Row:
-    """A request in the running batch: its generated tokens, what text was already sent, its sampler."""
+    """A request in the running batch: its generated tokens and text, what was already sent, its sampler."""
 
-    def __init__(self, request: GenerationRequest, seed: int, device: torch.device) -> None:
+    def __init__(self, request: GenerationRequest, seed: int, device: torch.device, detokenizer) -> None:
         self.request = request
         self.tokens: list[int] = []
+        self.detok = detokenizer
         self.sent = 0  # characters of the decoded text already emitted
         self.next_token: int | None = None
         self.generator = None
@@ -121,6 +123,8 @@ class Engine:
         self._batch = DecodeBatch(model)
         self._rows: list[_Row] = []
         self._eos = _eos_ids(model, tokenizer)
+        probe = IncrementalDetokenizer(self.tokenizer)  # what the tokenizer needs, found once, not per request
+        self._detok = {"cleanup": probe.cleanup, "byte_ids": probe.byte_ids}
         self._device = next(model.parameters()).device
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -207,7 +211,8 @@ class Engine:
             if request.cancelled.is_set():
                 self._emit(request, Update("", 0, "cancelled"))
                 continue
-            rows.append(_Row(request, request.params.seed or 0, self._device))
+            detokenizer = IncrementalDetokenizer(self.tokenizer, **self._detok)
+            rows.append(_Row(request, request.params.seed or 0, self._device, detokenizer))
         return rows
 
     def _prefill(self, rows: list[_Row]) -> None:
@@ -223,14 +228,26 @@ class Engine:
         self._consume(logits, rows, offset=len(self._rows) - len(rows))
 
     def _consume(self, logits: torch.Tensor, rows: Sequence[_Row], offset: int = 0) -> None:
-        """Sample one token per row, emit text, drop the rows that finished."""
-        tokens = sample(logits, [r.request.params for r in rows], [r.generator for r in rows])
+        """Sample one token per row, emit text, drop the rows that finished.
+
+        Each row is handled alone: a row whose logits are not finite, or whose sampling or stop
+        handling raises, ends with an error while the others go on exactly as they would without it.
+        """
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         # counted before any row's text is emitted: a client that reads /metrics after its response must
         # find its tokens there
         self.metrics.generation_tokens.inc(len(rows))
         finished = set()
-        for i, (row, token) in enumerate(zip(rows, tokens)):
-            if self._advance(row, token):
+        for i, row in enumerate(rows):
+            try:
+                if not finite[i]:
+                    raise FloatingPointError("the model's logits for this request are not finite (inf or nan)")
+                done = self._advance(row, sample_row(logits[i], row.request.params, row.generator))
+            except Exception as e:
+                logger.warning("request %s failed: %s: %s", row.request.id, type(e).__name__, e)
+                self._emit(row.request, Update("", len(row.tokens), "error", f"{type(e).__name__}: {e}"))
+                done = True
+            if done:
                 finished.add(offset + i)
         if finished:
             self._batch.keep([i for i in range(len(self._rows)) if i not in finished])
@@ -243,27 +260,24 @@ class Engine:
         row.tokens.append(token)
         reason = None
         if token in self._eos and not params.ignore_eos:
-            reason = "stop"
-            text = self._text(row.tokens[:-1])
+            reason = "stop"  # the end-of-sequence token is no text
         else:
-            text = self._text(row.tokens)
-            cut = _find_stop(text, params.stop, row.sent)
-            if cut is not None:
-                text, reason = text[:cut], "stop"
-            elif len(row.tokens) >= params.max_tokens or len(row.request.prompt_ids) + len(row.tokens) >= self.max_model_len:
+            row.detok.add(token)
+            if len(row.tokens) >= params.max_tokens or len(row.request.prompt_ids) + len(row.tokens) >= self.max_model_len:
                 reason = "length"
-        if reason:  # a character cut by the end of generation decodes as U+FFFD: no text (as generate_texts)
-            text = text.rstrip("\ufffd")
-        safe = len(text) if reason else _safe_length(text, params.stop)
+        if reason:  # a character cut by the end of generation is no text (as generate_texts)
+            row.detok.finish()
+        text = row.detok.text
+        cut = _find_stop(text, params.stop, row.sent)
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+        safe = len(text) if reason else min(_safe_length(text, params.stop), row.detok.stable)
         delta = text[row.sent:safe] if safe > row.sent else ""
         row.sent = max(row.sent, safe)
         row.next_token = token
         if delta or reason:
             self._emit(row.request, Update(delta, len(row.tokens), reason))
         return reason is not None
-
-    def _text(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _drop_cancelled(self) -> None:
         gone = [i for i, r in enumerate(self._rows) if r.request.cancelled.is_set()]
@@ -306,25 +320,24 @@ class Engine:
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence) -> list[int]:
-    """One token per row: argmax where temperature is 0, else top-p sampling with the row's generator.
+    """One token per row of (B, vocab) logits, each row sampled alone (see `sample_row`)."""
+    return [sample_row(logits[i], p, g) for i, (p, g) in enumerate(zip(params, generators))]
 
-    Each row is sampled from its own logits with its own generator, so a row's token never depends
-    on the other rows of the batch.
-    """
-    greedy = logits.argmax(dim=-1).tolist()
-    out = []
-    for i, (p, g) in enumerate(zip(params, generators)):
-        if p.temperature == 0 or g is None:
-            out.append(greedy[i])
-            continue
-        probs = torch.softmax(logits[i] / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            outside = sorted_p.cumsum(0) - sorted_p > p.top_p  # keep the smallest prefix reaching top_p
-            sorted_p[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        out.append(int(torch.multinomial(probs, 1, generator=g).item()))
-    return out
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, generator) -> int:
+    """One token from one row's (vocab,) logits: argmax where temperature is 0, else top-p sampling
+    with the row's own generator, so a row's token never depends on the other rows of the batch."""
+    if params.temperature == 0 or generator is None:
+        return int(logits.argmax().item())
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # torch.multinomial does not always refuse them
+        raise FloatingPointError("the sampling probabilities are not finite (inf or nan)")
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        outside = sorted_p.cumsum(0) - sorted_p > params.top_p  # keep the smallest prefix reaching top_p
+        sorted_p[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
 def _find_stop(text: str, stops: Sequence[str], sent: int) -> int | None:
