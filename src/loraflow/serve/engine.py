@@ -39,7 +39,12 @@ class ShuttingDown(Overloaded):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request decodes. temperature 0 is greedy; `seed` makes sampling reproducible."""
+    """How one request decodes. temperature 0 is greedy; `seed` makes sampling reproducible.
+
+    max_tokens 0 only scores the prompt (with `GenerationRequest.prompt_logprobs`). The penalties are
+    OpenAI's: logit -= frequency_penalty * count + presence_penalty * (count > 0), counting the tokens
+    this request generated so far; they change which token is chosen, never the reported log-probs.
+    """
 
     max_tokens: int
     temperature: float = 1.0
@@ -47,6 +52,18 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the request's fusion (log-softmax of the raw logits, fp32),
+    with the `top` most likely tokens at that position as (token, log-probability), best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -61,6 +78,8 @@ class Update:
     completion_tokens: int
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # the tokens generated since the last update (when asked)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first update only; the first token has none
 
 
 @dataclass
@@ -72,6 +91,8 @@ class GenerationRequest:
     params: SamplingParams
     emit: Callable[[Update], None]
     id: str = ""
+    logprobs: int | None = None  # report each generated token's log-prob with this many top alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
 
@@ -89,6 +110,8 @@ class _Row:
         self.detok = detokenizer
         self.sent = 0  # characters of the decoded text already emitted
         self.next_token: int | None = None
+        self.logprobs: list[TokenLogprob] = []  # not yet emitted
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # until the first emit
         self.generator = None
         if request.params.temperature > 0:
             self.generator = torch.Generator(device=device)
@@ -142,6 +165,11 @@ class Engine:
             self._queue.put_nowait(request)
         except queue.Full:
             raise Overloaded(f"the server is busy: {self._queue.maxsize} requests are already waiting") from None
+
+    @property
+    def max_queue(self) -> int:
+        """Requests that may wait for a row."""
+        return self._queue.maxsize
 
     def queue_length(self) -> int:
         return self._queue.qsize()
@@ -216,8 +244,15 @@ class Engine:
         return rows
 
     def _prefill(self, rows: list[_Row]) -> None:
+        scored = [r.request.prompt_logprobs is not None for r in rows]
         try:
-            logits = self._batch.prefill([r.request.prompt_ids for r in rows], [r.request.fusion for r in rows])
+            prompts = [r.request.prompt_ids for r in rows]
+            out = self._batch.prefill(prompts, [r.request.fusion for r in rows], every_position=any(scored))
+            logits, every = out if any(scored) else (out, None)
+            for i, row in enumerate(rows):
+                if scored[i]:
+                    row.prompt_logprobs = _prompt_logprobs(every[i], prompts[i], row.request.prompt_logprobs)
+            del every
         except Exception as e:  # the running batch is untouched: only the newcomers fail
             logger.exception("prefill failed")
             for row in rows:
@@ -242,7 +277,14 @@ class Engine:
             try:
                 if not finite[i]:
                     raise FloatingPointError("the model's logits for this request are not finite (inf or nan)")
-                done = self._advance(row, sample_row(logits[i], row.request.params, row.generator))
+                if row.request.params.max_tokens == 0:  # the prompt alone was asked for
+                    self._send(row, Update("", 0, "length"))
+                    done = True
+                else:
+                    token = sample_row(logits[i], row.request.params, row.generator, row.tokens)
+                    if row.request.logprobs is not None:
+                        row.logprobs.append(_logprob(logits[i], token, row.request.logprobs))
+                    done = self._advance(row, token)
             except Exception as e:
                 logger.warning("request %s failed: %s: %s", row.request.id, type(e).__name__, e)
                 self._emit(row.request, Update("", len(row.tokens), "error", f"{type(e).__name__}: {e}"))
@@ -276,8 +318,16 @@ class Engine:
         row.sent = max(row.sent, safe)
         row.next_token = token
         if delta or reason:
-            self._emit(row.request, Update(delta, len(row.tokens), reason))
+            self._send(row, Update(delta, len(row.tokens), reason))
         return reason is not None
+
+    def _send(self, row: _Row, update: Update) -> None:
+        """Emit `update` with the log-probs the row gathered since its last one."""
+        if row.request.logprobs is not None:
+            update.logprobs, row.logprobs = row.logprobs, []
+        if row.prompt_logprobs is not None:
+            update.prompt_logprobs, row.prompt_logprobs = row.prompt_logprobs, None
+        self._emit(row.request, update)
 
     def _drop_cancelled(self) -> None:
         gone = [i for i, r in enumerate(self._rows) if r.request.cancelled.is_set()]
@@ -324,9 +374,14 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     return [sample_row(logits[i], p, g) for i, (p, g) in enumerate(zip(params, generators))]
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, generator) -> int:
+def sample_row(logits: torch.Tensor, params: SamplingParams, generator, generated: Sequence[int] = ()) -> int:
     """One token from one row's (vocab,) logits: argmax where temperature is 0, else top-p sampling
-    with the row's own generator, so a row's token never depends on the other rows of the batch."""
+    with the row's own generator, so a row's token never depends on the other rows of the batch.
+    The penalties count `generated`, the tokens the row produced so far."""
+    if generated and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.as_tensor(list(generated), device=logits.device), minlength=logits.shape[-1])
+        counts = counts[: logits.shape[-1]].to(logits.dtype)
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
     if params.temperature == 0 or generator is None:
         return int(logits.argmax().item())
     probs = torch.softmax(logits / params.temperature, dim=-1)
@@ -338,6 +393,31 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator) -> int:
         sorted_p[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-probability under (vocab,) logits, with the `top` best alternatives."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return TokenLogprob(token, float(logprobs[token]), _top(logprobs, top))
+
+
+def _top(logprobs: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
+    if k <= 0:
+        return ()
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]))
+    return tuple(zip(ids.tolist(), values.tolist()))
+
+
+def _prompt_logprobs(logits: torch.Tensor, prompt: Sequence[int], top: int) -> list[TokenLogprob | None]:
+    """Each prompt token's log-probability given the tokens before it; (T, vocab) logits are the
+    prompt's positions (right-aligned: the last len(prompt) rows); the first token has none."""
+    logprobs = torch.log_softmax(logits[logits.shape[0] - len(prompt):-1].float(), dim=-1)  # (L-1, vocab)
+    targets = torch.as_tensor(list(prompt[1:]), dtype=torch.long, device=logprobs.device)
+    chosen = logprobs.gather(1, targets.view(-1, 1)).view(-1).tolist()
+    out: list[TokenLogprob | None] = [None]
+    for t, (token, lp) in enumerate(zip(prompt[1:], chosen)):
+        out.append(TokenLogprob(int(token), lp, _top(logprobs[t], top)))
+    return out
 
 
 def _find_stop(text: str, stops: Sequence[str], sent: int) -> int | None:
