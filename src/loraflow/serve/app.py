@@ -101,7 +101,7 @@ def create_app(server) -> FastAPI:
         fusion = _resolve(server, body)
         prompts = body.prompts
         ids = [server.text_prompt(p) for p in prompts]
-        echo = [(p if isinstance(p, str) else server.token_text(p)) if body.echo else "" for p in prompts]
+        echo = [(p if isinstance(p, str) else server.decode(p)) if body.echo else "" for p in prompts]
         job = _submit(server, body, ids, fusion, default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
                       logprobs=body.logprobs, prompt_logprobs=body.logprobs if body.echo else None)
         shape = _CompletionShape(body.model, body.include_usage, server, echo=echo, logprobs=body.logprobs)
