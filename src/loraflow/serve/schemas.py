@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
-MAX_STOPS = 4  # as OpenAI
+MAX_STOPS = 16  # OpenAI allows 4, vLLM any number; lm-evaluation-harness sends a task's `until` plus the EOS text
 MAX_LOGPROBS = 20  # top alternatives per token: OpenAI's chat limit (its legacy completions allow 5), vLLM's default
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
