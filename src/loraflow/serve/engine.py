@@ -271,7 +271,7 @@ class Engine:
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         # counted before any row's text is emitted: a client that reads /metrics after its response must
         # find its tokens there
-        self.metrics.generation_tokens.inc(len(rows))
+        self.metrics.generation_tokens.inc(sum(r.request.params.max_tokens > 0 for r in rows))
         finished = set()
         for i, row in enumerate(rows):
             try:
