@@ -240,3 +240,24 @@ def test_penalties_follow_openais_formula(url, reference, presence, frequency):
 def test_bad_completion_requests_get_400(url, body, words):
     status, out = _post(url, "/v1/completions", {"model": "zh", "prompt": "hi", **body})
     assert status == 400 and words in out["error"]["message"], out
+
+
+def test_streamed_chat_with_n_and_logprobs_equals_the_whole_response(url):
+    ask = {"model": "zh-math", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 6, "n": 2,
+           "temperature": 0.9, "seed": 3, "logprobs": True, "top_logprobs": 1, "ignore_eos": True}
+    whole = _ok(url, "/v1/chat/completions", ask)["choices"]
+    req = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps({**ask, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        events = [json.loads(e[6:]) for e in r.read().decode().split("\n\n") if e and e != "data: [DONE]"]
+    text, content, finish = ["", ""], [[], []], [None, None]
+    for e in events:
+        (choice,) = e["choices"]
+        text[choice["index"]] += choice["delta"].get("content", "")
+        content[choice["index"]] += (choice["logprobs"] or {}).get("content", [])
+        finish[choice["index"]] = choice["finish_reason"] or finish[choice["index"]]
+    assert text == [c["message"]["content"] for c in whole]
+    assert [[t["token"] for t in c] for c in content] == [[t["token"] for t in c["logprobs"]["content"]] for c in whole]
+    assert all(abs(a["logprob"] - b["logprob"]) <= TOL for i in range(2)
+               for a, b in zip(content[i], whole[i]["logprobs"]["content"]))
+    assert finish == ["length", "length"] and len(content[0]) == 6
