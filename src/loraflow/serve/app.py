@@ -2,13 +2,13 @@
 
     GET  /v1/models[/NAME]     the served names (each a fusion; see loraflow.serve.registry)
     POST /v1/chat/completions  chat, rendered by the tokenizer's chat template
-    POST /v1/completions       plain prompts
+    POST /v1/completions       prompts (text, token ids, or a batch), with log-probs and echo
     GET  /health               200 while the engine runs, 503 otherwise
     GET  /version              package versions, settings and served names (provenance)
     GET  /metrics              Prometheus text format
 
-Handlers validate, tokenize and queue a request, then relay the engine's updates as one JSON body
-or as server-sent events ending with `data: [DONE]`. Every error is OpenAI's JSON shape.
+Handlers validate, tokenize and queue a request (one engine row per prompt and sample), then relay
+the engine's updates as one JSON body or as server-sent events ending with `data: [DONE]`. Every error is OpenAI's JSON shape.
 """
 
 from __future__ import annotations
