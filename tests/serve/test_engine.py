@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from serve_helpers import fusion_alone, load_model, save_tiny_setup
+from serve_helpers import fusion_alone, llama_byte_fallback_tokenizer, load_model, save_tiny_setup, unigram_cleanup_tokenizer
 
 from loraflow.core.fusion_spec import FusionSpec
 from loraflow.core.generation import generate_texts
@@ -234,3 +234,67 @@ def test_a_stopping_engine_refuses_new_requests_and_ends_queued_ones(model_tok):
     assert queued.out["reason"] == "cancelled"
     with pytest.raises(ShuttingDown):
         engine.submit(_request([7], MIX))
+
+
+def _streamed(request) -> GenerationRequest:
+    """Record every delta a request receives (what a streaming client sees)."""
+    request.deltas = []
+    inner = request.emit
+    request.emit = lambda u: (request.deltas.append(u.text), inner(u))
+    return request
+
+
+HOSTILE = {  # what each breaks: the logits, the sampler, the stop handling
+    "inf-weights": ([40, 41], FusionSpec("static", weights=(1e30, 0.0)), dict(max_tokens=8)),
+    "tiny-temperature": ([42, 43], MIX, dict(max_tokens=8, temperature=1e-40, seed=1)),  # logits / T overflow
+    "bad-stop": ([44], MIX, dict(max_tokens=8, stop=(123,))),
+}
+
+
+@pytest.mark.parametrize("hostile", list(HOSTILE))
+def test_a_hostile_request_fails_alone_and_the_others_decode_as_alone(model_tok, hostile):
+    model, tok = model_tok
+    cases = [  # (step it arrives, prompt, fusion, params): greedy and seeded sampling, one fusion each
+        (0, [5, 6, 7], GATE, dict(max_tokens=14, ignore_eos=True)),
+        (0, [8, 9, 10, 11], ZH, dict(max_tokens=12, ignore_eos=True, temperature=0.8, seed=5)),
+        (1, [12, 13], MIX, dict(max_tokens=12, ignore_eos=True, temperature=1.0, top_p=0.9, seed=6)),
+    ]
+    prompt, fusion, params = HOSTILE[hostile]
+    normal = [_streamed(_request(p, f, **kw)) for _, p, f, kw in cases]
+    bad_in_running_batch = _streamed(_request(prompt, fusion, **params))  # joins rows that are decoding
+    bad_with_newcomer = _streamed(_request(prompt, fusion, **params))  # prefilled together with a normal row
+    schedule = {0: normal[:2], 1: [normal[2], bad_with_newcomer], 3: [bad_in_running_batch]}
+    engine = Engine(model, tok, max_batch_size=8, max_model_len=256)
+    _drive(engine, schedule)
+    for bad in (bad_in_running_batch, bad_with_newcomer):
+        assert bad.out["reason"] == "error" and bad.out["text"] == ""
+    assert len(engine._batch) == 0 and engine.metrics.registry.get_sample_value("loraflow_batch_size") == 0
+    for (_, p, f, kw), batched in zip(cases, normal):
+        alone = _streamed(_request(p, f, **kw))
+        _drive(Engine(model, tok, max_model_len=256), {0: [alone]})
+        assert batched.out == alone.out and batched.deltas == alone.deltas
+        assert batched.out["reason"] == "length"
+
+
+@pytest.mark.parametrize("make_tokenizer", [llama_byte_fallback_tokenizer, unigram_cleanup_tokenizer],
+                         ids=["llama-byte-fallback", "unigram-cleanup"])
+def test_streamed_text_equals_the_decode_of_all_tokens_for_non_prefix_stable_tokenizers(make_tokenizer, tmp_path):
+    """A random model over a SentencePiece-style vocabulary writes byte tokens, cut characters and
+    spaced punctuation; each request's deltas must add up to generate_texts' text (the decode of all
+    its tokens), and a stop string taken from that text must cut it there."""
+    model, tok = load_model(save_tiny_setup(tmp_path, chat_template=False, tokenizer=make_tokenizer()))
+    prompts = ["hello world", "don't stop", "naïve café", "the cat"]
+    with fusion_alone(model, MIX):
+        reference = generate_texts(model, tok, prompts, max_new_tokens=40, batch_size=1)
+    assert any("\ufffd" in g.text or any(ord(c) > 127 for c in g.text) for g in reference)  # bytes were written
+    requests = [_streamed(_request(tok(p)["input_ids"], MIX, max_tokens=40)) for p in prompts]
+    _drive(Engine(model, tok, max_model_len=256), {0: requests})
+    for request, expected in zip(requests, reference):
+        assert request.out["text"] == "".join(request.deltas) == expected.text == tok.decode(
+            expected.token_ids, skip_special_tokens=True).rstrip("\ufffd")
+    long = max(reference, key=lambda g: len(g.text))
+    stop = long.text[len(long.text) // 2:][:2]
+    stopped = _streamed(_request(tok(prompts[reference.index(long)])["input_ids"], MIX, max_tokens=40, stop=(stop,)))
+    _drive(Engine(model, tok, max_model_len=256), {0: [stopped]})
+    assert stopped.out["text"] == "".join(stopped.deltas) == long.text[:long.text.index(stop)]
+    assert stopped.out["reason"] == "stop"

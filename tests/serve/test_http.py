@@ -187,6 +187,44 @@ def test_mixed_fusions_in_one_batch_equal_each_request_alone(server, client):
     assert _metric(server.url, "loraflow_decode_batch_size_sum") > _metric(server.url, "loraflow_decode_batch_size_count")
 
 
+def test_hostile_requests_fail_alone_streaming_and_not(server, client, monkeypatch):
+    """Requests whose logits turn non-finite join a running batch: each ends with its own error, the
+    others' text (whole and streamed) is what they give alone, and the server keeps serving."""
+    import loraflow.serve.registry as registry
+
+    with pytest.raises(openai.BadRequestError, match="finite number in"):  # refused before it reaches the model
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, extra_body={"fusion": "static:1e30,0"})
+    monkeypatch.setattr(registry, "MAX_WEIGHT", 1e31)  # now it does reach the model
+    asks = [dict(model=m, prompt=f"q{i} hello", temperature=0, max_tokens=16, extra_body={"ignore_eos": True})
+            for i, m in enumerate(["zh-math", "zh", "mix", "tiny"])]
+    alone = [client.completions.create(**a).choices[0].text for a in asks]
+    hostile = dict(model="tiny", prompt="boom", max_tokens=8, extra_body={"fusion": "static:1e30,0"})
+
+    def normal(i):
+        if i % 2:
+            return client.completions.create(**asks[i]).choices[0].text
+        return "".join(c.choices[0].text for c in client.completions.create(stream=True, **asks[i]))
+
+    def bad(stream: bool) -> str:
+        try:
+            if stream:
+                list(client.completions.create(stream=True, **hostile))
+            else:
+                client.completions.create(**hostile)
+        except openai.APIError as e:
+            return str(e)
+        return "no error"
+
+    with client.completions.create(model="math", prompt="x", stream=True, **LONG) as blocker:
+        next(iter(blocker))
+        with ThreadPoolExecutor(8) as pool:
+            errors = [pool.submit(bad, s) for s in (False, True, False, True)]
+            together = list(pool.map(normal, range(len(asks))))
+    assert together == alone
+    assert all("not finite" in e.result() for e in errors), [e.result() for e in errors]
+    assert client.completions.create(**asks[0]).choices[0].text == alone[0]
+
+
 def test_health_and_metrics(server, client):
     with urllib.request.urlopen(f"{server.url}/health", timeout=10) as r:
         assert json.loads(r.read()) == {"status": "ok"}
@@ -207,12 +245,16 @@ def test_health_and_metrics(server, client):
     (dict(temperature=3), "temperature"),
     (dict(top_p=0), "top_p"),
     (dict(max_tokens=0), "max_tokens"),
-    (dict(n=2), "n: only n=1"),
-    (dict(stop=["a", "b", "c", "d", "e"]), "at most 4"),
+    (dict(n=0), "n"),
+    (dict(n=129), "n"),
+    (dict(stop=list("abcdefghijklmnopq")), "at most 16"),
     (dict(stop=[""]), "non-empty"),
     (dict(seed=2**70), "seed"),
-    (dict(presence_penalty=1.0), "presence_penalty"),
-    (dict(logprobs=True), "logprobs"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(top_logprobs=2), "top_logprobs: needs logprobs: true"),
+    (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (dict(logit_bias={"5": 1}), "logit_bias"),
     (dict(messages=[]), "messages"),
     (dict(messages=[{"role": "robot", "content": "x"}]), "role"),
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), "content"),

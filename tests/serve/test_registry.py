@@ -36,6 +36,7 @@ def test_request_fusion_forms(served):
     assert served.resolve("zh", {"adapter": "math"}) == FusionSpec("single", adapter="math")
     assert served.resolve("zh", "off") == FusionSpec("off")
     assert served.resolve("zh", "static:1,2") == FusionSpec("static", weights=(1.0, 2.0))
+    assert served.resolve("zh", "static:10,-10") == FusionSpec("static", weights=(10.0, -10.0))  # the bound itself
     assert served.resolve("zh", "gate:zh-math") == FusionSpec("gate", gate="zh-math")
 
 
@@ -53,6 +54,8 @@ def test_request_fusion_forms(served):
     ({"colour": "red"}, "unknown key"),
     ("gate", "name the gate"),
     ("static:1,nan", "finite"),
+    ("static:1e30,0", r"finite number in \[-10, 10\], got 1e\+30"),  # the string form is bounded like "weights"
+    ("static:0,-10.5", "finite number in"),
     ("lorahub", "search"),
     (7, "expected a fusion string"),
 ])
@@ -77,6 +80,7 @@ def test_one_gate_may_be_left_implicit():
     (dict(base_name="b", gate_names=["zh"]), "zh is used more than once"),
     (dict(base_name="b", presets={"p": "static:1"}), "1 weights for 2 adapters"),
     (dict(base_name="b", presets={"p": "gate:missing"}), "no gate named 'missing'"),
+    (dict(base_name="b", presets={"p": "static:11,0"}), "--fusion p=static:11,0: each weight must be a finite number"),
     (dict(base_name="my model"), "without spaces"),
 ])
 def test_bad_served_names_and_presets_fail_at_startup(kwargs, words):

@@ -71,11 +71,13 @@ class DecodeBatch:
 
     # ----------------------------------------------------------------- forwards
     @torch.no_grad()
-    def prefill(self, prompts: Sequence[Sequence[int]], fusions: Sequence[FusionSpec]) -> torch.Tensor:
+    def prefill(self, prompts: Sequence[Sequence[int]], fusions: Sequence[FusionSpec], *,
+                every_position: bool = False):
         """Run the prompts as one left-padded batch, add them as new rows at the end.
 
         Returns:
-            (n, vocab) float32 logits of each prompt's last position.
+            (n, vocab) float32 logits of each prompt's last position; with `every_position`, the pair
+            (last, (n, W, vocab) logits of every position), prompts right-aligned in the W columns.
         """
         from transformers import DynamicCache
 
@@ -92,9 +94,9 @@ class DecodeBatch:
             mask[i, width - len(p):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache, list(fusions))
+        every = self._forward(ids, mask, positions, cache, list(fusions), every_position=every_position)
         self._append(cache, lengths, list(fusions))
-        return logits
+        return (every[:, -1, :], every) if every_position else every
 
     @torch.no_grad()
     def decode(self, tokens: Sequence[int]) -> torch.Tensor:
@@ -110,13 +112,14 @@ class DecodeBatch:
         self.lengths = [n + 1 for n in self.lengths]
         return logits
 
-    def _forward(self, ids, mask, positions, cache, fusions) -> torch.Tensor:
+    def _forward(self, ids, mask, positions, cache, fusions, every_position: bool = False) -> torch.Tensor:
+        extra = {**self._extra, "logits_to_keep": 0} if every_position and self._extra else self._extra
         with self.model.fusion_rows(fusions):
             out = self.model(
                 input_ids=ids.to(self._device), attention_mask=mask.to(self._device),
-                position_ids=positions.to(self._device), use_cache=True, **{self._cache_kw: cache}, **self._extra,
+                position_ids=positions.to(self._device), use_cache=True, **{self._cache_kw: cache}, **extra,
             )
-        return out.logits[:, -1, :].float()
+        return out.logits.float() if every_position else out.logits[:, -1, :].float()
 
     # ----------------------------------------------------------------- rows
     def _append(self, cache, lengths: list[int], fusions: list[FusionSpec]) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from loraflow.core.fusion_spec import FusionSpec
 from loraflow.serve.batching import DecodeBatch
+from loraflow.serve.detokenize import IncrementalDetokenizer
 from loraflow.serve.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,12 @@ class ShuttingDown(Overloaded):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request decodes. temperature 0 is greedy; `seed` makes sampling reproducible."""
+    """How one request decodes. temperature 0 is greedy; `seed` makes sampling reproducible.
+
+    max_tokens 0 only scores the prompt (with `GenerationRequest.prompt_logprobs`). The penalties are
+    OpenAI's: logit -= frequency_penalty * count + presence_penalty * (count > 0), counting the tokens
+    this request generated so far; they change which token is chosen, never the reported log-probs.
+    """
 
     max_tokens: int
     temperature: float = 1.0
@@ -46,6 +52,18 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the request's fusion (log-softmax of the raw logits, fp32),
+    with the `top` most likely tokens at that position as (token, log-probability), best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -60,6 +78,8 @@ class Update:
     completion_tokens: int
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # the tokens generated since the last update (when asked)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first update only; the first token has none
 
 
 @dataclass
@@ -71,6 +91,8 @@ class GenerationRequest:
     params: SamplingParams
     emit: Callable[[Update], None]
     id: str = ""
+    logprobs: int | None = None  # report each generated token's log-prob with this many top alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
 
@@ -80,13 +102,16 @@ class GenerationRequest:
 
 
 class _Row:
-    """A request in the running batch: its generated tokens, what text was already sent, its sampler."""
+    """A request in the running batch: its generated tokens and text, what was already sent, its sampler."""
 
-    def __init__(self, request: GenerationRequest, seed: int, device: torch.device) -> None:
+    def __init__(self, request: GenerationRequest, seed: int, device: torch.device, detokenizer) -> None:
         self.request = request
         self.tokens: list[int] = []
+        self.detok = detokenizer
         self.sent = 0  # characters of the decoded text already emitted
         self.next_token: int | None = None
+        self.logprobs: list[TokenLogprob] = []  # not yet emitted
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # until the first emit
         self.generator = None
         if request.params.temperature > 0:
             self.generator = torch.Generator(device=device)
@@ -121,6 +146,8 @@ class Engine:
         self._batch = DecodeBatch(model)
         self._rows: list[_Row] = []
         self._eos = _eos_ids(model, tokenizer)
+        probe = IncrementalDetokenizer(self.tokenizer)  # what the tokenizer needs, found once, not per request
+        self._detok = {"cleanup": probe.cleanup, "byte_ids": probe.byte_ids}
         self._device = next(model.parameters()).device
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -138,6 +165,11 @@ class Engine:
             self._queue.put_nowait(request)
         except queue.Full:
             raise Overloaded(f"the server is busy: {self._queue.maxsize} requests are already waiting") from None
+
+    @property
+    def max_queue(self) -> int:
+        """Requests that may wait for a row."""
+        return self._queue.maxsize
 
     def queue_length(self) -> int:
         return self._queue.qsize()
@@ -207,12 +239,20 @@ class Engine:
             if request.cancelled.is_set():
                 self._emit(request, Update("", 0, "cancelled"))
                 continue
-            rows.append(_Row(request, request.params.seed or 0, self._device))
+            detokenizer = IncrementalDetokenizer(self.tokenizer, **self._detok)
+            rows.append(_Row(request, request.params.seed or 0, self._device, detokenizer))
         return rows
 
     def _prefill(self, rows: list[_Row]) -> None:
+        scored = [r.request.prompt_logprobs is not None for r in rows]
         try:
-            logits = self._batch.prefill([r.request.prompt_ids for r in rows], [r.request.fusion for r in rows])
+            prompts = [r.request.prompt_ids for r in rows]
+            out = self._batch.prefill(prompts, [r.request.fusion for r in rows], every_position=any(scored))
+            logits, every = out if any(scored) else (out, None)
+            for i, row in enumerate(rows):
+                if scored[i]:
+                    row.prompt_logprobs = _prompt_logprobs(every[i], prompts[i], row.request.prompt_logprobs)
+            del every
         except Exception as e:  # the running batch is untouched: only the newcomers fail
             logger.exception("prefill failed")
             for row in rows:
@@ -223,14 +263,33 @@ class Engine:
         self._consume(logits, rows, offset=len(self._rows) - len(rows))
 
     def _consume(self, logits: torch.Tensor, rows: Sequence[_Row], offset: int = 0) -> None:
-        """Sample one token per row, emit text, drop the rows that finished."""
-        tokens = sample(logits, [r.request.params for r in rows], [r.generator for r in rows])
+        """Sample one token per row, emit text, drop the rows that finished.
+
+        Each row is handled alone: a row whose logits are not finite, or whose sampling or stop
+        handling raises, ends with an error while the others go on exactly as they would without it.
+        """
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         # counted before any row's text is emitted: a client that reads /metrics after its response must
         # find its tokens there
-        self.metrics.generation_tokens.inc(len(rows))
+        self.metrics.generation_tokens.inc(sum(r.request.params.max_tokens > 0 for r in rows))
         finished = set()
-        for i, (row, token) in enumerate(zip(rows, tokens)):
-            if self._advance(row, token):
+        for i, row in enumerate(rows):
+            try:
+                if not finite[i]:
+                    raise FloatingPointError("the model's logits for this request are not finite (inf or nan)")
+                if row.request.params.max_tokens == 0:  # the prompt alone was asked for
+                    self._send(row, Update("", 0, "length"))
+                    done = True
+                else:
+                    token = sample_row(logits[i], row.request.params, row.generator, row.tokens)
+                    if row.request.logprobs is not None:
+                        row.logprobs.append(_logprob(logits[i], token, row.request.logprobs))
+                    done = self._advance(row, token)
+            except Exception as e:
+                logger.warning("request %s failed: %s: %s", row.request.id, type(e).__name__, e)
+                self._emit(row.request, Update("", len(row.tokens), "error", f"{type(e).__name__}: {e}"))
+                done = True
+            if done:
                 finished.add(offset + i)
         if finished:
             self._batch.keep([i for i in range(len(self._rows)) if i not in finished])
@@ -243,27 +302,32 @@ class Engine:
         row.tokens.append(token)
         reason = None
         if token in self._eos and not params.ignore_eos:
-            reason = "stop"
-            text = self._text(row.tokens[:-1])
+            reason = "stop"  # the end-of-sequence token is no text
         else:
-            text = self._text(row.tokens)
-            cut = _find_stop(text, params.stop, row.sent)
-            if cut is not None:
-                text, reason = text[:cut], "stop"
-            elif len(row.tokens) >= params.max_tokens or len(row.request.prompt_ids) + len(row.tokens) >= self.max_model_len:
+            row.detok.add(token)
+            if len(row.tokens) >= params.max_tokens or len(row.request.prompt_ids) + len(row.tokens) >= self.max_model_len:
                 reason = "length"
-        if reason:  # a character cut by the end of generation decodes as U+FFFD: no text (as generate_texts)
-            text = text.rstrip("\ufffd")
-        safe = len(text) if reason else _safe_length(text, params.stop)
+        if reason:  # a character cut by the end of generation is no text (as generate_texts)
+            row.detok.finish()
+        text = row.detok.text
+        cut = _find_stop(text, params.stop, row.sent)
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+        safe = len(text) if reason else min(_safe_length(text, params.stop), row.detok.stable)
         delta = text[row.sent:safe] if safe > row.sent else ""
         row.sent = max(row.sent, safe)
         row.next_token = token
         if delta or reason:
-            self._emit(row.request, Update(delta, len(row.tokens), reason))
+            self._send(row, Update(delta, len(row.tokens), reason))
         return reason is not None
 
-    def _text(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+    def _send(self, row: _Row, update: Update) -> None:
+        """Emit `update` with the log-probs the row gathered since its last one."""
+        if row.request.logprobs is not None:
+            update.logprobs, row.logprobs = row.logprobs, []
+        if row.prompt_logprobs is not None:
+            update.prompt_logprobs, row.prompt_logprobs = row.prompt_logprobs, None
+        self._emit(row.request, update)
 
     def _drop_cancelled(self) -> None:
         gone = [i for i, r in enumerate(self._rows) if r.request.cancelled.is_set()]
@@ -306,24 +370,53 @@ class Engine:
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence) -> list[int]:
-    """One token per row: argmax where temperature is 0, else top-p sampling with the row's generator.
+    """One token per row of (B, vocab) logits, each row sampled alone (see `sample_row`)."""
+    return [sample_row(logits[i], p, g) for i, (p, g) in enumerate(zip(params, generators))]
 
-    Each row is sampled from its own logits with its own generator, so a row's token never depends
-    on the other rows of the batch.
-    """
-    greedy = logits.argmax(dim=-1).tolist()
-    out = []
-    for i, (p, g) in enumerate(zip(params, generators)):
-        if p.temperature == 0 or g is None:
-            out.append(greedy[i])
-            continue
-        probs = torch.softmax(logits[i] / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            outside = sorted_p.cumsum(0) - sorted_p > p.top_p  # keep the smallest prefix reaching top_p
-            sorted_p[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        out.append(int(torch.multinomial(probs, 1, generator=g).item()))
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, generator, generated: Sequence[int] = ()) -> int:
+    """One token from one row's (vocab,) logits: argmax where temperature is 0, else top-p sampling
+    with the row's own generator, so a row's token never depends on the other rows of the batch.
+    The penalties count `generated`, the tokens the row produced so far."""
+    if generated and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.as_tensor(list(generated), device=logits.device), minlength=logits.shape[-1])
+        counts = counts[: logits.shape[-1]].to(logits.dtype)
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
+    if params.temperature == 0 or generator is None:
+        return int(logits.argmax().item())
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # torch.multinomial does not always refuse them
+        raise FloatingPointError("the sampling probabilities are not finite (inf or nan)")
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        outside = sorted_p.cumsum(0) - sorted_p > params.top_p  # keep the smallest prefix reaching top_p
+        sorted_p[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-probability under (vocab,) logits, with the `top` best alternatives."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return TokenLogprob(token, float(logprobs[token]), _top(logprobs, top))
+
+
+def _top(logprobs: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
+    if k <= 0:
+        return ()
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]))
+    return tuple(zip(ids.tolist(), values.tolist()))
+
+
+def _prompt_logprobs(logits: torch.Tensor, prompt: Sequence[int], top: int) -> list[TokenLogprob | None]:
+    """Each prompt token's log-probability given the tokens before it; (T, vocab) logits are the
+    prompt's positions (right-aligned: the last len(prompt) rows); the first token has none."""
+    logprobs = torch.log_softmax(logits[logits.shape[0] - len(prompt):-1].float(), dim=-1)  # (L-1, vocab)
+    targets = torch.as_tensor(list(prompt[1:]), dtype=torch.long, device=logprobs.device)
+    chosen = logprobs.gather(1, targets.view(-1, 1)).view(-1).tolist()
+    out: list[TokenLogprob | None] = [None]
+    for t, (token, lp) in enumerate(zip(prompt[1:], chosen)):
+        out.append(TokenLogprob(int(token), lp, _top(logprobs[t], top)))
     return out
 
 

@@ -67,7 +67,7 @@ class ServedModels:
         models += [ServedModel(a, FusionSpec("single", adapter=a), "adapter") for a in adapter_names]
         models.append(ServedModel(base_name, FusionSpec("off"), "base"))
         for name, text in (presets or {}).items():
-            spec = parse_fusion(text, adapter_names, option=f"--fusion {name}")
+            spec = _bounded(parse_fusion(text, adapter_names, option=f"--fusion {name}"), f"--fusion {name}={text}")
             models.append(ServedModel(name, _check_gate(spec, gate_names, f"--fusion {name}={text}"), "preset"))
         return cls(models, adapter_names, gate_names)
 
@@ -91,7 +91,8 @@ class ServedModels:
     def parse_request_fusion(self, value: object) -> FusionSpec:
         """Validate a request's `fusion` field (see the module docstring for the forms)."""
         if isinstance(value, str):
-            return _check_gate(parse_fusion(value, self.adapter_names, option="fusion"), self.gate_names, "fusion")
+            spec = _bounded(parse_fusion(value, self.adapter_names, option="fusion"), f"fusion {value}")
+            return _check_gate(spec, self.gate_names, "fusion")
         if not isinstance(value, Mapping) or len(value) != 1:
             raise LoraFlowError('fusion: expected a fusion string or an object with exactly one of "weights", '
                                 '"gate", "adapter"')
@@ -120,13 +121,20 @@ class ServedModels:
             values = list(arg)
         else:
             raise LoraFlowError("fusion.weights: expected an object {adapter: weight} or a list, one weight per adapter")
-        out = []
         for v in values:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > MAX_WEIGHT:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise LoraFlowError(f"fusion.weights: each weight must be a finite number in [-{MAX_WEIGHT:g}, "
                                     f"{MAX_WEIGHT:g}], got {v!r}")
-            out.append(float(v))
-        return tuple(out)
+        return _bounded(FusionSpec("static", weights=tuple(float(v) for v in values)), "fusion.weights").weights
+
+
+def _bounded(spec: FusionSpec, where: str) -> FusionSpec:
+    """Every static fusion, in whatever form it came, has finite weights with |w| <= MAX_WEIGHT."""
+    for w in spec.weights or ():
+        if not math.isfinite(w) or abs(w) > MAX_WEIGHT:
+            raise LoraFlowError(f"{where}: each weight must be a finite number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], "
+                                f"got {w!r}")
+    return spec
 
 
 def _name(arg: object, where: str) -> str:

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible endpoints, validated by pydantic, and the error shape.
 
-Fields OpenAI defines that this server cannot honour (n > 1, logprobs, penalties, tools, ...) are
-refused with a 400 rather than silently ignored; fields no OpenAI endpoint defines are ignored, as
+Fields OpenAI defines that this server cannot honour (logit_bias, tools, suffix, ...) are refused
+with a 400 rather than silently ignored; fields no OpenAI endpoint defines are ignored, as
 other OpenAI-compatible servers do. Extensions: `fusion` (see loraflow.serve.registry) and
 `ignore_eos` (vLLM's: keep decoding past the end-of-sequence token).
 """
@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
-MAX_STOPS = 4  # as OpenAI
+MAX_STOPS = 16  # OpenAI allows 4, vLLM any number; lm-evaluation-harness sends a task's `until` plus the EOS text
+MAX_LOGPROBS = 20  # top alternatives per token: OpenAI's chat limit (its legacy completions allow 5), vLLM's default
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -46,10 +47,10 @@ class _GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    n: int = Field(1, ge=1, le=128)
+    presence_penalty: Finite = Field(0.0, ge=-2, le=2)
+    frequency_penalty: Finite = Field(0.0, ge=-2, le=2)
     # OpenAI fields with only the default supported
-    n: int | None = 1
-    presence_penalty: Finite | None = None
-    frequency_penalty: Finite | None = None
     logit_bias: dict[str, Any] | None = None
     # extensions
     fusion: str | dict[str, Any] | None = None
@@ -57,11 +58,6 @@ class _GenerationRequest(BaseModel):
 
     @model_validator(mode="after")
     def _supported(self):
-        if self.n not in (None, 1):
-            raise ValueError("n: only n=1 is supported")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise ValueError(f"{name}: not supported (use 0)")
         if self.logit_bias:
             raise ValueError("logit_bias: not supported")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -104,15 +100,15 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _chat_supported(self):
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs: not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
         if self.tools or self.tool_choice not in (None, "none"):
             raise ValueError("tools: tool calls are not supported")
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -124,28 +120,42 @@ class ChatCompletionRequest(_GenerationRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+    @property
+    def top_logprobs_count(self) -> int | None:
+        """Alternatives per generated token, or None when no log-probs were asked for."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str] | list[int]
+    """A legacy completion; `prompt` is a string, token ids, or a batch of either (one choice each)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 (with echo): score the prompt only
     echo: bool = False
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
 
     @model_validator(mode="after")
     def _completion_supported(self):
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) != 1:
-            raise ValueError("prompt: one prompt per request")
-        if isinstance(self.prompt, list) and not self.prompt:
+        if isinstance(self.prompt, list) and (not self.prompt or any(p == [] or p == "" for p in self.prompt)):
             raise ValueError("prompt: empty")
-        if self.echo:
-            raise ValueError("echo: not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 only with echo (the prompt's log-probabilities)")
         if self.suffix:
             raise ValueError("suffix: not supported")
-        if self.logprobs:
-            raise ValueError("logprobs: not supported")
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of: only 1 is supported")
+        if self.best_of not in (None, 1, self.n):
+            raise ValueError("best_of: only equal to n is supported")
         return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The batch of prompts, each a string or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [list(self.prompt)]
+        return list(self.prompt)
 
     @property
     def token_limit(self) -> int | None:

@@ -52,6 +52,7 @@ class Server:
                              max_queue=self.config.max_queue, max_model_len=self.max_model_len,
                              seed=self.config.seed, metrics=self.metrics)
         self._tokenizer_lock = threading.Lock()
+        self._token_texts: dict[int, str] = {}
         self.app = create_app(self)
 
     @classmethod
@@ -124,6 +125,18 @@ class Server:
         if bad:
             raise APIError(400, f"prompt: token ids must be in [0, {vocab}), got {bad[:5]}", param="prompt")
         return list(prompt)
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids (special tokens kept), as an echoed token-id prompt reads."""
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids)
+
+    def token_text(self, token: int) -> str:
+        """One token's own text, as log-probs name it (cached: top-N lists repeat tokens)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.decode([token])
+        return text
 
     def token_budget(self, prompt_len: int, requested: int | None, default: int | None) -> int:
         """max_tokens for a request, or a 400 when the prompt (plus what was asked) does not fit."""
