@@ -14,8 +14,7 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
-
-from vllm_support import build_vllm_sized_llama, root_helpers, save_official_gate
+from vllm_support import NEW_TOKENS, build_vllm_sized_llama, root_helpers, save_official_gate
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +41,48 @@ def tiny_fusion(tmp_path_factory):
         gates[name] = lf.save_gate(root / f"gate-{name}")
     gates["official"] = save_official_gate(root / "official.pt", 2, 2, 256, seed=5)
     return {"root": root, "base": root / "base", "adapters": adapters, "gates": gates}
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_fusion):
+    """greedy(prompt_ids, fusion) -> (token ids, their log-probs) from the transformers engine."""
+    import torch
+
+    from loraflow.core.model import LoraFlowModel
+
+    gates = tiny_fusion["gates"]
+    model = LoraFlowModel.from_pretrained(tiny_fusion["base"], tiny_fusion["adapters"], gate=gates["zh-math"],
+                                          gate_name="zh-math", torch_dtype=torch.float32)
+    model.add_gate("other", gates["other"])
+    model.add_gate("official", gates["official"])
+    model.eval()
+
+    @torch.no_grad()
+    def greedy(prompt: list[int], fusion: str, steps: int = NEW_TOKENS) -> tuple[list[int], list[float]]:
+        ids = torch.tensor([prompt])
+        tokens, logprobs = [], []
+        with model.fusion(fusion):
+            for _ in range(steps):
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), dim=-1)
+                nxt = int(logp.argmax())
+                tokens.append(nxt)
+                logprobs.append(float(logp[nxt]))
+                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        return tokens, logprobs
+
+    return greedy
+
+
+@pytest.fixture(scope="session")
+def prepared(tiny_fusion):
+    from loraflow.vllm.prepare import prepare_model_dir
+
+    return prepare_model_dir(tiny_fusion["root"] / "prepared", tiny_fusion["base"], tiny_fusion["adapters"],
+                             tiny_fusion["gates"])
+
+
+@pytest.fixture(scope="session")
+def helper(prepared):
+    from loraflow.vllm.requests import VllmFusions
+
+    return VllmFusions.from_model_dir(prepared)

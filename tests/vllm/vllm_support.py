@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+NEW_TOKENS = 6  # greedy tokens compared per request
+
 
 def root_helpers():
     """The suite's root conftest (build_tokenizer, make_peft_adapter), loaded by path."""
