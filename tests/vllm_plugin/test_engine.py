@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_support import require_vllm
+from vllm_support import helper, prepared, reference, require_vllm, tiny_fusion  # noqa: F401 (fixtures)
+
+require_vllm()  # skip (or fail under LORAFLOW_REQUIRE_VLLM=1) before building any fixture
 
 FUSIONS = ["gate:zh-math", "gate:other", "gate:official", "static:0.7,-0.3", "avg", "single:math", "single:zh",
            "off"]
@@ -99,3 +101,23 @@ def test_without_the_salt_the_prefix_cache_would_be_wrong(eager_llm, helper, ref
     run(eager_llm, helper, [prompt], ["off"], salt=False)
     tokens, logprobs = run(eager_llm, helper, [prompt], ["gate:zh-math"], salt=False)[0]
     assert max(abs(a - b) for a, b in zip(logprobs, want[1])) > 100 * TOL or tokens != want[0]
+
+
+# ----------------------------------------------------------------------------- compiled (torch.compile)
+@pytest.fixture(scope="module")
+def compiled_llm(prepared):
+    llm = make_llm(prepared, enforce_eager=False, enable_prefix_caching=False)
+    yield llm
+    del llm
+
+
+@pytest.mark.slow
+def test_compiled_mixed_batch_equals_the_transformers_engine(compiled_llm, helper, reference):
+    prompts = _prompts(len(FUSIONS), 9, seed=3, vocab=300)
+    got = run(compiled_llm, helper, prompts, FUSIONS)
+    for out, prompt, fusion in zip(got, prompts, FUSIONS):
+        assert_matches(out, reference(prompt, fusion), f"{fusion}, compiled, mixed batch")
+    # a second step mix in another order reuses the same graph and still routes per request
+    got = run(compiled_llm, helper, prompts[::-1], FUSIONS[::-1])
+    for out, prompt, fusion in zip(got, prompts[::-1], FUSIONS[::-1]):
+        assert_matches(out, reference(prompt, fusion), f"{fusion}, compiled, reordered batch")

@@ -1,0 +1,143 @@
+"""The parts of the vLLM plugin that need no vLLM: version refusal, fusion routing rows and salts, the
+prepared model directory, and that importing loraflow (or its CLI) never imports vLLM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loraflow.common.errors import LoraFlowError
+from loraflow.vllm.routing import FusionTable, RoutingBuffers
+from loraflow.vllm.versions import check_vllm_version
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.0+cpu", "0.32.4", "0.32.1.dev5"])
+def test_tested_versions_are_accepted(version):
+    check_vllm_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.31.0", "0.33.0", "1.0.0", "0.10.1.1", "garbage"])
+def test_other_versions_are_refused_in_one_line(version):
+    with pytest.raises(LoraFlowError) as e:
+        check_vllm_version(version)
+    msg = str(e.value)
+    assert "\n" not in msg and version in msg and ">=0.32.0,<0.33" in msg and "pip install" in msg
+
+
+def test_plugin_load_refuses_an_unsupported_vllm(monkeypatch):
+    from vllm_support import require_vllm
+
+    vllm = require_vllm()
+    from loraflow.vllm.plugin import register
+
+    monkeypatch.setattr(vllm, "__version__", "0.99.0")
+    with pytest.raises(LoraFlowError, match="vLLM 0.99.0 is not supported"):
+        register()
+
+
+def test_fusion_rows_and_salts():
+    table = FusionTable(["zh", "math"], ["zh-math", "other"], "gate")
+    assert table.rows("gate") == ((0.0, 0.0), (1.0, 0.0))  # bare gate: the first gate
+    assert table.rows("gate:other") == ((0.0, 0.0), (0.0, 1.0))
+    assert table.rows("single:math") == ((0.0, 1.0), (0.0, 0.0))
+    assert table.rows("static:0.25,-1") == ((0.25, -1.0), (0.0, 0.0))
+    assert table.rows("avg") == ((0.5, 0.5), (0.0, 0.0))
+    assert table.rows("off") == table.rows("base") == ((0.0, 0.0), (0.0, 0.0))
+    assert table.rows(None) == table.rows("gate:zh-math")
+    # one salt per fusion, whatever its spelling; different fusions never share one
+    assert table.cache_salt("gate") == table.cache_salt("gate:zh-math") == table.cache_salt(None)
+    assert table.cache_salt("avg") == table.cache_salt("static:0.5,0.5")
+    salts = {table.cache_salt(f) for f in ("gate", "gate:other", "single:zh", "single:math", "avg", "off")}
+    assert len(salts) == 6
+    for bad, match in (("gate:nope", "no gate named 'nope'"), ("single:x", "no adapter named"),
+                       ("static:1", "1 weights for 2 adapters"), ("lorahub", "lorahub")):
+        with pytest.raises(LoraFlowError, match=match):
+            table.rows(bad)
+    with pytest.raises(LoraFlowError, match="no gates"):
+        FusionTable(["zh"], [], "off").rows("gate")
+
+
+def test_routing_buffers_repeat_each_request_over_its_tokens_and_clear_the_rest():
+    table = FusionTable(["a", "b"], ["g"], "off")
+    buf = RoutingBuffers(8, 2, 1)
+    buf.fill(table, ["static:1,2", None, "gate"], [2, 1, 3])
+    assert buf.static.tolist()[:6] == [[1, 2], [1, 2], [0, 0], [0, 0], [0, 0], [0, 0]]
+    assert buf.select[:, 0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
+    buf.fill(table, ["single:b"], [1])
+    assert buf.static.tolist() == [[0, 1]] + [[0, 0]] * 7 and not buf.select.any()
+    with pytest.raises(RuntimeError, match="routing buffers hold 8"):
+        buf.fill(table, ["off"], [9])
+
+
+def test_importing_loraflow_and_its_cli_never_imports_vllm():
+    code = ("import sys, loraflow, loraflow.vllm, loraflow.vllm.plugin, loraflow.vllm.versions, loraflow.cli.main; "
+            "assert 'vllm' not in sys.modules, 'vllm imported'; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture
+def fusion_files(tmp_path):
+    """A tiny saved Llama (with a GGUF-style quantization_config), two adapters and a gate."""
+    from conftest import make_peft_adapter
+    from vllm_support import build_vllm_sized_llama
+
+    from loraflow.core.model import LoraFlowModel
+
+    model = build_vllm_sized_llama(64)
+    model.save_pretrained(tmp_path / "base")
+    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gguf"}
+    (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
+    adapters = {"zh": make_peft_adapter(model, tmp_path / "zh", seed=1),
+                "math": make_peft_adapter(model, tmp_path / "math", seed=2, r=8)}
+    gate = LoraFlowModel.from_pretrained(model, adapters).save_gate(tmp_path / "gate")
+    return tmp_path, adapters, gate
+
+
+def test_prepared_dir_links_the_base_and_names_adapters_and_gates(fusion_files):
+    from loraflow.vllm.prepare import prepare_model_dir
+    from loraflow.vllm.requests import VllmFusions
+
+    root, adapters, gate = fusion_files
+    out = prepare_model_dir(root / "prepared", root / "base", adapters, {"g": gate}, temperatures={"g": 1.1})
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LoraFlowLlamaForCausalLM"] and "quantization_config" not in cfg
+    block = cfg["loraflow"]
+    assert [a["name"] for a in block["adapters"]] == ["zh", "math"] and block["default_fusion"] == "gate:g"
+    assert block["gates"] == [{"name": "g", "path": str(gate.resolve()), "temperature": 1.1}]
+    weights = out / "model.safetensors"
+    assert weights.is_symlink() and weights.resolve() == (root / "base" / "model.safetensors").resolve()
+    fusions = VllmFusions.from_model_dir(out)
+    assert fusions.prompt("hi", "avg") == {"prompt": "hi", "cache_salt": "loraflow-fusion:static:0.5,0.5"}
+    assert fusions.prompt([5, 6], None)["cache_salt"] == "loraflow-fusion:gate:g"
+    # ours: prepared again in place; not ours: refused; the base directory itself: refused
+    prepare_model_dir(out, root / "base", adapters, {"g": gate})
+    (root / "theirs").mkdir()
+    (root / "theirs" / "notes.txt").write_text("keep me")
+    with pytest.raises(LoraFlowError, match="not written by loraflow"):
+        prepare_model_dir(root / "theirs", root / "base", adapters)
+    assert (root / "theirs" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(LoraFlowError, match="holds an input"):
+        prepare_model_dir(root / "base", root / "base", adapters)
+
+
+def test_prepare_refuses_what_the_vllm_model_cannot_run(fusion_files, tmp_path):
+    from loraflow.vllm.prepare import prepare_model_dir
+
+    root, adapters, gate = fusion_files
+    with pytest.raises(LoraFlowError, match="does not match: it was trained for adapters zh,math, not math,zh"):
+        prepare_model_dir(tmp_path / "p1", root / "base", dict(reversed(list(adapters.items()))), {"g": gate})
+    with pytest.raises(LoraFlowError, match="temperature given for unknown gates: h"):
+        prepare_model_dir(tmp_path / "p2", root / "base", adapters, {"g": gate}, temperatures={"h": 1.0})
+    with pytest.raises(LoraFlowError, match="no config.json"):
+        prepare_model_dir(tmp_path / "p3", root / "zh", adapters)
+    cfg = json.loads((root / "base" / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (root / "base" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoraFlowError, match="GPT2LMHeadModel is not supported by the vLLM engine"):
+        prepare_model_dir(tmp_path / "p4", root / "base", adapters)
+    assert not any(tmp_path.glob("p*"))
