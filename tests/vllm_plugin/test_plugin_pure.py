@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from loraflow.common.errors import LoraFlowError
-from loraflow.vllm.routing import FusionTable, RoutingBuffers
+from loraflow.vllm.routing import FusionTable, RoutingBuffers, fusion_salt
 from loraflow.vllm.versions import check_vllm_version
 
 
@@ -53,6 +53,8 @@ def test_fusion_rows_and_salts():
     assert table.cache_salt("avg") == table.cache_salt("static:0.5,0.5")
     salts = {table.cache_salt(f) for f in ("gate", "gate:other", "single:zh", "single:math", "avg", "off")}
     assert len(salts) == 6
+    long = FusionTable([f"a{i}" for i in range(8)], [], "off").cache_salt("static:" + ",".join(["-0.123456789"] * 8))
+    assert len(long) <= 128 and not set(long) & set("@/\\")  # what vLLM accepts as a salt
     for bad, match in (("gate:nope", "no gate named 'nope'"), ("single:x", "no adapter named"),
                        ("static:1", "1 weights for 2 adapters"), ("lorahub", "lorahub")):
         with pytest.raises(LoraFlowError, match=match):
@@ -112,8 +114,8 @@ def test_prepared_dir_links_the_base_and_names_adapters_and_gates(fusion_files):
     weights = out / "model.safetensors"
     assert weights.is_symlink() and weights.resolve() == (root / "base" / "model.safetensors").resolve()
     fusions = VllmFusions.from_model_dir(out)
-    assert fusions.prompt("hi", "avg") == {"prompt": "hi", "cache_salt": "loraflow-fusion:static:0.5,0.5"}
-    assert fusions.prompt([5, 6], None)["cache_salt"] == "loraflow-fusion:gate:g"
+    assert fusions.prompt("hi", "avg") == {"prompt": "hi", "cache_salt": fusion_salt("static:0.5,0.5")}
+    assert fusions.prompt([5, 6], None) == {"prompt_token_ids": [5, 6], "cache_salt": fusion_salt("gate:g")}
     # ours: prepared again in place; not ours: refused; the base directory itself: refused
     prepare_model_dir(out, root / "base", adapters, {"g": gate})
     (root / "theirs").mkdir()

@@ -16,7 +16,7 @@ from loraflow.common.errors import LoraFlowError
 from loraflow.core.fusion_spec import FusionSpec, parse_fusion
 
 FUSION_KEY = "fusion"  # SamplingParams.extra_args / vllm_xargs field
-SALT_PREFIX = "loraflow-fusion:"
+SALT_PREFIX = "loraflow-fusion-"  # + a hash of the canonical spec (vLLM: <= 128 chars, no "/", "@", "\\")
 
 
 class FusionTable:
@@ -59,7 +59,7 @@ class FusionTable:
 
     def cache_salt(self, spec: str | None) -> str:
         """The prefix-cache salt of a fusion: requests share cached KV blocks only with the same fusion."""
-        return SALT_PREFIX + self.canonical(spec)
+        return fusion_salt(self.canonical(spec))
 
     def rows(self, spec: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(static (k,), select (G,)) for a fusion spec (None: the default fusion)."""
@@ -77,6 +77,13 @@ class FusionTable:
                 static = list(parsed.weights)
             found = self._rows[key] = (tuple(static), tuple(select))
         return found
+
+
+def fusion_salt(canonical_spec: str) -> str:
+    """The cache salt of a canonical fusion spec (see `FusionTable.canonical`)."""
+    import hashlib
+
+    return SALT_PREFIX + hashlib.sha256(canonical_spec.encode("utf-8")).hexdigest()[:32]
 
 
 def fusion_of(extra_args: dict | None) -> str | None:
