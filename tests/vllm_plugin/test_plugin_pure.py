@@ -143,3 +143,60 @@ def test_prepare_refuses_what_the_vllm_model_cannot_run(fusion_files, tmp_path):
     with pytest.raises(LoraFlowError, match="GPT2LMHeadModel is not supported by the vLLM engine"):
         prepare_model_dir(tmp_path / "p4", root / "base", adapters)
     assert not any(tmp_path.glob("p*"))
+
+
+# ----------------------------------------------------------------------------- serve --engine vllm (the proxy)
+def _served():
+    from loraflow.serve.registry import ServedModels
+
+    return ServedModels.build(base_name="plain", adapter_names=["zh", "math"], gate_names=["zh-math", "other"],
+                              presets={"mix": "static:0.7,-0.3"})
+
+
+def test_proxy_maps_served_names_and_fusion_onto_vllm_xargs_and_cache_salt():
+    from loraflow.serve.registry import UnknownModel
+    from loraflow.serve.vllm_proxy import INTERNAL_NAME, rewrite_request
+
+    served = _served()
+    cases = [("zh-math", None, "gate:zh-math"), ("math", None, "single:math"), ("plain", None, "off"),
+             ("mix", None, "static:0.7,-0.3"), ("plain", {"weights": {"math": 1}}, "static:0,1"),
+             ("zh", "gate:other", "gate:other")]
+    for model, fusion, spec in cases:
+        body = {"model": model, "prompt": "x", "n": 2, "vllm_xargs": {"keep": 1}}
+        if fusion is not None:
+            body["fusion"] = fusion
+        out, name = rewrite_request(body, served)
+        assert name == model and out["model"] == INTERNAL_NAME and "fusion" not in out and out["n"] == 2
+        assert out["vllm_xargs"] == {"keep": 1, "fusion": spec} and out["cache_salt"] == fusion_salt(spec)
+    # a client's own salt is kept apart per fusion too
+    salted, _ = rewrite_request({"model": "zh", "prompt": "x", "cache_salt": "user-1"}, served)
+    assert salted["cache_salt"] not in (fusion_salt("single:zh"), "user-1")
+    with pytest.raises(UnknownModel, match="served models: zh-math, other, zh, math, plain, mix"):
+        rewrite_request({"model": "nope"}, served)
+    with pytest.raises(LoraFlowError, match="no gate named 'missing'"):
+        rewrite_request({"model": "zh", "fusion": "gate:missing"}, served)
+
+
+def test_proxy_renames_the_internal_model_in_bodies_and_events():
+    from loraflow.serve.vllm_proxy import INTERNAL_NAME, rename_model
+
+    assert rename_model(json.dumps({"id": 1, "model": INTERNAL_NAME}).encode(), "zh") == b'{"id": 1, "model": "zh"}'
+    event = b'data: {"model":"' + INTERNAL_NAME.encode() + b'","choices":[]}'
+    assert rename_model(event, "zh-math") == b'data: {"model":"zh-math","choices":[]}'
+
+
+def test_missing_vllm_is_one_line_saying_what_to_install(monkeypatch):
+    import importlib.util
+
+    from loraflow.serve import vllm_proxy
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(vllm_proxy.importlib.util, "find_spec", lambda n: None if n == "vllm" else real(n))
+    monkeypatch.delenv("LORAFLOW_VLLM_PYTHON", raising=False)
+    if real("httpx") is None:
+        pytest.skip("httpx is not installed here (it comes with the vllm extra)")
+    with pytest.raises(LoraFlowError) as e:
+        vllm_proxy.find_vllm_python()
+    assert "\n" not in str(e.value) and "pip install 'loraflow[vllm]'" in str(e.value)
+    with pytest.raises(LoraFlowError, match="not an executable Python"):
+        vllm_proxy.find_vllm_python("/nonexistent/python")
