@@ -105,8 +105,12 @@ def test_errors_are_openai_shaped(server):
     assert r.status_code == 404 and "served models" in r.json()["error"]["message"]
     r = httpx.post(f"{server}/v1/completions", json={"model": "zh", "prompt": "x", "fusion": "gate:missing"})
     assert r.status_code == 400 and "no gate named 'missing'" in r.json()["error"]["message"]
-    models = {m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"]}
-    assert models == {"zh-math", "other", "zh", "math", "plain", "mix"}
+    models = {m["id"]: m["fusion"] for m in httpx.get(f"{server}/v1/models").json()["data"]}
+    assert models == {"zh-math": "gate:zh-math", "other": "gate:other", "zh": "single:zh", "math": "single:math",
+                      "plain": "off", "mix": "static:0.7,-0.3"}
+    assert httpx.get(f"{server}/v1/models/mix").json()["fusion"] == "static:0.7,-0.3"
+    assert httpx.get(f"{server}/v1/models/nope").status_code == 404
+    assert httpx.get(f"{server}/health").status_code == 200  # vLLM's own, passed through
 
 
 @pytest.mark.slow

@@ -111,6 +111,15 @@ def create_proxy_app(upstream: str, served: ServedModels):
             {"id": m.name, "object": "model", "created": created, "owned_by": "loraflow", "fusion": str(m.fusion)}
             for m in served]})
 
+    @app.get("/v1/models/{name}")
+    async def model(name: str) -> JSONResponse:
+        found = served.models.get(name)
+        if found is None:
+            return JSONResponse(APIError(404, f"the model '{name}' does not exist", code="model_not_found").body(),
+                                status_code=404)
+        return JSONResponse({"id": name, "object": "model", "created": created, "owned_by": "loraflow",
+                             "fusion": str(found.fusion)})
+
     @app.post("/{route:path}")
     async def generate(route: str, request: Request) -> Response:
         raw = await request.body()
@@ -215,6 +224,8 @@ def serve_with_vllm(opts, config, *, vllm_python: str | None = None, vllm_args: 
         try:
             upstream = f"http://127.0.0.1:{port}"
             _wait_healthy(proc, upstream, startup_timeout)
+            print(f"loraflow serve (vLLM engine): http://{config.host}:{config.port}/v1 serving "
+                  f"{', '.join(m.name for m in served)}", file=sys.stderr, flush=True)
             uvicorn.run(create_proxy_app(upstream, served), host=config.host, port=config.port, log_level="warning")
         finally:
             proc.terminate()

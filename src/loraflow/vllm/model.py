@@ -5,7 +5,7 @@ The layer reads the gate input where transformers' "layer input before input_lay
 the `residual` returned by the fused add+norm (the embeddings at layer 0), before the next fused norm
 updates it in place. The per-token routing (which fusion each token's request chose) is read from
 fixed buffers that the routing hook (`loraflow.vllm.runner`) fills before every forward. The formula is
-`loraflow.core.fusion_math` (mixed_weights, column_scales, lora_delta, fused_linear): no copy here.
+`loraflow.core.fusion_math` (mixed_weights, column_scales, lora_delta): no copy here.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from vllm.distributed import (get_tensor_model_parallel_rank, get_tensor_model_p
                               tensor_model_parallel_all_reduce)
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
-from loraflow.core.fusion_math import column_scales, fused_linear, lora_delta, mixed_weights
+from loraflow.core.fusion_math import column_scales, lora_delta, mixed_weights
 from loraflow.vllm.assets import FusionAssets, load_assets, read_settings
 from loraflow.vllm.routing import FusionTable, RoutingBuffers
 from loraflow.vllm.slicing import (column_shard, qkv_shards, row_shard, shard_column, shard_row,
@@ -30,20 +30,24 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)$")
 
 
 class StackedLora(nn.Module):
-    """The k adapters of one vLLM linear, stacked (see `slicing.stack_slices`), for this rank."""
+    """The k adapters of one vLLM linear, stacked (see `slicing.stack_slices`), for this rank.
+
+    Its column map is kept (for the layer, which turns the fusion weights into every linear's column
+    scales with one `column_scales` call); `forward` takes this linear's (N, R) slice of those scales.
+    """
 
     def __init__(self, a_t: torch.Tensor, b_t: torch.Tensor, column_map: torch.Tensor, *, reduce: bool) -> None:
         super().__init__()
         self.register_buffer("a_t", a_t, persistent=False)  # (in, R)
         self.register_buffer("b_t", b_t, persistent=False)  # (R, out)
-        self.register_buffer("column_map", column_map, persistent=False)  # (k, R) fp32
+        self.column_map = column_map  # (k, R) fp32, on the CPU: stacked into the layer's map
         self.reduce = reduce  # row-parallel under TP > 1: the partial deltas are summed across ranks
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if not self.reduce:
-            return fused_linear(x, base_out, self.a_t, self.b_t, weights, self.column_map)
-        delta = lora_delta(x, self.a_t, self.b_t, column_scales(weights, self.column_map))
-        return base_out + tensor_model_parallel_all_reduce(delta).to(base_out.dtype)
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        delta = lora_delta(x, self.a_t, self.b_t, scales)  # (N, out)
+        if self.reduce:
+            delta = tensor_model_parallel_all_reduce(delta)
+        return base_out + delta.to(base_out.dtype)
 
 
 def _stacked(slices, out_sizes, in_features, k, dtype, device, *, reduce=False) -> StackedLora | None:
@@ -90,9 +94,17 @@ class LoraFlowDecoderLayer(LlamaDecoderLayer):
             "down": _stacked([[p and shard_row(p, down_in) for p in assets.pieces(layer, "down_proj")]], [hidden],
                              down_in.size, k, dtype, device, reduce=size > 1),
         }.items() if m is not None})
+        self.column_splits = [m.column_map.shape[1] for m in self.loraflow.values()]
+        maps = [m.column_map for m in self.loraflow.values()] or [torch.zeros(k, 0)]
+        self.register_buffer("column_map", torch.cat(maps, dim=1).to(device), persistent=False)  # (k, R_layer)
 
-    def _add(self, name: str, x: torch.Tensor, out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.loraflow[name](x, out, weights) if name in self.loraflow else out
+    def column_scales(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each adapted linear's (N, R) column scales, from one (N, k) @ (k, R_layer) product."""
+        scales = column_scales(weights, self.column_map)
+        return dict(zip(self.loraflow.keys(), torch.split(scales, self.column_splits, dim=-1)))
+
+    def _add(self, name: str, x: torch.Tensor, out: torch.Tensor, scales: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loraflow[name](x, out, scales[name]) if name in self.loraflow else out
 
     def fusion_weights(self, layer_input: torch.Tensor) -> torch.Tensor:
         """(N, k) per-token weights from this step's routing buffers and the layer input (N, d)."""
@@ -110,24 +122,25 @@ class LoraFlowDecoderLayer(LlamaDecoderLayer):
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        weights = self.fusion_weights(residual)  # before the next fused norm updates `residual` in place
+        # the gate reads `residual` now, before the next fused norm updates it in place
+        scales = self.column_scales(self.fusion_weights(residual))
 
         attn = self.self_attn
         qkv, _ = attn.qkv_proj(hidden_states)
-        qkv = self._add("qkv", hidden_states, qkv, weights)
+        qkv = self._add("qkv", hidden_states, qkv, scales)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = attn.rotary_emb(positions, q, k)
         attn_out = attn.attn(q, k, v)
         out, _ = attn.o_proj(attn_out)
-        hidden_states = self._add("o", attn_out, out, weights)
+        hidden_states = self._add("o", attn_out, out, scales)
 
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         mlp = self.mlp
         gate_up, _ = mlp.gate_up_proj(hidden_states)
-        gate_up = self._add("gate_up", hidden_states, gate_up, weights)
+        gate_up = self._add("gate_up", hidden_states, gate_up, scales)
         act = mlp.act_fn(gate_up)
         out, _ = mlp.down_proj(act)
-        return self._add("down", act, out, weights), residual
+        return self._add("down", act, out, scales), residual
 
 
 def _max_step_tokens(vllm_config: VllmConfig) -> int:
