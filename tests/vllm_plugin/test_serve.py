@@ -25,15 +25,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if text.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
 @pytest.fixture(scope="module")
-def server(tiny_fusion):
+def server(tiny_fusion, tmp_path_factory):
     port = _free_port()
+    model_dir = tmp_path_factory.mktemp("served") / "vllm-model"
     a, g = tiny_fusion["adapters"], tiny_fusion["gates"]
     cmd = [sys.executable, "-m", "loraflow.cli", "serve", "--engine", "vllm", "--base", str(tiny_fusion["base"]),
            "--adapter", f"zh={a['zh']}", "--adapter", f"math={a['math']}", "--gate", f"zh-math={g['zh-math']}",
            "--gate", f"other={g['other']}", "--fusion", "mix=static:0.7,-0.3", "--served-model-name", "plain",
            "--dtype", "float32", "--max-model-len", "512", "--port", str(port),
-           "--vllm-args", "--enforce-eager --max-num-batched-tokens 512"]
+           "--vllm-args", "--enforce-eager --max-num-batched-tokens 512", "--vllm-model-dir", str(model_dir)]
     proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -48,8 +62,16 @@ def server(tiny_fusion):
         except httpx.HTTPError:
             time.sleep(1)
     yield url
-    proc.terminate()
-    proc.wait(timeout=60)
+    assert _processes_mentioning(str(model_dir)), "vLLM's server should be running under the proxy"
+    proc.terminate()  # SIGTERM, as a service manager would: vLLM's server and engine must go with it
+    proc.wait(timeout=90)
+    deadline = time.monotonic() + 30
+    while _processes_mentioning(str(model_dir)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = _processes_mentioning(str(model_dir))
+    for pid in left:  # do not leave them running even when the check fails
+        os.kill(pid, 9)
+    assert not left, f"vLLM processes left running after SIGTERM: {left}"
 
 
 @pytest.fixture(scope="module")

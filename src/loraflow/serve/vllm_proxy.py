@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -193,6 +194,22 @@ def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
     raise LoraFlowError(f"vLLM's server did not become healthy within {timeout:.0f} s")
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # so `finally` stops vLLM (uvicorn re-raises SIGTERM after its shutdown)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop vLLM's server and its engine process (its own process group), SIGKILL after 30 s."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def serve_with_vllm(opts, config, *, vllm_python: str | None = None, vllm_args: str = "",
                     model_dir: str | None = None, startup_timeout: float = 900.0) -> None:
     """Prepare the model directory, start vLLM's server with the plugin, and serve the proxy until stopped.
@@ -220,7 +237,8 @@ def serve_with_vllm(opts, config, *, vllm_python: str | None = None, vllm_args: 
         extra = (["--dtype", opts.dtype] if opts.dtype else []) + shlex.split(vllm_args)
         cmd = vllm_command(python, prepared, port, max_model_len=config.max_model_len,
                            max_num_seqs=config.max_batch_size, seed=config.seed, extra=extra)
-        proc = subprocess.Popen(cmd)
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        proc = subprocess.Popen(cmd, start_new_session=True)  # a group of its own: its engine process stops too
         try:
             upstream = f"http://127.0.0.1:{port}"
             _wait_healthy(proc, upstream, startup_timeout)
@@ -228,8 +246,5 @@ def serve_with_vllm(opts, config, *, vllm_python: str | None = None, vllm_args: 
                   f"{', '.join(m.name for m in served)}", file=sys.stderr, flush=True)
             uvicorn.run(create_proxy_app(upstream, served), host=config.host, port=config.port, log_level="warning")
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc)
+            signal.signal(signal.SIGTERM, previous)
