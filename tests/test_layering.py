@@ -14,7 +14,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "loraflow"
 
 # Lowest first. A package may import its own layer and any layer below it.
-LAYERS = ["common", "data", "core", "evaluation", "train", "serve", "demo", "cli"]
+LAYERS = ["common", "data", "core", "vllm", "evaluation", "train", "serve", "demo", "cli"]
 
 
 def _package_of(module: str) -> str | None:

@@ -36,6 +36,9 @@ def add_eval(sub) -> None:
     add_options(p, EvalRun)
     add_options(p, EvalConfig)
     add_options(p, RuntimeOptions)
+    p.add_argument("--engine", choices=("default", "vllm"), default="default",
+                   help="default: loraflow's transformers engine; vllm: vLLM with the loraflow plugin, in this "
+                        "process (needs vLLM: pip install 'loraflow[vllm]') (default: default)")
     p.set_defaults(func=run_eval)
 
 
@@ -48,7 +51,8 @@ def run_eval(args: argparse.Namespace) -> int:
     device = model.torch_device()
     result = evaluate(model.base_path, model.adapters, run.method, run.data, run.out, cfg, gate=model.gate,
                       train_path=run.train, torch_dtype=model.torch_dtype(device), device=device, label=run.label,
-                      adapter_role=run.adapter_role, progress=run.progress, force=run.force)
+                      adapter_role=run.adapter_role, progress=run.progress, force=run.force,
+                      engine=args.engine)
     if result:
         extra = f"  (LoRAHub weights: {result['lorahub']['reuse_as']})" if "lorahub" in result else ""
         print(f"{run.method} {cfg.task} {cfg.lang or ''}: {result['correct']}/{result['total']} = "

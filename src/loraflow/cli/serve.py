@@ -35,6 +35,16 @@ def add_serve(sub) -> None:
     )
     add_options(p, ServeOptions)
     add_options(p, ServeConfig)
+    vllm = p.add_argument_group("vLLM engine (--engine vllm)")
+    vllm.add_argument("--engine", choices=("default", "vllm"), default="default",
+                      help="default: loraflow's own engine; vllm: vLLM's OpenAI server with the loraflow plugin behind "
+                           "a proxy keeping these served names and the `fusion` field (default: default)")
+    vllm.add_argument("--vllm-python", metavar="PATH", default=None,
+                      help="the Python that has vLLM and loraflow (default: $LORAFLOW_VLLM_PYTHON, else this one)")
+    vllm.add_argument("--vllm-args", metavar="ARGS", default="",
+                      help="more options for vLLM's server, e.g. \"--tensor-parallel-size 2 --gpu-memory-utilization 0.8\"")
+    vllm.add_argument("--vllm-model-dir", metavar="DIR", default=None,
+                      help="where to write the vLLM model directory (links to the base; default: a temporary one)")
     p.set_defaults(func=run)
 
 
@@ -42,9 +52,16 @@ def run(args: argparse.Namespace) -> int:
     from loraflow.common.extras import require
 
     require("fastapi", "uvicorn", "prometheus_client", what="serving")
-    from loraflow.serve.server import Server
 
     opts, config = build(ServeOptions, args), build(ServeConfig, args)
+    if args.engine == "vllm":
+        from loraflow.serve.vllm_proxy import serve_with_vllm
+
+        serve_with_vllm(opts, config, vllm_python=args.vllm_python, vllm_args=args.vllm_args,
+                        model_dir=args.vllm_model_dir)
+        return 0
+    from loraflow.serve.server import Server
+
     server = Server.from_pretrained(opts.base, opts.adapters, gates=opts.gates, fusions=opts.fusions, config=config,
                                     device=opts.device, dtype=opts.dtype)
     server.run()

@@ -138,10 +138,14 @@ def evaluate(
     adapter_role: str | None = None,
     progress: bool = True,
     force: bool = False,
+    engine: str = "default",
+    vllm_kwargs: dict | None = None,
 ) -> dict[str, Any]:
     """Evaluate one method on one test file and write RESULT.json (+ raw outputs). Returns the result.
 
     An existing RESULT.json or outputs file is replaced only if loraflow wrote it, or with `force`.
+    `engine="vllm"` generates through vLLM with the loraflow plugin (vllm.LLM in this process, `vllm_kwargs`
+    passed to it); the scores are computed the same way from the outputs.
     """
     import torch
     from accelerate import PartialState
@@ -160,6 +164,17 @@ def evaluate(
         raise LoraFlowError("--method lorahub needs --train (the few-shot set to search weights on)")
     if kind == "lorahub":
         require("nevergrad", what="--method lorahub")
+    if engine not in ("default", "vllm"):
+        raise LoraFlowError(f"--engine {engine!r}: expected default or vllm")
+    if engine == "vllm":
+        if kind == "lorahub":
+            raise LoraFlowError("--engine vllm runs base, single, avg/static and loraflow; LoRAHub's weight search "
+                                "needs the default engine (then pass the weights it found as static:w1,w2,...)")
+        if not adapters:
+            raise LoraFlowError("--engine vllm needs at least one --adapter (for the plain base model, run vLLM itself)")
+        from loraflow.vllm.generation import require_vllm
+
+        require_vllm()
     out_path, pred_path = output_paths(out_path)
     inputs = [data_path, train_path, *(p for _, p in adapters)]
     check_output_file(out_path, inputs=inputs, what="result file", force=force)
@@ -184,7 +199,8 @@ def evaluate(
         state = PartialState(cpu=not device.startswith("cuda"))
         return _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path, pred_path, cfg, state,
                          gate=gate, train_path=train_path, torch_dtype=torch_dtype, device=device, label=label,
-                         adapter_role=adapter_role, progress=progress, total_rows=total_rows, force=force)
+                         adapter_role=adapter_role, progress=progress, total_rows=total_rows, force=force,
+                         engine=engine, vllm_kwargs=vllm_kwargs)
 
 
 def output_paths(out_path: str | os.PathLike) -> tuple[Path, Path]:
@@ -195,20 +211,19 @@ def output_paths(out_path: str | os.PathLike) -> tuple[Path, Path]:
 
 def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: Path, pred_path: Path,
               cfg: EvalConfig, state, *, gate, train_path, torch_dtype, device, label, adapter_role,
-              progress, total_rows: int, force: bool) -> dict[str, Any]:
+              progress, total_rows: int, force: bool, engine: str = "default",
+              vllm_kwargs: dict | None = None) -> dict[str, Any]:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from loraflow.common.provenance import versions
     from loraflow.core.generation import generate_texts
     from loraflow.core.model import load_tokenizer
-    from loraflow.evaluation import scoring
 
     names = [n for n, _ in adapters]
     import sys
 
     from loraflow.core.generation import choose_template
-    from loraflow.data.templates import format_warning, make_template
+    from loraflow.data.templates import format_warning
 
     tokenizer = load_tokenizer(base)
     template, note = choose_template(cfg.template, gate if kind == "loraflow" else None, default="official")
@@ -216,6 +231,15 @@ def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: P
         if line and state.is_main_process:
             print(f"loraflow eval: {line}", file=sys.stderr)
     prompts, add_special = build_prompts(rows, cfg, tokenizer, template)
+    stops = protocol.MATH_STOP_STRINGS if cfg.task == "math" else ()
+    if engine == "vllm":
+        if state.num_processes > 1:
+            raise LoraFlowError("--engine vllm runs in one process (vLLM parallelises itself); do not start it under "
+                                "accelerate launch")
+        return _evaluate_with_vllm(base, adapters, method, kind, detail, rows, prompts, add_special, stops, tokenizer,
+                                   data_path, out_path, pred_path, cfg, gate=gate, torch_dtype=torch_dtype,
+                                   label=label, adapter_role=adapter_role, total_rows=total_rows,
+                                   template=template, vllm_kwargs=vllm_kwargs, force=force)
     model = _build_model(base, adapters, kind, gate if kind == "loraflow" else None, cfg, torch_dtype, device)
 
     static_weights = None
@@ -235,7 +259,6 @@ def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: P
     mine = list(range(state.process_index, len(rows), state.num_processes))
     bar = tqdm(total=len(mine), desc=f"eval {method}", disable=not (progress and state.is_main_process),
                dynamic_ncols=True)
-    stops = protocol.MATH_STOP_STRINGS if cfg.task == "math" else ()
     start = time.time()
     gens = generate_texts(model, tokenizer, [prompts[i] for i in mine], max_new_tokens=cfg.max_new_tokens,
                           batch_size=cfg.batch_size, stop_strings=stops, add_special_tokens=add_special,
@@ -246,6 +269,41 @@ def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: P
     if not state.is_main_process:
         return {}
     outputs = [text for _, text in sorted(gathered)]
+    return _write_result(rows, prompts, outputs, data_path, out_path, pred_path, cfg, method=method, base=base,
+                         adapters=adapters, train_path=train_path, gate=gate, static_weights=static_weights,
+                         template=template,
+                         total_rows=total_rows, num_processes=state.num_processes, start=start, lorahub=lorahub,
+                         label=label, adapter_role=adapter_role, force=force)
+
+
+def _evaluate_with_vllm(base, adapters, method, kind, detail, rows, prompts, add_special, stops, tokenizer, data_path,
+                        out_path, pred_path, cfg: EvalConfig, *, gate, torch_dtype, label, adapter_role, total_rows,
+                        template, vllm_kwargs, force: bool = False) -> dict[str, Any]:
+    from loraflow.vllm.generation import generate_with_vllm
+
+    fusion = {"loraflow": "gate", "base": "off", "single": f"single:{detail}"}.get(kind)
+    if kind == "static":
+        fusion = "static:" + ",".join(repr(float(w)) for w in detail)
+    start = time.time()
+    outputs = generate_with_vllm(base, adapters, fusion, prompts, tokenizer, gate=gate if kind == "loraflow" else None,
+                                 temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, stop_strings=stops,
+                                 add_special_tokens=add_special,
+                                 dtype=str(torch_dtype).removeprefix("torch.") if torch_dtype else "auto",
+                                 llm_kwargs=vllm_kwargs)
+    return _write_result(rows, prompts, outputs, data_path, out_path, pred_path, cfg, method=method, base=base,
+                         adapters=adapters, train_path=None, gate=gate if kind == "loraflow" else None,
+                         static_weights=detail if kind == "static" else None, template=template,
+                         total_rows=total_rows, num_processes=1, start=start, lorahub=None, label=label,
+                         adapter_role=adapter_role, engine="vllm", force=force)
+
+
+def _write_result(rows, prompts, outputs, data_path, out_path: Path, pred_path: Path, cfg: EvalConfig, *, method,
+                  base, adapters, train_path, gate, static_weights, template, total_rows, num_processes, start,
+                  lorahub, label, adapter_role, engine: str = "default", force: bool = False) -> dict[str, Any]:
+    from loraflow.common.provenance import versions
+    from loraflow.data.templates import make_template
+    from loraflow.evaluation import scoring
+
     inputs = [data_path, train_path, *(p for _, p in adapters)]
     # written before scoring, so that a sandbox failing mid-way loses no generation
     write_jsonl_atomic(pred_path, [{"index": i, "prompt": p, "output": o} for i, (p, o) in enumerate(zip(prompts, outputs))],
@@ -262,9 +320,11 @@ def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: P
         "predictions": pred_path.name, "data": str(data_path), "config": asdict(cfg),
         "template": make_template(template, lang=cfg.lang, task=cfg.task, system=cfg.system).to_record(),
         "partial": len(rows) < total_rows, "data_rows": total_rows,
-        "versions": versions(), "num_processes": state.num_processes,
+        "versions": versions(), "num_processes": num_processes,
         "generation_seconds": round(time.time() - start, 2),
     })
+    if engine != "default":
+        result["engine"] = engine
     if lorahub:
         result["lorahub"] = lorahub
     if label:

@@ -1,0 +1,202 @@
+"""The parts of the vLLM plugin that need no vLLM: version refusal, fusion routing rows and salts, the
+prepared model directory, and that importing loraflow (or its CLI) never imports vLLM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loraflow.common.errors import LoraFlowError
+from loraflow.vllm.routing import FusionTable, RoutingBuffers, fusion_salt
+from loraflow.vllm.versions import check_vllm_version
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.0+cpu", "0.32.4", "0.32.1.dev5"])
+def test_tested_versions_are_accepted(version):
+    check_vllm_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.31.0", "0.33.0", "1.0.0", "0.10.1.1", "garbage"])
+def test_other_versions_are_refused_in_one_line(version):
+    with pytest.raises(LoraFlowError) as e:
+        check_vllm_version(version)
+    msg = str(e.value)
+    assert "\n" not in msg and version in msg and ">=0.32.0,<0.33" in msg and "pip install" in msg
+
+
+def test_plugin_load_refuses_an_unsupported_vllm(monkeypatch):
+    from vllm_support import require_vllm
+
+    vllm = require_vllm()
+    from loraflow.vllm.plugin import register
+
+    monkeypatch.setattr(vllm, "__version__", "0.99.0")
+    with pytest.raises(LoraFlowError, match="vLLM 0.99.0 is not supported"):
+        register()
+
+
+def test_fusion_rows_and_salts():
+    table = FusionTable(["zh", "math"], ["zh-math", "other"], "gate")
+    assert table.rows("gate") == ((0.0, 0.0), (1.0, 0.0))  # bare gate: the first gate
+    assert table.rows("gate:other") == ((0.0, 0.0), (0.0, 1.0))
+    assert table.rows("single:math") == ((0.0, 1.0), (0.0, 0.0))
+    assert table.rows("static:0.25,-1") == ((0.25, -1.0), (0.0, 0.0))
+    assert table.rows("avg") == ((0.5, 0.5), (0.0, 0.0))
+    assert table.rows("off") == table.rows("base") == ((0.0, 0.0), (0.0, 0.0))
+    assert table.rows(None) == table.rows("gate:zh-math")
+    # one salt per fusion, whatever its spelling; different fusions never share one
+    assert table.cache_salt("gate") == table.cache_salt("gate:zh-math") == table.cache_salt(None)
+    assert table.cache_salt("avg") == table.cache_salt("static:0.5,0.5")
+    salts = {table.cache_salt(f) for f in ("gate", "gate:other", "single:zh", "single:math", "avg", "off")}
+    assert len(salts) == 6
+    long = FusionTable([f"a{i}" for i in range(8)], [], "off").cache_salt("static:" + ",".join(["-0.123456789"] * 8))
+    assert len(long) <= 128 and not set(long) & set("@/\\")  # what vLLM accepts as a salt
+    for bad, match in (("gate:nope", "no gate named 'nope'"), ("single:x", "no adapter named"),
+                       ("static:1", "1 weights for 2 adapters"), ("lorahub", "lorahub")):
+        with pytest.raises(LoraFlowError, match=match):
+            table.rows(bad)
+    with pytest.raises(LoraFlowError, match="no gates"):
+        FusionTable(["zh"], [], "off").rows("gate")
+
+
+def test_routing_buffers_repeat_each_request_over_its_tokens_and_clear_the_rest():
+    table = FusionTable(["a", "b"], ["g"], "off")
+    buf = RoutingBuffers(8, 2, 1)
+    buf.fill(table, ["static:1,2", None, "gate"], [2, 1, 3])
+    assert buf.static.tolist()[:6] == [[1, 2], [1, 2], [0, 0], [0, 0], [0, 0], [0, 0]]
+    assert buf.select[:, 0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
+    buf.fill(table, ["single:b"], [1])
+    assert buf.static.tolist() == [[0, 1]] + [[0, 0]] * 7 and not buf.select.any()
+    with pytest.raises(RuntimeError, match="routing buffers hold 8"):
+        buf.fill(table, ["off"], [9])
+
+
+def test_importing_loraflow_and_its_cli_never_imports_vllm():
+    code = ("import sys, loraflow, loraflow.vllm, loraflow.vllm.plugin, loraflow.vllm.versions, loraflow.cli.main; "
+            "assert 'vllm' not in sys.modules, 'vllm imported'; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture
+def fusion_files(tmp_path):
+    """A tiny saved Llama (with a GGUF-style quantization_config), two adapters and a gate."""
+    from conftest import make_peft_adapter
+    from vllm_support import build_vllm_sized_llama
+
+    from loraflow.core.model import LoraFlowModel
+
+    model = build_vllm_sized_llama(64)
+    model.save_pretrained(tmp_path / "base")
+    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gguf"}
+    (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
+    adapters = {"zh": make_peft_adapter(model, tmp_path / "zh", seed=1),
+                "math": make_peft_adapter(model, tmp_path / "math", seed=2, r=8)}
+    gate = LoraFlowModel.from_pretrained(model, adapters).save_gate(tmp_path / "gate")
+    return tmp_path, adapters, gate
+
+
+def test_prepared_dir_links_the_base_and_names_adapters_and_gates(fusion_files):
+    from loraflow.vllm.prepare import prepare_model_dir
+    from loraflow.vllm.requests import VllmFusions
+
+    root, adapters, gate = fusion_files
+    out = prepare_model_dir(root / "prepared", root / "base", adapters, {"g": gate}, temperatures={"g": 1.1})
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LoraFlowLlamaForCausalLM"] and "quantization_config" not in cfg
+    block = cfg["loraflow"]
+    assert [a["name"] for a in block["adapters"]] == ["zh", "math"] and block["default_fusion"] == "gate:g"
+    assert block["gates"] == [{"name": "g", "path": str(gate.resolve()), "temperature": 1.1}]
+    weights = out / "model.safetensors"
+    assert weights.is_symlink() and weights.resolve() == (root / "base" / "model.safetensors").resolve()
+    fusions = VllmFusions.from_model_dir(out)
+    assert fusions.prompt("hi", "avg") == {"prompt": "hi", "cache_salt": fusion_salt("static:0.5,0.5")}
+    assert fusions.prompt([5, 6], None) == {"prompt_token_ids": [5, 6], "cache_salt": fusion_salt("gate:g")}
+    # ours: prepared again in place; not ours: refused; the base directory itself: refused
+    prepare_model_dir(out, root / "base", adapters, {"g": gate})
+    (root / "theirs").mkdir()
+    (root / "theirs" / "notes.txt").write_text("keep me")
+    with pytest.raises(LoraFlowError, match="not written by loraflow"):
+        prepare_model_dir(root / "theirs", root / "base", adapters)
+    assert (root / "theirs" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(LoraFlowError, match="holds an input"):
+        prepare_model_dir(root / "base", root / "base", adapters)
+
+
+def test_prepare_refuses_what_the_vllm_model_cannot_run(fusion_files, tmp_path):
+    from loraflow.vllm.prepare import prepare_model_dir
+
+    root, adapters, gate = fusion_files
+    with pytest.raises(LoraFlowError, match="does not match: it was trained for adapters zh,math, not math,zh"):
+        prepare_model_dir(tmp_path / "p1", root / "base", dict(reversed(list(adapters.items()))), {"g": gate})
+    with pytest.raises(LoraFlowError, match="temperature given for unknown gates: h"):
+        prepare_model_dir(tmp_path / "p2", root / "base", adapters, {"g": gate}, temperatures={"h": 1.0})
+    with pytest.raises(LoraFlowError, match="no config.json"):
+        prepare_model_dir(tmp_path / "p3", root / "zh", adapters)
+    cfg = json.loads((root / "base" / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (root / "base" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoraFlowError, match="GPT2LMHeadModel is not supported by the vLLM engine"):
+        prepare_model_dir(tmp_path / "p4", root / "base", adapters)
+    assert not any(tmp_path.glob("p*"))
+
+
+# ----------------------------------------------------------------------------- serve --engine vllm (the proxy)
+def _served():
+    from loraflow.serve.registry import ServedModels
+
+    return ServedModels.build(base_name="plain", adapter_names=["zh", "math"], gate_names=["zh-math", "other"],
+                              presets={"mix": "static:0.7,-0.3"})
+
+
+def test_proxy_maps_served_names_and_fusion_onto_vllm_xargs_and_cache_salt():
+    from loraflow.serve.registry import UnknownModel
+    from loraflow.serve.vllm_proxy import INTERNAL_NAME, rewrite_request
+
+    served = _served()
+    cases = [("zh-math", None, "gate:zh-math"), ("math", None, "single:math"), ("plain", None, "off"),
+             ("mix", None, "static:0.7,-0.3"), ("plain", {"weights": {"math": 1}}, "static:0,1"),
+             ("zh", "gate:other", "gate:other")]
+    for model, fusion, spec in cases:
+        body = {"model": model, "prompt": "x", "n": 2, "vllm_xargs": {"keep": 1}}
+        if fusion is not None:
+            body["fusion"] = fusion
+        out, name = rewrite_request(body, served)
+        assert name == model and out["model"] == INTERNAL_NAME and "fusion" not in out and out["n"] == 2
+        assert out["vllm_xargs"] == {"keep": 1, "fusion": spec} and out["cache_salt"] == fusion_salt(spec)
+    # a client's own salt is kept apart per fusion too
+    salted, _ = rewrite_request({"model": "zh", "prompt": "x", "cache_salt": "user-1"}, served)
+    assert salted["cache_salt"] not in (fusion_salt("single:zh"), "user-1")
+    with pytest.raises(UnknownModel, match="served models: zh-math, other, zh, math, plain, mix"):
+        rewrite_request({"model": "nope"}, served)
+    with pytest.raises(LoraFlowError, match="no gate named 'missing'"):
+        rewrite_request({"model": "zh", "fusion": "gate:missing"}, served)
+
+
+def test_proxy_renames_the_internal_model_in_bodies_and_events():
+    from loraflow.serve.vllm_proxy import INTERNAL_NAME, rename_model
+
+    assert rename_model(json.dumps({"id": 1, "model": INTERNAL_NAME}).encode(), "zh") == b'{"id": 1, "model": "zh"}'
+    event = b'data: {"model":"' + INTERNAL_NAME.encode() + b'","choices":[]}'
+    assert rename_model(event, "zh-math") == b'data: {"model":"zh-math","choices":[]}'
+
+
+def test_missing_vllm_is_one_line_saying_what_to_install(monkeypatch):
+    import importlib.util
+
+    from loraflow.serve import vllm_proxy
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(vllm_proxy.importlib.util, "find_spec", lambda n: None if n == "vllm" else real(n))
+    monkeypatch.delenv("LORAFLOW_VLLM_PYTHON", raising=False)
+    if real("httpx") is None:
+        pytest.skip("httpx is not installed here (it comes with the vllm extra)")
+    with pytest.raises(LoraFlowError) as e:
+        vllm_proxy.find_vllm_python()
+    assert "\n" not in str(e.value) and "pip install 'loraflow[vllm]'" in str(e.value)
+    with pytest.raises(LoraFlowError, match="not an executable Python"):
+        vllm_proxy.find_vllm_python("/nonexistent/python")
