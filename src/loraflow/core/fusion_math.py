@@ -30,7 +30,9 @@ def gate_weights(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     Returns:
         (..., k) in the gate's dtype.
     """
-    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight) / temperature
+    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight)
+    if not (isinstance(temperature, float) and temperature == 1.0):  # x / 1.0 == x: skip the op
+        logits = logits / temperature
     return torch.softmax(logits, dim=-1) + bias.reshape(-1)
 
 
@@ -88,6 +90,41 @@ def fused_linear(x: torch.Tensor, base_out: torch.Tensor, a_t: torch.Tensor, b_t
     """
     delta = lora_delta(x, a_t, b_t, column_scales(weights, column_map))
     return base_out + delta.to(base_out.dtype)
+
+
+def scaled_projection(x: torch.Tensor, a_t: torch.Tensor, scales: torch.Tensor, *,
+                      inplace: bool = False) -> torch.Tensor:
+    """The first half of `lora_delta` for a group of modules sharing one input: (x @ A^T) * scales.
+
+    Args:
+        x: (..., in); a_t: (in, R) the group's stacked A transposed; scales: (..., R) or broadcastable.
+        inplace: scale the fresh product in place (inference: one allocation fewer).
+
+    Returns:
+        (..., R) in the adapters' dtype.
+    """
+    h = torch.matmul(x if x.dtype == a_t.dtype else x.to(a_t.dtype), a_t)
+    scales = scales if scales.dtype == h.dtype else scales.to(h.dtype)
+    return h.mul_(scales) if inplace else h * scales
+
+
+def add_lora_output(base_out: torch.Tensor, h: torch.Tensor, b_t: torch.Tensor, *,
+                    inplace: bool = False) -> torch.Tensor:
+    """The second half of `lora_delta`: base_out + h @ B^T.
+
+    Args:
+        base_out: (..., out); h: (..., R) scaled (from `scaled_projection`), or (N, R) for base_out's
+            N tokens flattened; b_t: (R, out), or the same as a (1, R, out) view.
+        inplace: accumulate into base_out (inference; base_out contiguous, same dtype): one batched
+            matmul for a single row h (1, T, R), else one addmm over the flattened tokens.
+    """
+    b2 = b_t[0] if b_t.dim() == 3 else b_t
+    if not inplace:
+        return base_out + (h @ b2).to(base_out.dtype).view(base_out.shape)
+    if h.dim() == 3 and h.shape[0] == 1 and base_out.dim() == 3:
+        return base_out.baddbmm_(h, b_t if b_t.dim() == 3 else b_t.unsqueeze(0))
+    base_out.view(-1, base_out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b2)
+    return base_out
 
 
 def stack_static_lora(a_list: list[torch.Tensor], b_list: list[torch.Tensor],

@@ -22,6 +22,7 @@ from torch import nn
 from loraflow.core.adapters import load_adapter
 from loraflow.core.attach import (
     Attachment,
+    add_call_hooks,
     attach_adapters,
     hidden_size,
     merge,
@@ -72,6 +73,8 @@ class LoraFlowModel(nn.Module):
         self._engine = engine
         self._attachment = attachment
         self.merge_static = True
+        # filling the fusion metadata happens here, in eager code, even when the forward is compiled
+        self._call_hooks = add_call_hooks(self, engine, attachment.mixers)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -174,7 +177,31 @@ class LoraFlowModel(nn.Module):
         return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
+        if self.compiled:
+            kwargs.setdefault("disable_compile", True)  # compiled already; transformers would compile __call__
         return self.model.generate(*args, **kwargs)
+
+    def compile(self, *, fullgraph: bool = True, **kwargs) -> LoraFlowModel:
+        """Compile the transformers model's forward with `torch.compile` (fullgraph by default); returns self.
+
+        The fusion is data (tensors filled before each forward, outside the graph), so switching
+        fusions (`fusion`, `fusion_rows`, the setters) never recompiles; new shapes do (prefill
+        lengths, batch sizes), as for any compiled model. Pair it with a static KV cache
+        (`generate(..., cache_implementation="static")`) for shapes that stay fixed while decoding.
+        On CUDA, `mode="reduce-overhead"` also captures CUDA graphs. Extra keyword arguments go to
+        `torch.compile` (e.g. `backend`, `mode`, `dynamic`).
+        """
+        model = self.model
+        forward = type(model).forward.__get__(model)
+        compiled = model.__dict__["forward"] = torch.compile(forward, fullgraph=fullgraph, **kwargs)
+        self.__dict__["_compiled_forward"] = compiled
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether `compile()` was called."""
+        compiled = self.__dict__.get("_compiled_forward")
+        return compiled is not None and self.model.__dict__.get("forward") is compiled
 
     @property
     def config(self):
@@ -260,6 +287,7 @@ class LoraFlowModel(nn.Module):
             p.requires_grad_(False)
         self.extra_gates[name] = bank
         self._engine.gates[name] = bank
+        self._engine.meta.clear()
 
     def load_gate(self, path: str | os.PathLike) -> None:
         """Load gate weights from a loraflow gate directory or an official `.pt` file into this model."""
@@ -432,6 +460,9 @@ class LoraFlowModel(nn.Module):
         """Undo the attachment: restore the original modules and weights, remove the hooks, return the base model."""
         unmerge(self._attachment, self._engine)
         self._attachment.detach()
+        for handle in self._call_hooks:
+            handle.remove()
+        self.model.__dict__.pop("forward", None)  # compile()
         return self.model
 
 
