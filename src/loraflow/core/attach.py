@@ -443,6 +443,13 @@ def merge(attachment: Attachment, engine: FusionEngine, plan: FusionPlan) -> Non
     The originals are kept on the CPU (a copy when the weights live elsewhere), so a merged static
     mode costs no accelerator memory; calls with another fusion subtract it (see CallContext).
     """
+    quantized = [f"{type(m.base_layer).__name__} ({m.base_layer.weight.dtype})" for m in attachment.fused
+                 if not mergeable(m)]
+    if quantized:
+        raise LoraFlowError(
+            f"cannot merge a static fusion into quantized base weights ({quantized[0]}"
+            f"{f' and {len(quantized) - 1} more' if len(quantized) > 1 else ''}): they are not floating point; "
+            "run it unmerged (model.merge_static = False)")
     unmerge(attachment, engine)
     weights = plan.static.float().cpu()
     with torch.no_grad():
@@ -459,6 +466,13 @@ def merge(attachment: Attachment, engine: FusionEngine, plan: FusionPlan) -> Non
     engine.merged, engine.merged_plan = plan.static, plan
 
 
+def mergeable(module: FusedLoraLinear) -> bool:
+    """Whether a static fusion can be added into the module's base weight: a plain floating-point tensor
+    (not a quantized one, e.g. bitsandbytes' int8 / packed 4-bit parameters)."""
+    weight = module.base_layer.weight
+    return weight.is_floating_point() and type(weight) in (nn.Parameter, torch.Tensor)
+
+
 def unmerge(attachment: Attachment, engine: FusionEngine | None = None) -> None:
     """Restore the base weights saved by `merge` (bit for bit)."""
     for m in attachment.fused:
@@ -469,11 +483,13 @@ def unmerge(attachment: Attachment, engine: FusionEngine | None = None) -> None:
         engine.merged, engine.merged_plan = None, None
 
 
-def add_call_hooks(module: nn.Module, engine: FusionEngine, mixers: list[LayerMixer]) -> list:
+def add_call_hooks(module: nn.Module, engine: FusionEngine, mixers: list[LayerMixer], *,
+                   outermost: bool = False) -> list:
     """Hooks that open and close one forward of `module` (fill the fusion metadata, publish the
     weights). They run in eager code only: inside a compiled graph they do nothing, so the module
     whose forward is compiled must be called through an outer one that has them (see
-    `LoraFlowModel.compile`)."""
+    `LoraFlowModel.compile`). The `outermost` module's hooks are never traced (torch.compile of that
+    module runs them eagerly around its compiled forward); inner ones would break a graph if they were."""
     def begin(mod, args, kwargs):
         if torch.compiler.is_compiling():
             if not engine.in_call:
@@ -494,6 +510,8 @@ def add_call_hooks(module: nn.Module, engine: FusionEngine, mixers: list[LayerMi
         if not torch.compiler.is_compiling():
             engine.end_call(mixers)
 
+    if outermost:
+        begin, end = torch.compiler.disable(begin), torch.compiler.disable(end)
     return [module.register_forward_pre_hook(begin, with_kwargs=True),
             module.register_forward_hook(end, always_call=True)]
 

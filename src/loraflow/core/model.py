@@ -26,6 +26,7 @@ from loraflow.core.attach import (
     attach_adapters,
     hidden_size,
     merge,
+    mergeable,
     num_hidden_layers,
     place_gates,
     unmerge,
@@ -62,7 +63,8 @@ class LoraFlowModel(nn.Module):
 
     A static default (single, avg, static:...) is merged into the base weights in eval mode, so it
     runs at the base model's speed; the original weights are kept (on the CPU) and restored bit for
-    bit when the mode changes. Set `merge_static = False` to skip that (no copy kept).
+    bit when the mode changes. Set `merge_static = False` to skip that (no copy kept). Quantized
+    (non-floating-point) base weights are never merged: static fusions run unmerged on them.
     """
 
     def __init__(self, model: nn.Module, gates: GateBank, engine: FusionEngine, attachment: Attachment) -> None:
@@ -74,7 +76,7 @@ class LoraFlowModel(nn.Module):
         self._attachment = attachment
         self.merge_static = True
         # filling the fusion metadata happens here, in eager code, even when the forward is compiled
-        self._call_hooks = add_call_hooks(self, engine, attachment.mixers)
+        self._call_hooks = add_call_hooks(self, engine, attachment.mixers, outermost=True)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -345,7 +347,8 @@ class LoraFlowModel(nn.Module):
     def _sync_merge(self) -> None:
         """Merge the default fusion into the base weights when it is static (eval mode); else unmerge."""
         plan = self._engine.default
-        if self.merge_static and not self.training and plan.label == "static":
+        if (self.merge_static and not self.training and plan.label == "static"
+                and all(mergeable(m) for m in self._attachment.fused)):  # quantized weights run unmerged
             if self._engine.merged_plan is not plan:
                 merge(self._attachment, self._engine, plan)
         elif self._engine.merged is not None:
