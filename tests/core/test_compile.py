@@ -156,3 +156,18 @@ def test_inductor_compiled_forward_equals_eager(setup):
     with model.fusion_rows(["gate", "static:0.7,-0.4"]), torch.no_grad():
         compiled = model(input_ids=ids).logits
     torch.testing.assert_close(compiled, eager, atol=ATOL, rtol=0)
+
+
+def test_compile_flag_for_generate_and_eval_not_for_training(capsys):
+    from loraflow.cli.args import build
+    from loraflow.cli.main import build_parser
+    from loraflow.core.config import ModelOptions
+
+    parser = build_parser()
+    for verb in (["generate", "--prompt", "q"], ["eval", "--method", "base", "--task", "math", "--data", "d",
+                                                  "--out", "o"]):
+        assert build(ModelOptions, parser.parse_args([*verb, "--base", "b", "--compile"])).compile
+        assert not build(ModelOptions, parser.parse_args([*verb, "--base", "b"])).compile
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train-gate", "--base", "b", "--train", "t", "--out", "o", "--compile"])
+    assert "unrecognized arguments: --compile" in capsys.readouterr().err

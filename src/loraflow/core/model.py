@@ -181,6 +181,8 @@ class LoraFlowModel(nn.Module):
     def generate(self, *args, **kwargs):
         if self.compiled:
             kwargs.setdefault("disable_compile", True)  # compiled already; transformers would compile __call__
+            if kwargs.get("past_key_values") is None:
+                kwargs.setdefault("cache_implementation", "static")  # fixed shapes while decoding
         return self.model.generate(*args, **kwargs)
 
     def compile(self, *, fullgraph: bool = True, **kwargs) -> LoraFlowModel:
@@ -193,10 +195,7 @@ class LoraFlowModel(nn.Module):
         On CUDA, `mode="reduce-overhead"` also captures CUDA graphs. Extra keyword arguments go to
         `torch.compile` (e.g. `backend`, `mode`, `dynamic`).
         """
-        model = self.model
-        forward = type(model).forward.__get__(model)
-        compiled = model.__dict__["forward"] = torch.compile(forward, fullgraph=fullgraph, **kwargs)
-        self.__dict__["_compiled_forward"] = compiled
+        self.__dict__["_compiled_forward"] = compile_forward(self.model, fullgraph=fullgraph, **kwargs)
         return self
 
     @property
@@ -467,6 +466,13 @@ class LoraFlowModel(nn.Module):
             handle.remove()
         self.model.__dict__.pop("forward", None)  # compile()
         return self.model
+
+
+def compile_forward(model: nn.Module, *, fullgraph: bool = True, **kwargs):
+    """Replace `model.forward` (on the instance) by `torch.compile` of it; its hooks stay eager. Returns it."""
+    forward = type(model).forward.__get__(model)
+    compiled = model.__dict__["forward"] = torch.compile(forward, fullgraph=fullgraph, **kwargs)
+    return compiled
 
 
 def _check_gate_name(name: str) -> None:

@@ -136,8 +136,11 @@ def evaluate(
     label: str | None = None,
     adapter_role: str | None = None,
     progress: bool = True,
+    compile: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate one method on one test file and write RESULT.json (+ raw outputs). Returns the result."""
+    """Evaluate one method on one test file and write RESULT.json (+ raw outputs). Returns the result.
+
+    `compile`: torch.compile the model's forward (see `LoraFlowModel.compile`)."""
     import torch
     from accelerate import PartialState
 
@@ -204,7 +207,8 @@ def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: P
         if line and state.is_main_process:
             print(f"loraflow eval: {line}", file=sys.stderr)
     prompts, add_special = build_prompts(rows, cfg, tokenizer, template)
-    model = _build_model(base, adapters, kind, gate if kind == "loraflow" else None, cfg, torch_dtype, device)
+    model = _build_model(base, adapters, kind, gate if kind == "loraflow" else None, cfg, torch_dtype, device,
+                         compile)
 
     static_weights = None
     lorahub = None
@@ -259,18 +263,23 @@ def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: P
     return result
 
 
-def _build_model(base, adapters, kind, gate, cfg: EvalConfig, torch_dtype, device: str):
+def _build_model(base, adapters, kind, gate, cfg: EvalConfig, torch_dtype, device: str, compile: bool = False):
     if not adapters:
-        from loraflow.core.model import load_base
+        from loraflow.core.model import compile_forward, load_base
 
         model = load_base(base, torch_dtype, {})
-    else:
-        from loraflow.core.model import LoraFlowModel
+        model.to(device)
+        if compile:
+            compile_forward(model)
+            model.generation_config.cache_implementation = "static"
+        return model.eval()
+    from loraflow.core.model import LoraFlowModel
 
-        model = LoraFlowModel.from_pretrained(base, adapters, gate=gate, temperature=cfg.temperature,
-                                              torch_dtype=torch_dtype, seed=cfg.seed)
+    model = LoraFlowModel.from_pretrained(base, adapters, gate=gate, temperature=cfg.temperature,
+                                          torch_dtype=torch_dtype, seed=cfg.seed)
     model.to(device)
-    return model.eval()
+    model.eval()
+    return model.compile() if compile else model
 
 
 def _lorahub(model, tokenizer, train_path, cfg: EvalConfig, show: bool, template=None) -> dict:
