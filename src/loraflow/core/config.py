@@ -95,7 +95,7 @@ class ModelOptions:
         model = LoraFlowModel.from_pretrained(self.base_path, adapters, gate=self.gate, temperature=self.temperature,
                                               torch_dtype=self.torch_dtype(device), device=device, seed=seed)
         if self.compile:
-            model.compile()
+            model.compile(dynamic=True)  # prompts of many lengths: one graph for prefill, one for decode
         return model, load_tokenizer(self.base_path)
 
 

@@ -136,11 +136,11 @@ def evaluate(
     label: str | None = None,
     adapter_role: str | None = None,
     progress: bool = True,
-    compile: bool = False,
+    compile_model: bool = False,
 ) -> dict[str, Any]:
     """Evaluate one method on one test file and write RESULT.json (+ raw outputs). Returns the result.
 
-    `compile`: torch.compile the model's forward (see `LoraFlowModel.compile`)."""
+    `compile_model`: torch.compile the model's forward (see `LoraFlowModel.compile`)."""
     import torch
     from accelerate import PartialState
 
@@ -175,7 +175,8 @@ def evaluate(
         state = PartialState(cpu=not device.startswith("cuda"))
         return _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path, pred_path, cfg, state,
                          gate=gate, train_path=train_path, torch_dtype=torch_dtype, device=device, label=label,
-                         adapter_role=adapter_role, progress=progress, total_rows=total_rows)
+                         adapter_role=adapter_role, progress=progress, total_rows=total_rows,
+                         compile_model=compile_model)
 
 
 def output_paths(out_path: str | os.PathLike) -> tuple[Path, Path]:
@@ -186,7 +187,7 @@ def output_paths(out_path: str | os.PathLike) -> tuple[Path, Path]:
 
 def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: Path, pred_path: Path,
               cfg: EvalConfig, state, *, gate, train_path, torch_dtype, device, label, adapter_role,
-              progress, total_rows: int) -> dict[str, Any]:
+              progress, total_rows: int, compile_model: bool = False) -> dict[str, Any]:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
@@ -208,7 +209,7 @@ def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: P
             print(f"loraflow eval: {line}", file=sys.stderr)
     prompts, add_special = build_prompts(rows, cfg, tokenizer, template)
     model = _build_model(base, adapters, kind, gate if kind == "loraflow" else None, cfg, torch_dtype, device,
-                         compile)
+                         compile_model)
 
     static_weights = None
     lorahub = None
@@ -263,14 +264,15 @@ def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: P
     return result
 
 
-def _build_model(base, adapters, kind, gate, cfg: EvalConfig, torch_dtype, device: str, compile: bool = False):
+def _build_model(base, adapters, kind, gate, cfg: EvalConfig, torch_dtype, device: str,
+                 compile_model: bool = False):
     if not adapters:
         from loraflow.core.model import compile_forward, load_base
 
         model = load_base(base, torch_dtype, {})
         model.to(device)
-        if compile:
-            compile_forward(model)
+        if compile_model:
+            compile_forward(model, dynamic=True)  # prompts of many lengths
             model.generation_config.cache_implementation = "static"
         return model.eval()
     from loraflow.core.model import LoraFlowModel
@@ -279,7 +281,7 @@ def _build_model(base, adapters, kind, gate, cfg: EvalConfig, torch_dtype, devic
                                           torch_dtype=torch_dtype, seed=cfg.seed)
     model.to(device)
     model.eval()
-    return model.compile() if compile else model
+    return model.compile(dynamic=True) if compile_model else model
 
 
 def _lorahub(model, tokenizer, train_path, cfg: EvalConfig, show: bool, template=None) -> dict:
