@@ -20,7 +20,7 @@ from torch import nn
 
 from loraflow.core.adapters import LoraAdapter
 from loraflow.common.errors import LoraFlowError
-from loraflow.core.fused_linear import FusedLoraLinear, LoraInputGroup, linear_dims
+from loraflow.core.fused_linear import FusedLoraLinear, LoraInputGroup, is_dynamo_compiling, linear_dims
 from loraflow.core.fusion_context import CONST, GATE, MIXED, OFF, FusionEngine, FusionPlan
 from loraflow.core.fusion_math import column_scales, mixed_weights, scaled_projection
 from loraflow.core.fusion_spec import FusionSpec
@@ -82,21 +82,23 @@ class LayerMixer:
     # ----------------------------------------------------------------- per layer call
     def begin(self, hidden: torch.Tensor) -> None:
         """The layer starts: compute its column scales from its input `hidden` (B, T, d)."""
-        compiling = torch.compiler.is_compiling()
-        step = self.engine.meta.step
+        compiling = is_dynamo_compiling()
+        engine = self.engine
+        step = engine.meta.step
         if not compiling:
-            if not self.engine.open:  # a recomputation in backward (transformers < 5 re-runs hooks)
+            if not engine.in_call:  # a recomputation in backward (transformers < 5 re-runs hooks)
                 step = self.step
             if step is None:
                 raise RuntimeError(f"decoder layer {self.layer_index} was called outside its model's forward")
-            step.check_rows(hidden.shape[0])
+            if step.rows is not None:
+                step.check_rows(hidden.shape[0])
         kind = MIXED if compiling else step.kind
         self.hidden, self.step, self.kind = hidden, step, kind
         self.projections = [None] * len(self.groups)
-        self.module_weights = []
-        module_gates = self.engine.has_module_gates
+        if self.module_weights:
+            self.module_weights = []
         self.own = kind != OFF and kind != CONST and (
-            module_gates if compiling or kind == MIXED else step.module_granular)
+            engine.module_gates if compiling or kind == MIXED else step.module_granular)
         if kind == OFF or self.own:
             self.scales = None
         elif kind == CONST:
@@ -107,10 +109,11 @@ class LayerMixer:
 
     def end(self) -> None:
         """The layer is done: keep its weights for the call's record, drop what it no longer needs."""
-        if self.own and self.module_weights:
+        if self.module_weights:
             ws = self.module_weights
-            self.weights = torch.stack(ws).mean(0) if len(ws) > 1 else ws[0]
-        self.module_weights = []
+            if self.own:
+                self.weights = torch.stack(ws).mean(0) if len(ws) > 1 else ws[0]
+            self.module_weights = []
         self.projections = [None] * len(self.groups)
         if not torch.is_grad_enabled():
             self.hidden, self.scales, self.step = None, None, None
@@ -132,7 +135,7 @@ class LayerMixer:
         position = group.layer_position
         cached = self.projections[position]
         if cached is None or cached[0] is not x:
-            a_t = group.lora_A_t if torch.compiler.is_compiling() else group._parameters["lora_A_t"]
+            a_t = group.lora_A_t if is_dynamo_compiling() else group._parameters["lora_A_t"]
             h = scaled_projection(x, a_t, _tokens_like(scales[position], x, self.hidden),
                                   inplace=not torch.is_grad_enabled())  # (..., R_group)
             if h.dim() != 3 or h.shape[0] != 1:
@@ -161,11 +164,11 @@ class LayerMixer:
     def _weights(self, module_key: str | None) -> torch.Tensor:
         """The fusion weights (B, T, k) of the layer's tokens (for one module with module-level gates)."""
         step, hidden, index = self.step, self.hidden, self.layer_index
-        banks = list(self.engine.gates.values())
         if self.kind == GATE:  # one gate for every row
-            bank = banks[step.gate]
+            bank = step.bank
             w = bank.gate(index, module_key if bank.config.granularity == "module" else None)(hidden)
             return w + step.static.to(w.device) if step.has_static else w
+        banks = list(self.engine.gates.values())
         gates = [b.gate(index, module_key if b.config.granularity == "module" else None) for b in banks]
         device = hidden.device
         weight = torch.stack([g.weight.to(device) for g in gates])  # (G, k, d)
@@ -491,7 +494,7 @@ def add_call_hooks(module: nn.Module, engine: FusionEngine, mixers: list[LayerMi
     `LoraFlowModel.compile`). The `outermost` module's hooks are never traced (torch.compile of that
     module runs them eagerly around its compiled forward); inner ones would break a graph if they were."""
     def begin(mod, args, kwargs):
-        if torch.compiler.is_compiling():
+        if is_dynamo_compiling():
             if not engine.in_call:
                 raise LoraFlowError(
                     "a compiled graph runs a LoraFlowModel without filling its fusion metadata first: compile "
@@ -507,7 +510,7 @@ def add_call_hooks(module: nn.Module, engine: FusionEngine, mixers: list[LayerMi
         engine.begin_call(batch, device)
 
     def end(mod, args, output):
-        if not torch.compiler.is_compiling():
+        if not is_dynamo_compiling():
             engine.end_call(mixers)
 
     if outermost:

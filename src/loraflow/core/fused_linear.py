@@ -26,6 +26,10 @@ from torch.nn.modules import module as _torch_module
 
 from loraflow.core.fusion_math import add_lora_output
 
+# True only while torch.compile traces (dynamo constant-folds it); a plain `return False` in eager,
+# the cheapest check on a per-token path. torch.compiler.is_compiling on torch without it.
+is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+
 
 def _hook_free(module: nn.Module) -> bool:
     """True when calling `module` would run its plain `forward` (no hooks of any kind, no patched forward)."""
@@ -186,7 +190,7 @@ class FusedLoraLinear(nn.Module):
         return torch.bincount(self.adapter_index, minlength=self.num_adapters).tolist()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compiling = torch.compiler.is_compiling()
+        compiling = is_dynamo_compiling()
         if compiling:
             result = self.base_layer(x)
         else:
@@ -202,7 +206,9 @@ class FusedLoraLinear(nn.Module):
         if h is None:
             return result
         # _parameters[...] rather than self.lora_B_t: nn.Module.__getattr__ is slow on a per-token path
-        b_t = self.lora_B_t if compiling else self._batched_b(self._parameters["lora_B_t"])
+        b_t = self.lora_B_t if compiling else self._parameters["lora_B_t"]
+        if not compiling and h.dim() == 3:
+            b_t = self._batched_b(b_t)  # (1, R, out) for one row's batched matmul
         inplace = not torch.is_grad_enabled() and result.dtype == h.dtype and result.is_contiguous()
         return add_lora_output(result, h, b_t, inplace=inplace)
 

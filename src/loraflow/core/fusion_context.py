@@ -87,19 +87,19 @@ class FusionStep:
         select: (B, 1, G) float32, 1 where a row takes gate g's output (gates in the model's order).
         temperature: (G,) float32, each gate's softmax temperature.
         kind: the cheapest eager path that computes the same: OFF (nothing to add), CONST (no gate:
-            column scales once per layer layout), GATE (one gate for every row: `gate` is its index,
-            plus `static` when `has_static`), MIXED (the general formula).
+            column scales once per layer layout), GATE (one gate for every row:
+            the GateBank `bank`, plus `static` when `has_static`), MIXED (the general formula).
         module_granular: a gate in use has one gate per module (eager; compiled graphs read the model's).
         rows: the batch size the fusion was made for (fusion_rows), else None.
         plan: the plan it was made from.
     """
 
-    __slots__ = ("static", "select", "temperature", "kind", "gate", "has_static", "module_granular", "rows",
+    __slots__ = ("static", "select", "temperature", "kind", "bank", "has_static", "module_granular", "rows",
                  "plan", "const_scales")
 
     def __init__(self, static: torch.Tensor, select: torch.Tensor, temperature: torch.Tensor) -> None:
         self.static, self.select, self.temperature = static, select, temperature
-        self.kind, self.gate, self.has_static, self.module_granular = OFF, 0, False, False
+        self.kind, self.bank, self.has_static, self.module_granular = OFF, None, False, False
         self.rows: int | None = None
         self.plan: FusionPlan | None = None
         self.const_scales: dict = {}  # CONST: per (layer layout, device), the layer's column scales
@@ -172,7 +172,7 @@ class FusionMetadata:
         elif not plan.gates:
             step.kind = CONST
         elif uniform_gate and plan.static is None:
-            step.kind, step.gate, step.has_static = GATE, names.index(plan.gates[0][0]), offset is not None
+            step.kind, step.bank, step.has_static = GATE, gates[plan.gates[0][0]], offset is not None
         else:
             step.kind = MIXED
         step.module_granular = plan.module_granular
@@ -201,12 +201,14 @@ class FusionEngine:
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread whose forward holds the lock
         self._depth = 0
+        self.module_gates = False  # some gate has one gate per module (compiled graphs then weight per module)
         self.in_call = False  # a plain flag a compiled graph can check (at trace time) that the metadata was filled
 
-    @property
-    def has_module_gates(self) -> bool:
-        """Some gate has one gate per module (a compiled graph then computes weights per module)."""
-        return self._module_granular(list(self.gates))
+    def add_gate(self, name: str, bank: GateBank) -> None:
+        """Make `bank` selectable by `name`."""
+        self.gates[name] = bank
+        self.module_gates = self._module_granular(list(self.gates))
+        self.meta.clear()
 
     # ------------------------------------------------------------- plans
     def set_default(self, plan: FusionPlan) -> None:

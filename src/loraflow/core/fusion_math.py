@@ -30,10 +30,10 @@ def gate_weights(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     Returns:
         (..., k) in the gate's dtype.
     """
-    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight)
+    logits = torch.nn.functional.linear(hidden if hidden.dtype == weight.dtype else hidden.to(weight.dtype), weight)
     if not (isinstance(temperature, float) and temperature == 1.0):  # x / 1.0 == x: skip the op
         logits = logits / temperature
-    return torch.softmax(logits, dim=-1) + bias.reshape(-1)
+    return torch.softmax(logits, dim=-1) + (bias if logits.dim() > 1 and bias.dim() <= 2 else bias.reshape(-1))
 
 
 def mixed_weights(hidden: torch.Tensor, static: torch.Tensor, select: torch.Tensor,
@@ -64,7 +64,7 @@ def column_scales(weights: torch.Tensor, column_map: torch.Tensor) -> torch.Tens
     column_map[i, j] = lora_alpha_i / r_i where column j belongs to adapter i, else 0; so column j
     of adapter i gets w_i * s_i.
     """
-    return weights.to(column_map.dtype) @ column_map
+    return (weights if weights.dtype == column_map.dtype else weights.to(column_map.dtype)) @ column_map
 
 
 def lora_delta(x: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -118,12 +118,12 @@ def add_lora_output(base_out: torch.Tensor, h: torch.Tensor, b_t: torch.Tensor, 
         inplace: accumulate into base_out (inference; base_out contiguous, same dtype): one batched
             matmul for a single row h (1, T, R), else one addmm over the flattened tokens.
     """
+    if inplace and h.dim() == 3 and h.shape[0] == 1 and base_out.dim() == 3:
+        return base_out.baddbmm_(h, b_t if b_t.dim() == 3 else b_t.unsqueeze(0))
     b2 = b_t[0] if b_t.dim() == 3 else b_t
     if not inplace:
         return base_out + (h @ b2).to(base_out.dtype).view(base_out.shape)
-    if h.dim() == 3 and h.shape[0] == 1 and base_out.dim() == 3:
-        return base_out.baddbmm_(h, b_t if b_t.dim() == 3 else b_t.unsqueeze(0))
-    base_out.view(-1, base_out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b2)
+    base_out.view(-1, base_out.shape[-1]).addmm_(h if h.dim() == 2 else h.reshape(-1, h.shape[-1]), b2)
     return base_out
 
 

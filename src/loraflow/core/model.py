@@ -169,7 +169,7 @@ class LoraFlowModel(nn.Module):
         else:
             _load_gate_state(gates, state_dict, gate)
         place_gates(gates, attachment)
-        engine.gates[gate_name] = gates
+        engine.add_gate(gate_name, gates)
         engine.default_gate = gate_name
         engine.set_default(engine.plan(FusionSpec("gate")))
         return cls(model, gates, engine, attachment).train(model.training)
@@ -287,8 +287,7 @@ class LoraFlowModel(nn.Module):
         for p in bank.parameters():
             p.requires_grad_(False)
         self.extra_gates[name] = bank
-        self._engine.gates[name] = bank
-        self._engine.meta.clear()
+        self._engine.add_gate(name, bank)
 
     def load_gate(self, path: str | os.PathLike) -> None:
         """Load gate weights from a loraflow gate directory or an official `.pt` file into this model."""
