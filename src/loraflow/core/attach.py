@@ -136,8 +136,8 @@ class LayerMixer:
         cached = self.projections[position]
         if cached is None or cached[0] is not x:
             a_t = group.lora_A_t if is_dynamo_compiling() else group._parameters["lora_A_t"]
-            h = scaled_projection(x, a_t, _tokens_like(scales[position], x, self.hidden),
-                                  inplace=not torch.is_grad_enabled())  # (..., R_group)
+            scales = scales[position] if x.dim() == 3 else _tokens_like(scales[position], x, self.hidden)
+            h = scaled_projection(x, a_t, scales, inplace=not torch.is_grad_enabled())  # (..., R_group)
             if h.dim() != 3 or h.shape[0] != 1:
                 h = h.view(-1, h.shape[-1])  # (N, R_group)
             # one split for all members (q/k/v) rather than a slice each

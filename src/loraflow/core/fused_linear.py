@@ -207,8 +207,8 @@ class FusedLoraLinear(nn.Module):
             return result
         # _parameters[...] rather than self.lora_B_t: nn.Module.__getattr__ is slow on a per-token path
         b_t = self.lora_B_t if compiling else self._parameters["lora_B_t"]
-        if not compiling and h.dim() == 3:
-            b_t = self._batched_b(b_t)  # (1, R, out) for one row's batched matmul
+        if h.dim() == 3:  # one row's (1, T, R): a batched matmul against B as (1, R, out)
+            b_t = b_t.unsqueeze(0) if compiling else self._batched_b(b_t)
         inplace = not torch.is_grad_enabled() and result.dtype == h.dtype and result.is_contiguous()
         return add_lora_output(result, h, b_t, inplace=inplace)
 

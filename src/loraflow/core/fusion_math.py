@@ -113,17 +113,17 @@ def add_lora_output(base_out: torch.Tensor, h: torch.Tensor, b_t: torch.Tensor, 
     """The second half of `lora_delta`: base_out + h @ B^T.
 
     Args:
-        base_out: (..., out); h: (..., R) scaled (from `scaled_projection`), or (N, R) for base_out's
-            N tokens flattened; b_t: (R, out), or the same as a (1, R, out) view.
-        inplace: accumulate into base_out (inference; base_out contiguous, same dtype): one batched
-            matmul for a single row h (1, T, R), else one addmm over the flattened tokens.
+        base_out: (..., out).
+        h: (..., R) scaled (from `scaled_projection`) flattened to (N, R) over base_out's N tokens,
+            with b_t (R, out); or one row's (1, T, R) with b_t as a (1, R, out) view (a batched matmul).
+        inplace: accumulate into base_out (inference; base_out contiguous and of h's dtype) with one
+            addmm / baddbmm, saving an allocation and an add.
     """
-    if inplace and h.dim() == 3 and h.shape[0] == 1 and base_out.dim() == 3:
-        return base_out.baddbmm_(h, b_t if b_t.dim() == 3 else b_t.unsqueeze(0))
-    b2 = b_t[0] if b_t.dim() == 3 else b_t
     if not inplace:
-        return base_out + (h @ b2).to(base_out.dtype).view(base_out.shape)
-    base_out.view(-1, base_out.shape[-1]).addmm_(h if h.dim() == 2 else h.reshape(-1, h.shape[-1]), b2)
+        return base_out + (h @ b_t).to(base_out.dtype).view(base_out.shape)
+    if b_t.dim() == 3:
+        return base_out.baddbmm_(h, b_t)
+    base_out.view(-1, base_out.shape[-1]).addmm_(h, b_t)
     return base_out
 
 
