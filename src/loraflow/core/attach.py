@@ -2,10 +2,11 @@
 
 Two mechanisms, nothing forked:
 - every adapted linear module is replaced (as a module) by a `FusedLoraLinear` wrapping it;
-- the module running the decoder layers gets hooks that open and close one call's state (a
-  `CallContext`, see `loraflow.core.fusion_context`); every decoder layer gets a forward pre-hook
-  that hands the hidden state entering the layer (before its input layernorm) to that state, and
-  a forward hook that records the layer's fusion weights and drops what the layer no longer needs.
+- the model (and the module running its decoder layers) gets hooks that open and close one
+  forward: fill the fusion metadata (see `loraflow.core.fusion_context`) before it, publish the
+  fusion weights after it; every decoder layer gets a forward pre-hook that hands the hidden state
+  entering the layer (before its input layernorm) to the layer's `LayerMixer`, which runs the gates
+  once for the layer, and a forward hook that drops what the layer no longer needs.
 
 Decoder layers and adapted modules are found from the model and the adapter weights, never from
 hard-coded architecture names.
@@ -444,7 +445,8 @@ def merge(attachment: Attachment, engine: FusionEngine, plan: FusionPlan) -> Non
     """Add the static fusion `plan` into the base weights, keeping the originals to restore bit for bit.
 
     The originals are kept on the CPU (a copy when the weights live elsewhere), so a merged static
-    mode costs no accelerator memory; calls with another fusion subtract it (see CallContext).
+    mode costs no accelerator memory; calls with another fusion subtract it (folded into the
+    metadata's static weights, see FusionMetadata.fill).
     """
     quantized = [f"{type(m.base_layer).__name__} ({m.base_layer.weight.dtype})" for m in attachment.fused
                  if not mergeable(m)]
