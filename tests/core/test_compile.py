@@ -171,3 +171,30 @@ def test_compile_flag_for_generate_and_eval_not_for_training(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["train-gate", "--base", "b", "--train", "t", "--out", "o", "--compile"])
     assert "unrecognized arguments: --compile" in capsys.readouterr().err
+
+
+def test_module_level_gates_compile_without_recompiling(tmp_path):
+    """One gate per adapted module: the compiled graph computes weights per module, for every fusion."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    base = build_tiny_model("llama", num_layers=2)
+    adapters = {"zh": make_peft_adapter(base, tmp_path / "zh", seed=1),
+                "math": make_peft_adapter(base, tmp_path / "math", seed=2, r=8)}
+    model = LoraFlowModel.from_pretrained(copy.deepcopy(base), adapters, granularity="module", seed=0,
+                                          gate_init_std=0.5)
+    ids = _ids(5, (2, 4))
+    fusions = ["gate", "avg", "off", ["gate", "single:zh"]]
+    eager = [_run(model, f, ids) for f in fusions]
+    counter = CompileCounterWithBackend("eager")
+    model.compile(backend=counter, dynamic=False)
+    _run(model, "gate", ids)
+    frames = counter.frame_count
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for f, (want, want_w) in zip(fusions, eager):
+            got, got_w = _run(model, f, ids)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+            assert (got_w is None) == (want_w is None)
+    assert counter.frame_count == frames
+    assert (eager[0][0][0] - eager[2][0][0]).abs().max() > 1e-3
