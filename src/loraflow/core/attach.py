@@ -51,6 +51,7 @@ class LayerMixer:
         self.hidden: torch.Tensor | None = None  # (B, T, d), the layer's input
         self.step = None  # the FusionStep in use
         self.kind = OFF
+        self.compiling = False  # set by `begin`: True while torch.compile traces the layer
         self.scales: tuple[torch.Tensor, ...] | None = None  # per group (B, T|1, R_group); None: nothing to add
         self.own = False  # weights per module (module-level gates): no shared scales
         self.projections: list = []  # per group, (x, its scaled h split per member) while the layer runs
@@ -83,7 +84,7 @@ class LayerMixer:
     # ----------------------------------------------------------------- per layer call
     def begin(self, hidden: torch.Tensor) -> None:
         """The layer starts: compute its column scales from its input `hidden` (B, T, d)."""
-        compiling = is_dynamo_compiling()
+        compiling = self.compiling = is_dynamo_compiling()  # the layer's fused linears read this flag
         engine = self.engine
         step = engine.meta.step
         if not compiling:
@@ -136,7 +137,7 @@ class LayerMixer:
         position = group.layer_position
         cached = self.projections[position]
         if cached is None or cached[0] is not x:
-            a_t = group.lora_A_t if is_dynamo_compiling() else group._parameters["lora_A_t"]
+            a_t = group.lora_A_t if self.compiling else group._parameters["lora_A_t"]
             scales = scales[position] if x.dim() == 3 else _tokens_like(scales[position], x, self.hidden)
             h = scaled_projection(x, a_t, scales, inplace=not torch.is_grad_enabled())  # (..., R_group)
             if h.dim() != 3 or h.shape[0] != 1:

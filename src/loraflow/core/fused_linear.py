@@ -190,7 +190,8 @@ class FusedLoraLinear(nn.Module):
         return torch.bincount(self.adapter_index, minlength=self.num_adapters).tolist()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compiling = is_dynamo_compiling()
+        mixer = self.mixer
+        compiling = mixer.compiling if mixer is not None else is_dynamo_compiling()  # read once per layer
         if compiling:
             result = self.base_layer(x)
         else:
@@ -201,7 +202,6 @@ class FusedLoraLinear(nn.Module):
                 result = F.linear(x, params["weight"], params["bias"])
             else:
                 result = base(x)
-        mixer = self.mixer
         h = mixer.lora_hidden(self, x) if mixer is not None else None  # (1, T, R) or (N, R), scaled; or None
         if h is None:
             return result
