@@ -510,11 +510,11 @@ def add_call_hooks(module: nn.Module, engine: FusionEngine, mixers: list[LayerMi
             x = args[0]
         batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
         device = x.device if isinstance(x, torch.Tensor) else next(mod.parameters()).device
-        engine.begin_call(batch, device)
+        engine.begin_call(batch, device, mod)
 
     def end(mod, args, output):
         if not is_dynamo_compiling():
-            engine.end_call(mixers)
+            engine.end_call(mixers, mod)
 
     if outermost:
         begin, end = torch.compiler.disable(begin), torch.compiler.disable(end)

@@ -200,7 +200,7 @@ class FusionEngine:
         self.meta = FusionMetadata()
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread whose forward holds the lock
-        self._depth = 0
+        self._callers: list = []  # the modules whose forward is open, outermost first
         self.module_gates = False  # some gate has one gate per module (compiled graphs then weight per module)
         self.in_call = False  # a plain flag a compiled graph can check (at trace time) that the metadata was filled
 
@@ -285,18 +285,23 @@ class FusionEngine:
         finally:
             _SELECTIONS.reset(token)
 
-    def begin_call(self, batch: int | None, device: torch.device) -> None:
-        """Start a forward (eager code only, never inside a compiled graph): take the model's lock,
-        resolve this context's plan and fill the metadata. A nested call (the LoraFlowModel, then its
-        transformers model, then the decoder stack) only counts the depth.
+    def begin_call(self, batch: int | None, device: torch.device, caller: object = None) -> None:
+        """Start a forward of `caller` (eager code only, never inside a compiled graph): take the model's
+        lock, resolve this context's plan and fill the metadata. A nested call (the LoraFlowModel, then
+        its transformers model, then the decoder stack) only counts the depth.
 
         One forward runs at a time per model: the lock is held from here to `end_call`, so a thread
         never sees another thread's metadata (threads queue; each gets what it gets alone).
         """
         me = threading.get_ident()
         if self._owner == me:
-            self._depth += 1
-            return
+            if caller not in self._callers:
+                self._callers.append(caller)
+                return
+            # `caller` is open already: its last forward ended without its end hook (a KeyboardInterrupt
+            # skips always_call hooks); start afresh, the lock is still ours
+            self._owner = None
+            self._lock.release()
         self._lock.acquire()
         try:
             plan = _SELECTIONS.get().get(self.key) or self.default
@@ -307,14 +312,15 @@ class FusionEngine:
         except BaseException:
             self._lock.release()
             raise
-        self._owner, self._depth, self.in_call = me, 1, True
+        self._owner, self._callers, self.in_call = me, [caller], True
 
-    def end_call(self, mixers: Sequence) -> None:
-        """End a forward: publish its weights (last_weights, recorders) and release the lock."""
-        if self._owner != threading.get_ident():
+    def end_call(self, mixers: Sequence, caller: object = None) -> None:
+        """End `caller`'s forward; the outermost publishes its weights (last_weights, recorders) and releases
+        the lock."""
+        if self._owner != threading.get_ident() or caller not in self._callers:
             return
-        self._depth -= 1
-        if self._depth:
+        del self._callers[self._callers.index(caller):]
+        if self._callers:
             return
         try:
             weights = self._collect(mixers)
@@ -324,6 +330,13 @@ class FusionEngine:
             _set(_LAST, self.key, weights)  # persists in the caller's context: "the last call", per thread
         finally:
             self._owner, self.in_call = None, False
+            self._lock.release()
+
+    def abandon(self) -> None:
+        """Close this thread's forward without publishing (its end hooks did not run, e.g. after a
+        KeyboardInterrupt, which torch's always_call hooks do not catch), so other threads can go on."""
+        if self._owner == threading.get_ident():
+            self._owner, self._callers, self.in_call = None, [], False
             self._lock.release()
 
     @property

@@ -42,6 +42,7 @@ from loraflow.core.checkpoints import (
     save_gate_checkpoint,
 )
 from loraflow.core.devices import resolve_device
+from loraflow.core.fused_linear import is_dynamo_compiling
 from loraflow.core.fusion_context import FusionEngine, FusionPlan
 from loraflow.core.fusion_spec import FusionSpec, parse_fusion
 from loraflow.core.gate import GateBank, GateConfig
@@ -176,14 +177,24 @@ class LoraFlowModel(nn.Module):
 
     # ----------------------------------------------------------------- the transformers contract
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        if is_dynamo_compiling():
+            return self.model(*args, **kwargs)
+        try:
+            return self.model(*args, **kwargs)
+        except BaseException:
+            self._engine.abandon()  # a KeyboardInterrupt skips the end hooks: do not leave the model locked
+            raise
 
     def generate(self, *args, **kwargs):
         if self.compiled:
             kwargs.setdefault("disable_compile", True)  # compiled already; transformers would compile __call__
             if kwargs.get("past_key_values") is None:
                 kwargs.setdefault("cache_implementation", "static")  # fixed shapes while decoding
-        return self.model.generate(*args, **kwargs)
+        try:
+            return self.model.generate(*args, **kwargs)
+        except BaseException:
+            self._engine.abandon()
+            raise
 
     def compile(self, *, fullgraph: bool = True, **kwargs) -> LoraFlowModel:
         """Compile the transformers model's forward with `torch.compile` (fullgraph by default); returns self.
