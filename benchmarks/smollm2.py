@@ -19,6 +19,11 @@ Speed is CPU time (`time.process_time`) of model forwards: a prefill of B x `--p
 then `--steps` one-token decode steps on its KV cache. prefill tok/s = B x prompt / prefill time,
 decode tok/s = B / step time. PEFT X-LoRA cannot use a KV cache, so it is compared on greedy
 `generate` wall time instead (against the base and loraflow k=2 in the same rounds).
+
+`--compiled` adds compiled rows: the base model and loraflow (dynamic gate, k in --ks; static avg
+on k=2, merged) with their forward under `torch.compile(fullgraph=True)` (inductor) and a
+StaticCache (eager rows keep transformers' DynamicCache); the first call per shape (the compile)
+is timed apart and reported, never counted in the medians.
 """
 
 from __future__ import annotations
@@ -114,6 +119,41 @@ def build(keys: list[str], paths: list[Path], seed: int) -> dict:
     return models
 
 
+def forward_cpu_static(model, ids, steps: int) -> tuple[float, list[float]]:
+    """As `forward_cpu`, on a fresh StaticCache with explicit cache positions (what a compiled forward needs)."""
+    import torch
+    from transformers import StaticCache
+
+    n = ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=n + steps + 1)
+    with torch.inference_mode():
+        start = time.process_time()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(n))
+        prefill = time.process_time() - start
+        nxt = out.logits[:, -1:].argmax(-1)
+        times = []
+        for i in range(steps):
+            position = torch.tensor([n + i])
+            start = time.process_time()
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True, cache_position=position)
+            times.append(time.process_time() - start)
+            nxt = out.logits[:, -1:].argmax(-1)
+    return prefill, times
+
+
+def compiled(models: list):
+    """The same models with their forward compiled (inductor, fullgraph, static shapes)."""
+    from loraflow import LoraFlowModel
+    from loraflow.core.model import compile_forward
+
+    for m in models:
+        if isinstance(m, LoraFlowModel):
+            m.compile(dynamic=False)
+        else:
+            compile_forward(m, dynamic=False)
+    return models
+
+
 def forward_cpu(model, ids, steps: int) -> tuple[float, list[float]]:
     """CPU seconds (time.process_time) of a prefill of `ids` and of each of `steps` one-token decode forwards.
 
@@ -192,6 +232,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-xlora", action="store_true")
     p.add_argument("--xlora-new-tokens", type=at_least(2), default=6, help="tokens of the X-LoRA generate comparison")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round, 1 copy, batch 1, k=2, 2 steps")
+    p.add_argument("--compiled", action="store_true", help="add torch.compile rows (inductor; minutes per model)")
     p.add_argument("--json", type=Path, default=Path(__file__).with_name("smollm2_results.json"))
     p.add_argument("--plot", type=Path, default=Path(__file__).with_name("smollm2_k_scaling.png"))
     args = p.parse_args(argv)
@@ -208,11 +249,18 @@ def main(argv=None) -> int:
         paths = make_adapters(load_base(), Path(tmp), max(ks), args.seed)
         models = {key: [build([key], paths, args.seed)[key] for _ in range(args.instances)] for key in keys}
         xlora = None if args.no_xlora else build(["xlora2"], paths, args.seed)["xlora2"]
+        compiled_keys = ["base"] + [f"loraflow{k}" for k in ks] if args.compiled else []
+        for key in compiled_keys:
+            models[f"{key}_compiled"] = compiled([build([key], paths, args.seed)[key] for _ in range(args.instances)])
     print(f"models built ({time.perf_counter() - started:.0f}s)", flush=True)
     # (model key, label, fusion, merged): static modes run on the k=2 models
     runs = [(key, key, None, True) for key in keys] + [
         ("loraflow2", "off", "off", True), ("loraflow2", "static_avg_unmerged", "avg", False),
         ("loraflow2", "static_avg", "avg", True), ("loraflow2", "static_single", "single:a0", True)]
+    runs += [(f"{key}_compiled", f"{key}_compiled", None, True) for key in compiled_keys]
+    if args.compiled:
+        runs.append(("loraflow2_compiled", "static_avg_compiled", "avg", True))
+    compile_s: dict = {}
     vocab = models["base"][0].config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
     prompts = {b: torch.randint(3, vocab, (b, args.prompt_len), generator=gen) for b in args.batch_sizes}
@@ -222,8 +270,14 @@ def main(argv=None) -> int:
         for b in args.batch_sizes:
             for key, label, fusion, merged in runs:
                 for model in models[key]:
+                    measure = forward_cpu_static if key.endswith("_compiled") else forward_cpu
+                    if not round_ and key.endswith("_compiled"):  # the first calls compile: timed apart
+                        t0 = time.perf_counter()
+                        with fusion_mode(model, fusion, merged):
+                            measure(model, prompts[b], args.steps)  # same cache length as measured
+                        compile_s.setdefault(label, {}).setdefault(b, []).append(time.perf_counter() - t0)
                     with fusion_mode(model, fusion, merged):
-                        pre, steps = forward_cpu(model, prompts[b], args.steps)
+                        pre, steps = measure(model, prompts[b], args.steps)
                     if round_:
                         prefill[label][b].append(pre)
                         decode[label][b] += steps
@@ -235,9 +289,10 @@ def main(argv=None) -> int:
     ids = prompts[args.batch_sizes[0]][:1]
     ops = {key: count_aten_ops(models[key][0], ids) for key in ("base", "peft2", "loraflow2")}
     bw = {key: bytes_per_token(models[key][0]) for key in keys if key.startswith("loraflow")}
-    text = render(ms, runs, ops, bw, xl, args, time.perf_counter() - started)
+    text = render(ms, runs, ops, bw, xl, args, time.perf_counter() - started, compile_s)
     print(text)
-    args.json.write_text(json.dumps({"ms": ms, "xlora": xl, "ops": ops, "bandwidth": bw, "args": vars(args) | {
+    args.json.write_text(json.dumps({"ms": ms, "xlora": xl, "ops": ops, "bandwidth": bw, "compile_s": compile_s,
+                                     "args": vars(args) | {
         "json": str(args.json), "plot": str(args.plot)}, "info": machine_info(1, args.seed)}, indent=1, default=str))
     if len(ks) > 1:
         plot(ms, ks, args, bw)
@@ -258,14 +313,17 @@ def xlora_comparison(base, loraflow, xlora, prompts, args) -> dict:
 LABELS = {"base": "base model", "peft1": "PEFT LoRA, 1 adapter (a0)", "peft2": "PEFT LoRA, 2 adapters active",
           "off": "loraflow k=2, fusion off (the wrapping alone)",
           "static_avg_unmerged": "loraflow k=2, static avg, not merged (LoRA matmuls, no gate)",
-          "static_avg": "loraflow k=2, static avg (merged)", "static_single": "loraflow k=2, single:a0 (merged)"}
+          "static_avg": "loraflow k=2, static avg (merged)", "static_single": "loraflow k=2, single:a0 (merged)",
+          "static_avg_compiled": "loraflow k=2, static avg (merged), compiled"}
 
 
 def _label(key: str) -> str:
+    if key.endswith("_compiled") and key not in LABELS:
+        return _label(key[: -len("_compiled")]) + ", compiled"
     return LABELS.get(key, f"loraflow, dynamic gate, k={key[len('loraflow'):]}")
 
 
-def render(ms, runs, ops, bw, xl, args, wall) -> str:
+def render(ms, runs, ops, bw, xl, args, wall, compile_s=None) -> str:
     bs = args.batch_sizes
     lines = [f"SmolLM2-135M-Instruct (fp32 from {GGUF}), 1 thread; CPU time per forward, median over {args.rounds} "
              f"interleaved rounds x {args.instances} copies (prefill of {args.prompt_len} tokens, then "
@@ -278,7 +336,8 @@ def render(ms, runs, ops, bw, xl, args, wall) -> str:
             for phase in ("prefill", "decode"):
                 cells.append(f"{ms['base'][b][phase] / ms[label][b][phase]:.3f}x ({ms[label][b][phase]:.1f} ms)")
         merged = label in ("static_avg", "static_single")
-        bound = "1.000x" if merged else f"{bw[key]['bound']:.3f}x" if key in bw and label != "off" else ""
+        plain = key[: -len("_compiled")] if key.endswith("_compiled") else key
+        bound = "1.000x" if merged else f"{bw[plain]['bound']:.3f}x" if plain in bw and label != "off" else ""
         lines.append(f"| {_label(label)} | " + " | ".join(cells) + f" | {bound} |")
     if xl:
         lines += ["", "PEFT X-LoRA (no KV cache; greedy generate wall clock, "
@@ -286,6 +345,11 @@ def render(ms, runs, ops, bw, xl, args, wall) -> str:
                   + "; ".join(f"b={b}: X-LoRA {xl['xlora2'][b]:.2f}, base {xl['base'][b]:.2f}, loraflow k=2 "
                               f"{xl['loraflow2'][b]:.2f} (loraflow {xl['loraflow2'][b] / xl['xlora2'][b]:.1f}x X-LoRA)"
                               for b in bs)]
+    if compile_s:
+        lines += ["", "Compile time (wall, first prefill + decode step per batch size, median over copies): "
+                  + "; ".join(f"{_label(label)}: " + ", ".join(f"b={b} {statistics.median(v):.0f} s"
+                                                                for b, v in per_b.items())
+                              for label, per_b in compile_s.items())]
     lines += ["", "aten ops in one decode step (batch 1, torch.profiler; called from Python / all levels): "
               + ", ".join(f"{_label(k)} {v['top']:,} / {v['all']:,}" for k, v in ops.items()), "",
               "Bandwidth bound (decode is weight-bound at batch 1: base weight bytes / (base + adapters + gates)): "

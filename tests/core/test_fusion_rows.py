@@ -231,3 +231,35 @@ def test_from_pretrained_names_its_gate(setup, tmp_path):
     ids = _ids(6, (1, 4))
     torch.testing.assert_close(_alone(model, FusionSpec("gate", gate="zh_math"), ids), _alone(model, GATE, ids),
                                atol=0, rtol=0)
+
+
+def test_an_interrupted_forward_does_not_lock_the_model(setup):
+    """Ctrl-C in the middle of a forward skips the model's end hooks (torch runs always_call hooks on
+    Exception only): the next forward, in this thread or another, still runs and records its own weights."""
+    _, _, model = setup
+    ids = _ids(7, (1, 5))
+    expected = _alone(model, GATE, ids)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    handle = model.model.model.layers[1].register_forward_pre_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt), torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(_alone(model, GATE, ids), expected, atol=0, rtol=0)
+    assert model.last_fusion_weights.shape == (3, 1, 5, 2)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():  # interrupted again, then another thread runs
+        handle = model.model.model.layers[1].register_forward_pre_hook(interrupt)
+        try:
+            model(input_ids=ids)
+        finally:
+            handle.remove()
+    out = []
+    t = threading.Thread(target=lambda: out.append(_alone(model, GATE, ids)), daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "another thread waits forever for the interrupted forward's lock"
+    torch.testing.assert_close(out[0], expected, atol=0, rtol=0)

@@ -97,3 +97,23 @@ def test_detach_restores_unmerged_base(tmp_path):
     restored = model.detach_adapters()
     for (n, p), (_, q) in zip(restored.named_parameters(), ref.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_quantized_base_weights_are_never_merged(tmp_path):
+    """Adding B A into int8 (or packed 4-bit) weights would corrupt them: a static default then runs
+    unmerged, and an explicit merge is refused with a message naming the layer type."""
+    from loraflow.common.errors import LoraFlowError
+    from loraflow.core.attach import merge
+    from loraflow.core.fused_linear import FusedLoraLinear
+
+    base = build_tiny_model("llama")
+    model = LoraFlowModel.from_pretrained(base, {"zh": make_peft_adapter(base, tmp_path / "zh", seed=1)})
+    fused = next(m for m in model.modules() if isinstance(m, FusedLoraLinear))
+    quantized = torch.nn.Parameter(fused.base_layer.weight.detach().to(torch.int8), requires_grad=False)
+    fused.base_layer.weight = quantized
+    model.set_single_adapter("zh")
+    assert not model.merged and fused.base_layer.weight is quantized
+    plan = model._engine.default
+    with pytest.raises(LoraFlowError, match=r"cannot merge .* quantized base weights \(Linear \(torch.int8\)"):
+        merge(model._attachment, model._engine, plan)
+    assert fused.base_layer.weight is quantized and not model.merged

@@ -52,7 +52,7 @@ def run_eval(args: argparse.Namespace) -> int:
     result = evaluate(model.base_path, model.adapters, run.method, run.data, run.out, cfg, gate=model.gate,
                       train_path=run.train, torch_dtype=model.torch_dtype(device), device=device, label=run.label,
                       adapter_role=run.adapter_role, progress=run.progress, force=run.force,
-                      engine=args.engine)
+                      engine=args.engine, compile_model=model.compile)
     if result:
         extra = f"  (LoRAHub weights: {result['lorahub']['reuse_as']})" if "lorahub" in result else ""
         print(f"{run.method} {cfg.task} {cfg.lang or ''}: {result['correct']}/{result['total']} = "

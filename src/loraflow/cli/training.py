@@ -30,7 +30,7 @@ def add_train_gate(sub) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_options(p, ModelOptions, skip=("temperature", "deprecated_temperature", "device"))
+    add_options(p, ModelOptions, skip=("temperature", "deprecated_temperature", "device", "compile"))
     add_options(p, TrainRun)
     add_options(p, PromptOptions)
     add_options(p, GateTrainConfig)
@@ -70,7 +70,8 @@ def add_train_lora(sub) -> None:
                 "      --template llama2 --rank 64 --alpha 16"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_options(p, ModelOptions, skip=("adapter", "gate", "temperature", "deprecated_temperature", "device"))
+    add_options(p, ModelOptions, skip=("adapter", "gate", "temperature", "deprecated_temperature", "device",
+                                        "compile"))
     add_options(p, TrainRun)
     add_options(p, PromptOptions)
     add_options(p, LoraTrainConfig)

@@ -2,10 +2,11 @@
 
 Two mechanisms, nothing forked:
 - every adapted linear module is replaced (as a module) by a `FusedLoraLinear` wrapping it;
-- the module running the decoder layers gets hooks that open and close one call's state (a
-  `CallContext`, see `loraflow.core.fusion_context`); every decoder layer gets a forward pre-hook
-  that hands the hidden state entering the layer (before its input layernorm) to that state, and
-  a forward hook that records the layer's fusion weights and drops what the layer no longer needs.
+- the model (and the module running its decoder layers) gets hooks that open and close one
+  forward: fill the fusion metadata (see `loraflow.core.fusion_context`) before it, publish the
+  fusion weights after it; every decoder layer gets a forward pre-hook that hands the hidden state
+  entering the layer (before its input layernorm) to the layer's `LayerMixer`, which runs the gates
+  once for the layer, and a forward hook that drops what the layer no longer needs.
 
 Decoder layers and adapted modules are found from the model and the adapter weights, never from
 hard-coded architecture names.
@@ -20,13 +21,22 @@ from torch import nn
 
 from loraflow.core.adapters import LoraAdapter
 from loraflow.common.errors import LoraFlowError
-from loraflow.core.fused_linear import FusedLoraLinear, LoraInputGroup, linear_dims
-from loraflow.core.fusion_context import FusionEngine, FusionPlan
+from loraflow.core.fused_linear import FusedLoraLinear, LoraInputGroup, is_dynamo_compiling, linear_dims
+from loraflow.core.fusion_context import CONST, GATE, MIXED, OFF, FusionEngine, FusionPlan
+from loraflow.core.fusion_math import column_scales, mixed_weights, scaled_projection
 from loraflow.core.fusion_spec import FusionSpec
 from loraflow.core.gate import GateBank
 
 class LayerMixer:
-    """The link from one decoder layer's fused linears to the running call's state (no state of its own)."""
+    """One decoder layer's fusion: from the layer's input and the step's metadata (see
+    `loraflow.core.fusion_context`) to the per-token column scales its fused linears read.
+
+    The layer's forward pre-hook calls `begin` (the gates run here, once per layer), its fused
+    linears call `lora_hidden`, its forward hook calls `end`. All of it is tensor code over the
+    metadata's tensors; in a compiled graph it always takes the general path (every gate, static
+    weights, selector), so one graph serves every fusion. In eager mode it takes the cheapest path
+    that computes the same (nothing when adapters are off, no gate for constant weights).
+    """
 
     def __init__(self, layer_index: int, engine: FusionEngine) -> None:
         self.layer_index = layer_index
@@ -34,7 +44,19 @@ class LayerMixer:
         self.groups: list[LoraInputGroup] = []
         self.layout_key: tuple = ()
         self.group_sizes: list[int] = []  # columns of each group, in order
+        self._cmap: torch.Tensor | None = None
         self._column_maps: dict = {}
+        # state while the layer runs (kept after it with gradients on: activation checkpointing
+        # recomputes the layer's forward in backward without its hooks, and must find it here)
+        self.hidden: torch.Tensor | None = None  # (B, T, d), the layer's input
+        self.step = None  # the FusionStep in use
+        self.kind = OFF
+        self.compiling = False  # set by `begin`: True while torch.compile traces the layer
+        self.scales: tuple[torch.Tensor, ...] | None = None  # per group (B, T|1, R_group); None: nothing to add
+        self.own = False  # weights per module (module-level gates): no shared scales
+        self.projections: list = []  # per group, (x, its scaled h split per member) while the layer runs
+        self.module_weights: list[torch.Tensor] = []
+        self.weights: torch.Tensor | None = None  # (B, T, k) this call's, until the engine collects them
 
     def set_groups(self, groups: list[LoraInputGroup]) -> None:
         """The layer's input groups; their column maps side by side give all its scales in one matmul."""
@@ -44,21 +66,146 @@ class LayerMixer:
         self.group_sizes = [g.lora_A_t.shape[1] for g in self.groups]
         self.layout_key = tuple(g.layout_key for g in self.groups)
         self._column_maps = {}
+        self._cmap = self._build_cmap(self.groups[0].column_map.device) if self.groups else None
+
+    def _build_cmap(self, device: torch.device) -> torch.Tensor:
+        return torch.cat([g.column_map.to(device=device, dtype=torch.float32) for g in self.groups], dim=1)
 
     def column_map(self, device: torch.device) -> torch.Tensor:
-        """(k, R_layer): every group's column map, side by side (cached per device)."""
+        """(k, R_layer): every group's column map, side by side (per device)."""
+        cmap = self._cmap
+        if cmap is not None and cmap.device == device:
+            return cmap
         cmap = self._column_maps.get(device)
         if cmap is None:
-            cmap = self._column_maps[device] = torch.cat(
-                [g.column_map.to(device=device, dtype=torch.float32) for g in self.groups], dim=1)
+            cmap = self._column_maps[device] = self._build_cmap(device)
         return cmap
 
+    # ----------------------------------------------------------------- per layer call
+    def begin(self, hidden: torch.Tensor) -> None:
+        """The layer starts: compute its column scales from its input `hidden` (B, T, d)."""
+        compiling = self.compiling = is_dynamo_compiling()  # the layer's fused linears read this flag
+        engine = self.engine
+        step = engine.meta.step
+        if not compiling:
+            if not engine.in_call:  # a recomputation in backward (transformers < 5 re-runs hooks)
+                step = self.step
+            if step is None:
+                raise RuntimeError(f"decoder layer {self.layer_index} was called outside its model's forward")
+            if step.rows is not None:
+                step.check_rows(hidden.shape[0])
+        kind = MIXED if compiling else step.kind
+        self.hidden, self.step, self.kind = hidden, step, kind
+        self.projections = [None] * len(self.groups)
+        if self.module_weights:
+            self.module_weights = []
+        self.own = kind != OFF and kind != CONST and (
+            engine.module_gates if compiling or kind == MIXED else step.module_granular)
+        if kind == OFF or self.own:
+            self.scales = None
+        elif kind == CONST:
+            self.scales = self._const_scales(step, hidden.device)
+        else:
+            w = self.weights = self._weights(None)  # (B, T, k)
+            self.scales = self._split(column_scales(w, self.column_map(w.device))) if self.groups else None
+
+    def end(self) -> None:
+        """The layer is done: keep its weights for the call's record, drop what it no longer needs."""
+        if self.module_weights:
+            ws = self.module_weights
+            if self.own:
+                self.weights = torch.stack(ws).mean(0) if len(ws) > 1 else ws[0]
+            self.module_weights = []
+        self.projections = [None] * len(self.groups)
+        if not torch.is_grad_enabled():
+            self.hidden, self.scales, self.step = None, None, None
+
     def lora_hidden(self, module: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
-        """`module`'s scaled low-rank hidden (N, R) for input x, or None when there is nothing to add."""
-        ctx = self.engine.current()
-        if ctx is None:
-            raise RuntimeError(f"fused LoRA layer {module.module_key} called outside its model's forward")
-        return ctx.lora_hidden(self, module, x)
+        """`module`'s scaled low-rank hidden for input x: (1, T, R) for one row, else (N, R); or None
+        when there is nothing to add. Modules of one input group called with the same tensor share one
+        projection. This runs once per adapted module per forward, so it keeps its Python work and its
+        tensor operations few: every extra op costs microseconds on every layer and token."""
+        if self.hidden is None:
+            raise RuntimeError(
+                f"fused LoRA layer {module.module_key} called outside decoder layer {self.layer_index}'s forward")
+        if self.own or (module.training and module.has_dropout):
+            return self._own_projection(module, x)  # nothing can be shared
+        scales = self.scales
+        if scales is None:
+            return None
+        group = module.group
+        position = group.layer_position
+        cached = self.projections[position]
+        if cached is None or cached[0] is not x:
+            a_t = group.lora_A_t if self.compiling else group._parameters["lora_A_t"]
+            scales = scales[position] if x.dim() == 3 else _tokens_like(scales[position], x, self.hidden)
+            h = scaled_projection(x, a_t, scales, inplace=not torch.is_grad_enabled())  # (..., R_group)
+            if h.dim() != 3 or h.shape[0] != 1:
+                h = h.view(-1, h.shape[-1])  # (N, R_group)
+            # one split for all members (q/k/v) rather than a slice each
+            cached = (x, h.split_with_sizes(group.member_sizes, -1) if group.shared else (h,))
+            self.projections[position] = cached
+        return cached[1][module.member_index]
+
+    def _own_projection(self, module: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """`module`'s own scaled projection, (N, R): one gate per module, or dropout masks drawn per module."""
+        group = module.group
+        if self.own:
+            w = self._weights(module.module_key)  # (B, T, k)
+            self.module_weights.append(w)
+            scales = column_scales(w, group.column_map.to(w.device))[..., module.columns]
+        elif self.scales is None:
+            return None
+        else:
+            scales = self.scales[group.layer_position][..., module.columns]
+        a_t = group.lora_A_t
+        x_in = x if x.dtype == a_t.dtype else x.to(a_t.dtype)
+        h = module.project_with_dropout(x_in.reshape(-1, x.shape[-1]), a_t[:, module.columns])  # (N, R)
+        return h * _tokens_like(scales, h, self.hidden).to(h.dtype)
+
+    def _weights(self, module_key: str | None) -> torch.Tensor:
+        """The fusion weights (B, T, k) of the layer's tokens (for one module with module-level gates)."""
+        step, hidden, index = self.step, self.hidden, self.layer_index
+        if self.kind == GATE:  # one gate for every row
+            bank = step.bank
+            w = bank.gate(index, module_key if bank.config.granularity == "module" else None)(hidden)
+            return w + step.static.to(w.device) if step.has_static else w
+        banks = list(self.engine.gates.values())
+        gates = [b.gate(index, module_key if b.config.granularity == "module" else None) for b in banks]
+        device = hidden.device
+        weight = torch.stack([g.weight.to(device) for g in gates])  # (G, k, d)
+        bias = torch.stack([g.bias.reshape(-1).to(device) for g in gates])  # (G, k)
+        return mixed_weights(hidden, step.static.to(device), step.select.to(device), weight, bias,
+                             step.temperature.to(device))
+
+    def _const_scales(self, step, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+        """Constant weights: the same scales in every layer of this layout, computed once per step and device."""
+        if not self.groups:
+            return None
+        key = (self.layout_key, device)
+        scales = step.const_scales.get(key)
+        if scales is None:
+            scales = step.const_scales[key] = self._split(
+                column_scales(step.static.to(device), self.column_map(device)))  # (B, 1, R_layer)
+        return scales
+
+    def _split(self, scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The layer's scales cast to the adapters' dtype, one part per input group."""
+        dtype = self.groups[0].lora_A_t.dtype
+        scales = scales if scales.dtype == dtype else scales.to(dtype)
+        return scales.split_with_sizes(self.group_sizes, -1) if len(self.group_sizes) > 1 else (scales,)
+
+
+def _tokens_like(scales: torch.Tensor, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Column scales (B, T|1, R) for x of the layer's tokens: as they are for x (B, T, in), flattened
+    like x when an architecture feeds a fused layer (B * T, in)."""
+    if scales.dim() != 3 or x.dim() == 3:
+        return scales
+    tokens = hidden.shape[:-1]
+    if x.shape[:-1].numel() != tokens.numel():
+        raise RuntimeError(f"a fused LoRA layer got {x.shape[:-1].numel()} rows in a decoder layer "
+                           f"of {tokens.numel()} tokens: its rows must be the layer's tokens")
+    return scales.expand(*tokens, scales.shape[-1]).reshape(*x.shape[:-1], scales.shape[-1])
 
 
 @dataclass
@@ -214,13 +361,12 @@ def attach_adapters(model: nn.Module, adapters: list[LoraAdapter], engine: Fusio
 
     attachment = Attachment(layers_path, mixers, replaced, module_keys=module_keys)
     stack = model.get_submodule(layers_path.rpartition(".")[0])  # the module that runs the layers
-    attachment.hooks.append(stack.register_forward_pre_hook(lambda module, args: engine.begin_call()))
-    attachment.hooks.append(
-        stack.register_forward_hook(lambda module, args, output: engine.end_call(), always_call=True)
-    )
-    for i, layer in enumerate(layers):
-        attachment.hooks.append(layer.register_forward_pre_hook(_pre_hook(engine, i), with_kwargs=True))
-        attachment.hooks.append(layer.register_forward_hook(_post_hook(engine, i), always_call=True))
+    attachment.hooks += add_call_hooks(model, engine, mixers)
+    if stack is not model:
+        attachment.hooks += add_call_hooks(stack, engine, mixers)
+    for mixer, layer in zip(mixers, layers):
+        attachment.hooks.append(layer.register_forward_pre_hook(_pre_hook(mixer), with_kwargs=True))
+        attachment.hooks.append(layer.register_forward_hook(_post_hook(mixer), always_call=True))
     share_inputs(model, attachment, engine)
     return attachment
 
@@ -300,8 +446,16 @@ def merge(attachment: Attachment, engine: FusionEngine, plan: FusionPlan) -> Non
     """Add the static fusion `plan` into the base weights, keeping the originals to restore bit for bit.
 
     The originals are kept on the CPU (a copy when the weights live elsewhere), so a merged static
-    mode costs no accelerator memory; calls with another fusion subtract it (see CallContext).
+    mode costs no accelerator memory; calls with another fusion subtract it (folded into the
+    metadata's static weights, see FusionMetadata.fill).
     """
+    quantized = [f"{type(m.base_layer).__name__} ({m.base_layer.weight.dtype})" for m in attachment.fused
+                 if not mergeable(m)]
+    if quantized:
+        raise LoraFlowError(
+            f"cannot merge a static fusion into quantized base weights ({quantized[0]}"
+            f"{f' and {len(quantized) - 1} more' if len(quantized) > 1 else ''}): they are not floating point; "
+            "run it unmerged (model.merge_static = False)")
     unmerge(attachment, engine)
     weights = plan.static.float().cpu()
     with torch.no_grad():
@@ -318,6 +472,13 @@ def merge(attachment: Attachment, engine: FusionEngine, plan: FusionPlan) -> Non
     engine.merged, engine.merged_plan = plan.static, plan
 
 
+def mergeable(module: FusedLoraLinear) -> bool:
+    """Whether a static fusion can be added into the module's base weight: a plain floating-point tensor
+    (not a quantized one, e.g. bitsandbytes' int8 / packed 4-bit parameters)."""
+    weight = module.base_layer.weight
+    return weight.is_floating_point() and type(weight) in (nn.Parameter, torch.Tensor)
+
+
 def unmerge(attachment: Attachment, engine: FusionEngine | None = None) -> None:
     """Restore the base weights saved by `merge` (bit for bit)."""
     for m in attachment.fused:
@@ -328,23 +489,51 @@ def unmerge(attachment: Attachment, engine: FusionEngine | None = None) -> None:
         engine.merged, engine.merged_plan = None, None
 
 
-def _pre_hook(engine: FusionEngine, index: int):
+def add_call_hooks(module: nn.Module, engine: FusionEngine, mixers: list[LayerMixer], *,
+                   outermost: bool = False) -> list:
+    """Hooks that open and close one forward of `module` (fill the fusion metadata, publish the
+    weights). They run in eager code only: inside a compiled graph they do nothing, so the module
+    whose forward is compiled must be called through an outer one that has them (see
+    `LoraFlowModel.compile`). The `outermost` module's hooks are never traced (torch.compile of that
+    module runs them eagerly around its compiled forward); inner ones would break a graph if they were."""
+    def begin(mod, args, kwargs):
+        if is_dynamo_compiling():
+            if not engine.in_call:
+                raise LoraFlowError(
+                    "a compiled graph runs a LoraFlowModel without filling its fusion metadata first: compile "
+                    "with model.compile() or torch.compile(model) on the LoraFlowModel itself")
+            return
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args and isinstance(args[0], torch.Tensor):
+            x = args[0]
+        batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+        device = x.device if isinstance(x, torch.Tensor) else next(mod.parameters()).device
+        engine.begin_call(batch, device, mod)
+
+    def end(mod, args, output):
+        if not is_dynamo_compiling():
+            engine.end_call(mixers, mod)
+
+    if outermost:
+        begin, end = torch.compiler.disable(begin), torch.compiler.disable(end)
+    return [module.register_forward_pre_hook(begin, with_kwargs=True),
+            module.register_forward_hook(end, always_call=True)]
+
+
+def _pre_hook(mixer: LayerMixer):
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
         if hidden is None:
-            raise RuntimeError(f"decoder layer {index} was called without hidden states")
-        ctx = engine.running()
-        if ctx is None:
-            raise RuntimeError(f"decoder layer {index} was called outside its model's forward")
-        ctx.begin_layer(index, hidden)
+            raise RuntimeError(f"decoder layer {mixer.layer_index} was called without hidden states")
+        mixer.begin(hidden)
 
     return hook
 
 
-def _post_hook(engine: FusionEngine, index: int):
+def _post_hook(mixer: LayerMixer):
     def hook(module, args, output):
-        ctx = engine.running()
-        if ctx is not None:
-            ctx.end_layer(index)
+        mixer.end()
 
     return hook

@@ -24,6 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
+from loraflow.core.fusion_math import add_lora_output
+
+# True only while torch.compile traces (dynamo constant-folds it); a plain `return False` in eager,
+# the cheapest check on a per-token path. torch.compiler.is_compiling on torch without it.
+is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+
 
 def _hook_free(module: nn.Module) -> bool:
     """True when calling `module` would run its plain `forward` (no hooks of any kind, no patched forward)."""
@@ -184,32 +190,32 @@ class FusedLoraLinear(nn.Module):
         return torch.bincount(self.adapter_index, minlength=self.num_adapters).tolist()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self._base
-        if self._plain_linear and _hook_free(base):
-            # what nn.Linear's own call would run, without its module-call overhead
-            params = base._parameters
-            result = F.linear(x, params["weight"], params["bias"])
-        else:
-            result = base(x)
         mixer = self.mixer
+        compiling = mixer.compiling if mixer is not None else is_dynamo_compiling()  # read once per layer
+        if compiling:
+            result = self.base_layer(x)
+        else:
+            base = self._base
+            if self._plain_linear and _hook_free(base):
+                # what nn.Linear's own call would run, without its module-call overhead
+                params = base._parameters
+                result = F.linear(x, params["weight"], params["bias"])
+            else:
+                result = base(x)
         h = mixer.lora_hidden(self, x) if mixer is not None else None  # (1, T, R) or (N, R), scaled; or None
         if h is None:
             return result
         # _parameters[...] rather than self.lora_B_t: nn.Module.__getattr__ is slow on a per-token path
-        b_t = self._parameters["lora_B_t"]
-        if not torch.is_grad_enabled() and result.dtype == h.dtype and result.is_contiguous():
-            # inference: accumulate into the base output, saving one allocation and one add
-            if h.dim() == 3:  # one row: a batched matmul with B as (1, R, out), no reshape of the output
-                result.baddbmm_(h, self._batched_b(b_t))
-            else:
-                result.view(-1, self.out_features).addmm_(h, b_t)
-            return result
-        return result + (h @ b_t).to(result.dtype).view(result.shape)
+        b_t = self.lora_B_t if compiling else self._parameters["lora_B_t"]
+        if h.dim() == 3:  # one row's (1, T, R): a batched matmul against B as (1, R, out)
+            b_t = b_t.unsqueeze(0) if compiling else self._batched_b(b_t)
+        inplace = not torch.is_grad_enabled() and result.dtype == h.dtype and result.is_contiguous()
+        return add_lora_output(result, h, b_t, inplace=inplace)
 
     def _batched_b(self, b_t: torch.Tensor) -> torch.Tensor:
         """B as (1, R, out): a view made once (again if the parameter's storage was replaced, e.g. by .to())."""
         b3 = self.__dict__.get("_b3")
-        if b3 is None or b3.data_ptr() != b_t.data_ptr():
+        if b3 is None or b3.data_ptr() != b_t.data_ptr() or b3.requires_grad != b_t.requires_grad:
             b3 = self.__dict__["_b3"] = b_t.unsqueeze(0)
         return b3
 

@@ -1,21 +1,25 @@
-"""Per-call fusion state: which fusion each batch row uses, and each layer's input, for one forward.
+"""Per-call fusion: which fusion each batch row uses, turned into tensors before each forward.
 
-A model's default fusion (gate / static / off) is configuration, held by its `FusionEngine`. What
-one forward needs while it runs (the resolved plan, the hidden state entering each decoder layer,
-the weights computed from it) lives in a `CallContext` reached through a `contextvars.ContextVar`,
-never on the modules. Threads each have their own context, so two threads running the same model
-with different fusions never see each other's state; asyncio tasks get a copy of their creator's.
+A model's default fusion (gate / static / off) is configuration, held by its `FusionEngine`.
+`with model.fusion(spec)` / `fusion_rows(specs)` choose a plan for the current thread (or asyncio
+task) through a `contextvars.ContextVar`. Before each forward, outside any compiled graph, the
+engine resolves the plan and writes it into the model's one `FusionMetadata` (per-row static
+weights (B, 1, k), a per-row gate selector (B, 1, G), the gates' temperatures): the fused layers
+read only those tensors and the gates' parameters, so a compiled graph serves every fusion.
 
     with model.fusion_rows([FusionSpec("gate"), FusionSpec("static", weights=(0.5, 0.5))]):
         model(input_ids=two_rows)          # row 0 mixed by the gate, row 1 by constants
 
-The ContextVars hold read-only mappings {engine key: value}, replaced (never mutated) on every
-change, so two models used in one thread keep their own entries.
+One forward runs at a time per model (a lock from metadata fill to the end of the forward), so
+threads with different fusions queue instead of seeing each other's metadata. The ContextVars
+hold read-only mappings {engine key: value}, replaced (never mutated) on every change, so two
+models used in one thread keep their own entries.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar, Token
@@ -29,7 +33,6 @@ from loraflow.core.fusion_spec import FusionSpec
 from loraflow.core.gate import GateBank
 
 _EMPTY: Mapping = MappingProxyType({})
-_CALLS: ContextVar[Mapping[str, CallContext]] = ContextVar("loraflow_calls", default=_EMPTY)
 _SELECTIONS: ContextVar[Mapping[str, FusionPlan]] = ContextVar("loraflow_selections", default=_EMPTY)
 _RECORDERS: ContextVar[Mapping[str, list]] = ContextVar("loraflow_recorders", default=_EMPTY)
 _LAST: ContextVar[Mapping[str, list]] = ContextVar("loraflow_last_weights", default=_EMPTY)
@@ -71,150 +74,115 @@ class FusionPlan:
         return self.static is None and not self.gates
 
 
-class LayerCall:
-    """One decoder layer's part of a call: its input and what the fused layers derived from it."""
-
-    __slots__ = ("hidden", "weights", "scales", "projections")
-
-    def __init__(self, hidden: torch.Tensor) -> None:
-        self.hidden = hidden
-        self.weights: dict[str | None, torch.Tensor] = {}  # per gate key: (B, T, k)
-        self.scales: tuple[torch.Tensor, ...] | None = None  # every group's column scales, (B, T, R_group)
-        self.projections: dict = {}  # per input group (the module): (x, its scaled h)
+# How the fused layers run a step, in eager mode (a compiled graph always runs MIXED: one graph for all).
+OFF, CONST, GATE, MIXED = "off", "const", "gate", "mixed"
 
 
-class CallContext:
-    """The state of one forward of one model: the plan, each layer's input, and the weights used."""
+class FusionStep:
+    """One forward's fusion as tensors, what every decoder layer reads (vLLM's per-step LoRA metadata).
 
-    def __init__(self, engine: FusionEngine, plan: FusionPlan) -> None:
-        self.engine = engine
-        self.plan = plan
-        self.layers: list[LayerCall | None] = [None] * engine.num_layers
-        self.weights: list[torch.Tensor | None] = [None] * engine.num_layers
-        self.token: Token | None = None
-        # A static fusion merged into the base weights is subtracted from every other fusion.
-        merged = engine.merged
-        self.offset = None if merged is None or plan is engine.merged_plan else merged
-        self.active = not plan.off if merged is None else self.offset is not None
-        self.constant_scales: dict[tuple, tuple] = {}  # per layer layout, when no gate is in use
-
-    def begin_layer(self, index: int, hidden: torch.Tensor) -> None:
-        rows = self.plan.rows
-        if rows is not None and hidden.shape[0] != rows:
-            raise LoraFlowError(
-                f"fusion_rows: {rows} fusion specs for a batch of {hidden.shape[0]} rows (one spec per row)"
-            )
-        self.layers[index] = LayerCall(hidden)
-
-    def end_layer(self, index: int) -> None:
-        layer = self.layers[index]
-        if layer is None:
-            return
-        if layer.weights and self.plan.gates:
-            ws = list(layer.weights.values())
-            w = torch.stack(ws).mean(0) if len(ws) > 1 else ws[0]
-            if self.offset is not None:
-                w = w + self.offset.to(w.device)  # record the fusion used, not its difference to the merged one
-            self.weights[index] = w.detach() if torch.is_grad_enabled() else w  # (B, T, k)
-        layer.weights, layer.scales, layer.projections = {}, None, {}
-        if not torch.is_grad_enabled():
-            self.layers[index] = None
-        # With gradients on, the layer's input is kept until the call's context is dropped:
-        # activation checkpointing in transformers recomputes the layer's `forward` in backward
-        # without re-running the module hooks, and the recomputed fused layers must find it here.
-
-    def lora_hidden(self, mixer, module, x: torch.Tensor) -> torch.Tensor | None:
-        """dropout(x) @ A^T scaled per column for `module`, or None when there is nothing to add.
-
-        The result is (1, T, R) for a batch of one row (the fused layer adds it with one batched
-        matmul) and (N, R) otherwise. Modules of one input group called with the same tensor share
-        one projection. This runs once per adapted module per forward, so it keeps its Python work
-        and its tensor operations few: every extra op costs microseconds on every layer and token.
-        """
-        if not self.active:
-            return None
-        layer = self.layers[mixer.layer_index]
-        if layer is None:
-            raise RuntimeError(
-                f"fused LoRA layer {module.module_key} called outside decoder layer {mixer.layer_index}'s forward")
-        group = module.group
-        cached = layer.projections.get(group)
-        if cached is None or cached[0] is not x:
-            if self.plan.module_granular or (module.training and module.has_dropout):
-                return self._own_projection(mixer, layer, module, x)  # nothing can be shared
-            a_t = group._parameters["lora_A_t"]  # (in, R_group)
-            h = torch.matmul(x if x.dtype == a_t.dtype else x.to(a_t.dtype), a_t)  # (..., R_group)
-            h = _scale(h, self._group_scales(mixer, layer, group), layer.hidden)
-            if h.dim() != 3 or h.shape[0] != 1:
-                h = h.view(-1, h.shape[-1])  # (N, R_group)
-            # one split for all members (q/k/v) rather than a slice each
-            cached = layer.projections[group] = (x, h.split_with_sizes(group.member_sizes, -1) if group.shared else (h,))
-        return cached[1][module.member_index]
-
-    def _own_projection(self, mixer, layer: LayerCall, module, x: torch.Tensor) -> torch.Tensor:
-        """`module`'s own scaled projection, (N, R): one gate per module, or dropout masks drawn per module."""
-        a_t = module.group.lora_A_t
-        x_in = x if x.dtype == a_t.dtype else x.to(a_t.dtype)
-        w = self._weights(mixer.layer_index, layer, module.module_key if self.plan.module_granular else None)
-        scales = self._cast((w @ module.group.column_map.to(w.device, w.dtype))[..., module.columns], a_t)
-        h = module.project_with_dropout(x_in.reshape(-1, x.shape[-1]), a_t[:, module.columns])
-        return _scale(h, scales, layer.hidden)
-
-    def _group_scales(self, mixer, layer: LayerCall, group) -> torch.Tensor:
-        """The group's column scales: (R_group,), (B, 1, R_group) or (B, T, R_group); one matmul per layer."""
-        scales = self.constant_scales.get(mixer.layout_key) if not self.plan.gates else layer.scales
-        if scales is None:
-            w = self._weights(mixer.layer_index, layer, None)  # (k,), (B, 1, k) or (B, T, k)
-            scales = self._cast(torch.matmul(w, mixer.column_map(w.device)), group.lora_A_t)
-            scales = scales.split_with_sizes(mixer.group_sizes, -1) if len(mixer.group_sizes) > 1 else (scales,)
-            if self.plan.gates:
-                layer.scales = scales
-            else:  # the same constants in every layer of this layout: once per call
-                self.constant_scales[mixer.layout_key] = scales
-        return scales[group.layer_position]
-
-    @staticmethod
-    def _cast(scales: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return scales if scales.dtype == like.dtype else scales.to(like.dtype)
-
-    def _weights(self, index: int, layer: LayerCall, module_key: str | None) -> torch.Tensor:
-        """Adapter weights for the layer's tokens: (B, T, k) with gates, (B, 1, k) per-row constants, else (k,)."""
-        w = layer.weights.get(module_key)
-        if w is not None:
-            return w
-        plan, hidden = self.plan, layer.hidden
-        w = None if plan.static is None else plan.static.to(hidden.device)
-        for name, mask in plan.gates:
-            bank = self.engine.gates[name]
-            gated = bank.gate(index, module_key if bank.config.granularity == "module" else None)(hidden)  # (B, T, k)
-            if mask is None:
-                w = gated
-            else:
-                w = torch.where(mask.to(hidden.device).view(-1, 1, 1), gated, w if w is not None else 0.0)
-        if self.offset is not None:
-            offset = self.offset.to(hidden.device)
-            w = -offset if w is None else w - offset
-        if plan.gates:
-            layer.weights[module_key] = w
-        return w
-
-    def finish(self) -> list[torch.Tensor | None]:
-        """The weights each layer used (None where no gate ran)."""
-        return self.weights
-
-
-def _scale(h: torch.Tensor, scales: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """h (..., R) times column scales (R,), (B, 1, R) or (B, T, R); in place at inference.
-
-    A fused layer whose input is flattened to (B * T, in) gets its scales flattened the same way.
+    Attributes:
+        static: (B, 1, k) float32 constant weights per row (zeros on gate and off rows), minus the
+            static fusion merged into the base weights, if any.
+        select: (B, 1, G) float32, 1 where a row takes gate g's output (gates in the model's order).
+        temperature: (G,) float32, each gate's softmax temperature.
+        kind: the cheapest eager path that computes the same: OFF (nothing to add), CONST (no gate:
+            column scales once per layer layout), GATE (one gate for every row:
+            the GateBank `bank`, plus `static` when `has_static`), MIXED (the general formula).
+        module_granular: a gate in use has one gate per module (eager; compiled graphs read the model's).
+        rows: the batch size the fusion was made for (fusion_rows), else None.
+        plan: the plan it was made from.
     """
-    if scales.dim() == 3 and h.dim() != 3:
-        tokens = hidden.shape[:-1]
-        if h.shape[:-1].numel() != tokens.numel():
-            raise RuntimeError(f"a fused LoRA layer got {h.shape[:-1].numel()} rows in a decoder layer "
-                               f"of {tokens.numel()} tokens: its rows must be the layer's tokens")
-        scales = scales.expand(*tokens, scales.shape[-1]).reshape(*h.shape[:-1], scales.shape[-1])
-    return h * scales if torch.is_grad_enabled() else h.mul_(scales)
+
+    __slots__ = ("static", "select", "temperature", "kind", "bank", "has_static", "module_granular", "rows",
+                 "plan", "const_scales")
+
+    def __init__(self, static: torch.Tensor, select: torch.Tensor, temperature: torch.Tensor) -> None:
+        self.static, self.select, self.temperature = static, select, temperature
+        self.kind, self.bank, self.has_static, self.module_granular = OFF, None, False, False
+        self.rows: int | None = None
+        self.plan: FusionPlan | None = None
+        self.const_scales: dict = {}  # CONST: per (layer layout, device), the layer's column scales
+
+    def check_rows(self, batch: int) -> None:
+        if self.rows is not None and batch != self.rows:
+            raise LoraFlowError(
+                f"fusion_rows: {self.rows} fusion specs for a batch of {batch} rows (one spec per row)")
+
+
+class FusionMetadata:
+    """A model's per-step fusion tensors: `step` is what the running forward reads.
+
+    `fill` turns a plan into tensors before a forward, outside any compiled graph. Without
+    gradients the tensors are fixed buffers (one set per batch size and device) written in place,
+    so a compiled graph (and a CUDA graph) reads the same addresses every step and a fusion change
+    is new data, never a new graph. With gradients each forward gets fresh tensors (autograd saves
+    them, so they must not change before backward).
+    """
+
+    def __init__(self) -> None:
+        self.step: FusionStep | None = None
+        self._buffers: dict[tuple, FusionStep] = {}
+        self._prepared: dict[tuple, tuple] = {}  # per plan and batch size: its tensors, built once on the CPU
+
+    def fill(self, plan: FusionPlan, batch: int | None, gates: Mapping[str, GateBank], k: int,
+             merged: torch.Tensor | None, merged_plan: FusionPlan | None, device: torch.device) -> FusionStep:
+        """Write `plan` for a batch of `batch` rows (None: unknown) into the step's tensors."""
+        names = list(gates)
+        rows = plan.rows or batch or 1
+        offset = merged if merged is not None and plan is not merged_plan else None
+        temps = tuple(float(gates[n].config.temperature) for n in names)
+        key = (id(plan), rows, id(offset), tuple(names), temps)
+        prepared = self._prepared.get(key)
+        if prepared is None or prepared[0] is not plan or prepared[1] is not offset:
+            if len(self._prepared) > 64:
+                self._prepared = {}
+            static = torch.zeros(rows, k)
+            if plan.static is not None:
+                static += plan.static.detach().float().cpu().reshape(-1, k)  # (k,) or (B, k)
+            if offset is not None:
+                static -= offset.float().cpu()  # a merged static fusion is subtracted from every other one
+            select = torch.zeros(rows, len(names))
+            for name, mask in plan.gates:
+                select[:, names.index(name)] = 1.0 if mask is None else mask.float().cpu()
+            prepared = self._prepared[key] = (plan, offset, static[:, None], select[:, None],
+                                              torch.tensor(temps, dtype=torch.float32))
+        _, _, static, select, temperature = prepared
+
+        if torch.is_grad_enabled():
+            step = FusionStep(static.to(device, copy=True), select.to(device, copy=True), temperature.to(device, copy=True))
+        else:
+            key = (rows, k, len(names), device)
+            step = self._buffers.get(key)
+            if step is None:
+                step = self._buffers[key] = FusionStep(
+                    torch.zeros(rows, 1, k, device=device), torch.zeros(rows, 1, len(names), device=device),
+                    torch.zeros(len(names), device=device))
+                if device.type == "cuda":  # fixed addresses for CUDA graphs
+                    for t in (step.static, step.select, step.temperature):
+                        torch._dynamo.mark_static_address(t)
+            step.static.copy_(static)
+            step.select.copy_(select)
+            step.temperature.copy_(temperature)
+            step.const_scales = {}
+        active = not plan.off if merged is None else offset is not None
+        uniform_gate = len(plan.gates) == 1 and plan.gates[0][1] is None
+        if not active:
+            step.kind = OFF
+        elif not plan.gates:
+            step.kind = CONST
+        elif uniform_gate and plan.static is None:
+            step.kind, step.bank, step.has_static = GATE, gates[plan.gates[0][0]], offset is not None
+        else:
+            step.kind = MIXED
+        step.module_granular = plan.module_granular
+        step.rows, step.plan = plan.rows, plan
+        self.step = step
+        return step
+
+    def clear(self) -> None:
+        """Drop the buffers (the gates changed: their number is part of the shapes)."""
+        self._buffers, self._prepared = {}, {}
 
 
 class FusionEngine:
@@ -229,7 +197,18 @@ class FusionEngine:
         self.default = FusionPlan("gate", gates=((self.default_gate, None),))
         self.merged: torch.Tensor | None = None  # (k,) static weights merged into the base weights
         self.merged_plan: FusionPlan | None = None
-        self._replay: CallContext | None = None
+        self.meta = FusionMetadata()
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread whose forward holds the lock
+        self._callers: list = []  # the modules whose forward is open, outermost first
+        self.module_gates = False  # some gate has one gate per module (compiled graphs then weight per module)
+        self.in_call = False  # a plain flag a compiled graph can check (at trace time) that the metadata was filled
+
+    def add_gate(self, name: str, bank: GateBank) -> None:
+        """Make `bank` selectable by `name`."""
+        self.gates[name] = bank
+        self.module_gates = self._module_granular(list(self.gates))
+        self.meta.clear()
 
     # ------------------------------------------------------------- plans
     def set_default(self, plan: FusionPlan) -> None:
@@ -306,34 +285,82 @@ class FusionEngine:
         finally:
             _SELECTIONS.reset(token)
 
-    def begin_call(self) -> None:
-        """Start a forward: resolve the plan and make a fresh CallContext current."""
-        plan = _SELECTIONS.get().get(self.key) or self.default
-        ctx = CallContext(self, plan)
-        ctx.token = _set(_CALLS, self.key, ctx)
-        if torch.is_grad_enabled():
-            self._replay = ctx  # for activation-checkpoint recomputation in backward (see CallContext.end_layer)
+    def begin_call(self, batch: int | None, device: torch.device, caller: object = None) -> None:
+        """Start a forward of `caller` (eager code only, never inside a compiled graph): take the model's
+        lock, resolve this context's plan and fill the metadata. A nested call (the LoraFlowModel, then
+        its transformers model, then the decoder stack) only counts the depth.
 
-    def end_call(self) -> None:
-        """End a forward: publish its weights (last_weights, recorders), drop the CallContext."""
-        ctx = _CALLS.get().get(self.key)
-        if ctx is None:
+        One forward runs at a time per model: the lock is held from here to `end_call`, so a thread
+        never sees another thread's metadata (threads queue; each gets what it gets alone).
+        """
+        me = threading.get_ident()
+        if self._owner == me:
+            if caller not in self._callers:
+                self._callers.append(caller)
+                return
+            # `caller` is open already: its last forward ended without its end hook (a KeyboardInterrupt
+            # skips always_call hooks); start afresh, the lock is still ours
+            self._owner = None
+            self._lock.release()
+        self._lock.acquire()
+        try:
+            plan = _SELECTIONS.get().get(self.key) or self.default
+            if plan.rows is not None and batch is not None and batch != plan.rows:
+                raise LoraFlowError(
+                    f"fusion_rows: {plan.rows} fusion specs for a batch of {batch} rows (one spec per row)")
+            self.meta.fill(plan, batch, self.gates, len(self.adapter_names), self.merged, self.merged_plan, device)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._owner, self._callers, self.in_call = me, [caller], True
+
+    def end_call(self, mixers: Sequence, caller: object = None) -> None:
+        """End `caller`'s forward; the outermost publishes its weights (last_weights, recorders) and releases
+        the lock."""
+        if self._owner != threading.get_ident() or caller not in self._callers:
             return
-        weights = ctx.finish()
-        _CALLS.reset(ctx.token)
-        recorder = _RECORDERS.get().get(self.key)
-        if recorder is not None:
-            recorder.append(list(weights))
-        _set(_LAST, self.key, weights)  # persists in the caller's context: "the last call", per thread
+        del self._callers[self._callers.index(caller):]
+        if self._callers:
+            return
+        try:
+            weights = self._collect(mixers)
+            recorder = _RECORDERS.get().get(self.key)
+            if recorder is not None:
+                recorder.append(list(weights))
+            _set(_LAST, self.key, weights)  # persists in the caller's context: "the last call", per thread
+        finally:
+            self._owner, self.in_call = None, False
+            self._lock.release()
 
-    def running(self) -> CallContext | None:
-        """The context of the forward running in the current context, if any."""
-        return _CALLS.get().get(self.key)
+    def abandon(self) -> None:
+        """Close this thread's forward without publishing (its end hooks did not run, e.g. after a
+        KeyboardInterrupt, which torch's always_call hooks do not catch), so other threads can go on."""
+        if self._owner == threading.get_ident():
+            self._owner, self._callers, self.in_call = None, [], False
+            self._lock.release()
 
-    def current(self) -> CallContext | None:
-        """The running call's context; in backward recomputation (no call running), the last one with grad."""
-        ctx = _CALLS.get().get(self.key)
-        return ctx if ctx is not None else self._replay
+    @property
+    def open(self) -> bool:
+        """A forward of this model is running in this thread."""
+        return self._owner == threading.get_ident()
+
+    def _collect(self, mixers: Sequence) -> list[torch.Tensor | None]:
+        """Each layer's weights (B, T, k) of the call that ends (None for every layer when no gate ran)."""
+        step = self.meta.step
+        out: list[torch.Tensor | None] = []
+        for mixer in mixers:
+            w, mixer.weights = mixer.weights, None
+            out.append(w)
+        if step is None or not step.plan.gates or any(w is None for w in out):
+            return [None] * len(out)
+        grad = torch.is_grad_enabled()
+        merged = self.merged if step.plan is not self.merged_plan else None
+        result = []
+        for w in out:
+            if merged is not None:
+                w = w + merged.to(w.device)  # record the fusion used, not its difference to the merged one
+            result.append(w.detach() if grad else w)
+        return result
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[list]:

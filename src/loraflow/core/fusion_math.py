@@ -30,8 +30,10 @@ def gate_weights(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     Returns:
         (..., k) in the gate's dtype.
     """
-    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight) / temperature
-    return torch.softmax(logits, dim=-1) + bias.reshape(-1)
+    logits = torch.nn.functional.linear(hidden if hidden.dtype == weight.dtype else hidden.to(weight.dtype), weight)
+    if not (isinstance(temperature, float) and temperature == 1.0):  # x / 1.0 == x: skip the op
+        logits = logits / temperature
+    return torch.softmax(logits, dim=-1) + (bias if logits.dim() > 1 and bias.dim() <= 2 else bias.reshape(-1))
 
 
 def mixed_weights(hidden: torch.Tensor, static: torch.Tensor, select: torch.Tensor,
@@ -62,7 +64,7 @@ def column_scales(weights: torch.Tensor, column_map: torch.Tensor) -> torch.Tens
     column_map[i, j] = lora_alpha_i / r_i where column j belongs to adapter i, else 0; so column j
     of adapter i gets w_i * s_i.
     """
-    return weights.to(column_map.dtype) @ column_map
+    return (weights if weights.dtype == column_map.dtype else weights.to(column_map.dtype)) @ column_map
 
 
 def lora_delta(x: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -88,6 +90,41 @@ def fused_linear(x: torch.Tensor, base_out: torch.Tensor, a_t: torch.Tensor, b_t
     """
     delta = lora_delta(x, a_t, b_t, column_scales(weights, column_map))
     return base_out + delta.to(base_out.dtype)
+
+
+def scaled_projection(x: torch.Tensor, a_t: torch.Tensor, scales: torch.Tensor, *,
+                      inplace: bool = False) -> torch.Tensor:
+    """The first half of `lora_delta` for a group of modules sharing one input: (x @ A^T) * scales.
+
+    Args:
+        x: (..., in); a_t: (in, R) the group's stacked A transposed; scales: (..., R) or broadcastable.
+        inplace: scale the fresh product in place (inference: one allocation fewer).
+
+    Returns:
+        (..., R) in the adapters' dtype.
+    """
+    h = torch.matmul(x if x.dtype == a_t.dtype else x.to(a_t.dtype), a_t)
+    scales = scales if scales.dtype == h.dtype else scales.to(h.dtype)
+    return h.mul_(scales) if inplace else h * scales
+
+
+def add_lora_output(base_out: torch.Tensor, h: torch.Tensor, b_t: torch.Tensor, *,
+                    inplace: bool = False) -> torch.Tensor:
+    """The second half of `lora_delta`: base_out + h @ B^T.
+
+    Args:
+        base_out: (..., out).
+        h: (..., R) scaled (from `scaled_projection`) flattened to (N, R) over base_out's N tokens,
+            with b_t (R, out); or one row's (1, T, R) with b_t as a (1, R, out) view (a batched matmul).
+        inplace: accumulate into base_out (inference; base_out contiguous and of h's dtype) with one
+            addmm / baddbmm, saving an allocation and an add.
+    """
+    if not inplace:
+        return base_out + (h @ b_t).to(base_out.dtype).view(base_out.shape)
+    if b_t.dim() == 3:
+        return base_out.baddbmm_(h, b_t)
+    base_out.view(-1, base_out.shape[-1]).addmm_(h, b_t)
+    return base_out
 
 
 def stack_static_lora(a_list: list[torch.Tensor], b_list: list[torch.Tensor],

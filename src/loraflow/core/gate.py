@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loraflow.common.checks import check_positive
+from loraflow.core.fusion_math import gate_weights
 
 GRANULARITIES = ("layer", "model", "module")
 OFFICIAL_K2_BIAS = (-0.5, 0.5)  # (language, task): the authors' initialisation for k = 2
@@ -95,11 +95,8 @@ class FusionGate(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        x = hidden if hidden.dtype == w.dtype and hidden.device == w.device else hidden.to(w.device, w.dtype)
-        logits = F.linear(x, w)  # (..., k)
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        out = torch.softmax(logits, dim=-1) + (self.bias if logits.dim() > 1 else self.bias[0])
+        x = hidden if hidden.device == w.device else hidden.to(w.device)
+        out = gate_weights(x, w, self.bias, self.temperature)  # (..., k)
         return out if out.device == hidden.device else out.to(hidden.device)  # a shared gate on another device
 
     def reset_parameters(self, *, std: float = 1e-3, bias: tuple[float, ...] | None = None) -> None:

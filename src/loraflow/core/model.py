@@ -22,9 +22,11 @@ from torch import nn
 from loraflow.core.adapters import load_adapter
 from loraflow.core.attach import (
     Attachment,
+    add_call_hooks,
     attach_adapters,
     hidden_size,
     merge,
+    mergeable,
     num_hidden_layers,
     place_gates,
     unmerge,
@@ -40,6 +42,7 @@ from loraflow.core.checkpoints import (
     save_gate_checkpoint,
 )
 from loraflow.core.devices import resolve_device
+from loraflow.core.fused_linear import is_dynamo_compiling
 from loraflow.core.fusion_context import FusionEngine, FusionPlan
 from loraflow.core.fusion_spec import FusionSpec, parse_fusion
 from loraflow.core.gate import GateBank, GateConfig
@@ -61,7 +64,8 @@ class LoraFlowModel(nn.Module):
 
     A static default (single, avg, static:...) is merged into the base weights in eval mode, so it
     runs at the base model's speed; the original weights are kept (on the CPU) and restored bit for
-    bit when the mode changes. Set `merge_static = False` to skip that (no copy kept).
+    bit when the mode changes. Set `merge_static = False` to skip that (no copy kept). Quantized
+    (non-floating-point) base weights are never merged: static fusions run unmerged on them.
     """
 
     def __init__(self, model: nn.Module, gates: GateBank, engine: FusionEngine, attachment: Attachment) -> None:
@@ -72,6 +76,8 @@ class LoraFlowModel(nn.Module):
         self._engine = engine
         self._attachment = attachment
         self.merge_static = True
+        # filling the fusion metadata happens here, in eager code, even when the forward is compiled
+        self._call_hooks = add_call_hooks(self, engine, attachment.mixers, outermost=True)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -165,17 +171,50 @@ class LoraFlowModel(nn.Module):
         else:
             _load_gate_state(gates, state_dict, gate)
         place_gates(gates, attachment)
-        engine.gates[gate_name] = gates
+        engine.add_gate(gate_name, gates)
         engine.default_gate = gate_name
         engine.set_default(engine.plan(FusionSpec("gate")))
         return cls(model, gates, engine, attachment).train(model.training)
 
     # ----------------------------------------------------------------- the transformers contract
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        if is_dynamo_compiling():
+            return self.model(*args, **kwargs)
+        try:
+            return self.model(*args, **kwargs)
+        except BaseException:
+            self._engine.abandon()  # a KeyboardInterrupt skips the end hooks: do not leave the model locked
+            raise
 
     def generate(self, *args, **kwargs):
-        return self.model.generate(*args, **kwargs)
+        if self.compiled:
+            kwargs.setdefault("disable_compile", True)  # compiled already; transformers would compile __call__
+            if kwargs.get("past_key_values") is None:
+                kwargs.setdefault("cache_implementation", "static")  # fixed shapes while decoding
+        try:
+            return self.model.generate(*args, **kwargs)
+        except BaseException:
+            self._engine.abandon()
+            raise
+
+    def compile(self, *, fullgraph: bool = True, **kwargs) -> LoraFlowModel:
+        """Compile the transformers model's forward with `torch.compile` (fullgraph by default); returns self.
+
+        The fusion is data (tensors filled before each forward, outside the graph), so switching
+        fusions (`fusion`, `fusion_rows`, the setters) never recompiles; new shapes do (prefill
+        lengths, batch sizes), as for any compiled model. Pair it with a static KV cache
+        (`generate(..., cache_implementation="static")`) for shapes that stay fixed while decoding.
+        On CUDA, `mode="reduce-overhead"` also captures CUDA graphs. Extra keyword arguments go to
+        `torch.compile` (e.g. `backend`, `mode`, `dynamic`).
+        """
+        self.__dict__["_compiled_forward"] = compile_forward(self.model, fullgraph=fullgraph, **kwargs)
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether `compile()` was called."""
+        compiled = self.__dict__.get("_compiled_forward")
+        return compiled is not None and self.model.__dict__.get("forward") is compiled
 
     @property
     def config(self):
@@ -260,7 +299,7 @@ class LoraFlowModel(nn.Module):
         for p in bank.parameters():
             p.requires_grad_(False)
         self.extra_gates[name] = bank
-        self._engine.gates[name] = bank
+        self._engine.add_gate(name, bank)
 
     def load_gate(self, path: str | os.PathLike) -> None:
         """Load gate weights from a loraflow gate directory or an official `.pt` file into this model."""
@@ -318,7 +357,8 @@ class LoraFlowModel(nn.Module):
     def _sync_merge(self) -> None:
         """Merge the default fusion into the base weights when it is static (eval mode); else unmerge."""
         plan = self._engine.default
-        if self.merge_static and not self.training and plan.label == "static":
+        if (self.merge_static and not self.training and plan.label == "static"
+                and all(mergeable(m) for m in self._attachment.fused)):  # quantized weights run unmerged
             if self._engine.merged_plan is not plan:
                 merge(self._attachment, self._engine, plan)
         elif self._engine.merged is not None:
@@ -433,7 +473,17 @@ class LoraFlowModel(nn.Module):
         """Undo the attachment: restore the original modules and weights, remove the hooks, return the base model."""
         unmerge(self._attachment, self._engine)
         self._attachment.detach()
+        for handle in self._call_hooks:
+            handle.remove()
+        self.model.__dict__.pop("forward", None)  # compile()
         return self.model
+
+
+def compile_forward(model: nn.Module, *, fullgraph: bool = True, **kwargs):
+    """Replace `model.forward` (on the instance) by `torch.compile` of it; its hooks stay eager. Returns it."""
+    forward = type(model).forward.__get__(model)
+    compiled = model.__dict__["forward"] = torch.compile(forward, fullgraph=fullgraph, **kwargs)
+    return compiled
 
 
 def _check_gate_name(name: str) -> None:

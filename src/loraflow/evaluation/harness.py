@@ -140,12 +140,14 @@ def evaluate(
     force: bool = False,
     engine: str = "default",
     vllm_kwargs: dict | None = None,
+    compile_model: bool = False,
 ) -> dict[str, Any]:
     """Evaluate one method on one test file and write RESULT.json (+ raw outputs). Returns the result.
 
     An existing RESULT.json or outputs file is replaced only if loraflow wrote it, or with `force`.
     `engine="vllm"` generates through vLLM with the loraflow plugin (vllm.LLM in this process, `vllm_kwargs`
-    passed to it); the scores are computed the same way from the outputs.
+    passed to it); the scores are computed the same way from the outputs. `compile_model`: torch.compile the
+    model's forward (see `LoraFlowModel.compile`).
     """
     import torch
     from accelerate import PartialState
@@ -200,7 +202,7 @@ def evaluate(
         return _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path, pred_path, cfg, state,
                          gate=gate, train_path=train_path, torch_dtype=torch_dtype, device=device, label=label,
                          adapter_role=adapter_role, progress=progress, total_rows=total_rows, force=force,
-                         engine=engine, vllm_kwargs=vllm_kwargs)
+                         engine=engine, vllm_kwargs=vllm_kwargs, compile_model=compile_model)
 
 
 def output_paths(out_path: str | os.PathLike) -> tuple[Path, Path]:
@@ -212,7 +214,7 @@ def output_paths(out_path: str | os.PathLike) -> tuple[Path, Path]:
 def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: Path, pred_path: Path,
               cfg: EvalConfig, state, *, gate, train_path, torch_dtype, device, label, adapter_role,
               progress, total_rows: int, force: bool, engine: str = "default",
-              vllm_kwargs: dict | None = None) -> dict[str, Any]:
+              vllm_kwargs: dict | None = None, compile_model: bool = False) -> dict[str, Any]:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
@@ -240,7 +242,8 @@ def _evaluate(base, adapters, method, kind, detail, rows, data_path, out_path: P
                                    data_path, out_path, pred_path, cfg, gate=gate, torch_dtype=torch_dtype,
                                    label=label, adapter_role=adapter_role, total_rows=total_rows,
                                    template=template, vllm_kwargs=vllm_kwargs, force=force)
-    model = _build_model(base, adapters, kind, gate if kind == "loraflow" else None, cfg, torch_dtype, device)
+    model = _build_model(base, adapters, kind, gate if kind == "loraflow" else None, cfg, torch_dtype, device,
+                         compile_model)
 
     static_weights = None
     lorahub = None
@@ -335,18 +338,24 @@ def _write_result(rows, prompts, outputs, data_path, out_path: Path, pred_path: 
     return result
 
 
-def _build_model(base, adapters, kind, gate, cfg: EvalConfig, torch_dtype, device: str):
+def _build_model(base, adapters, kind, gate, cfg: EvalConfig, torch_dtype, device: str,
+                 compile_model: bool = False):
     if not adapters:
-        from loraflow.core.model import load_base
+        from loraflow.core.model import compile_forward, load_base
 
         model = load_base(base, torch_dtype, {})
-    else:
-        from loraflow.core.model import LoraFlowModel
+        model.to(device)
+        if compile_model:
+            compile_forward(model, dynamic=True)  # prompts of many lengths
+            model.generation_config.cache_implementation = "static"
+        return model.eval()
+    from loraflow.core.model import LoraFlowModel
 
-        model = LoraFlowModel.from_pretrained(base, adapters, gate=gate, temperature=cfg.temperature,
-                                              torch_dtype=torch_dtype, seed=cfg.seed)
+    model = LoraFlowModel.from_pretrained(base, adapters, gate=gate, temperature=cfg.temperature,
+                                          torch_dtype=torch_dtype, seed=cfg.seed)
     model.to(device)
-    return model.eval()
+    model.eval()
+    return model.compile(dynamic=True) if compile_model else model
 
 
 def _lorahub(model, tokenizer, train_path, cfg: EvalConfig, show: bool, template=None) -> dict:
