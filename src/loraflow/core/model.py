@@ -583,11 +583,15 @@ def load_base(base, torch_dtype=None, model_kwargs: Mapping | None = None) -> nn
     if not path.exists() and (os.environ.get("HF_HUB_OFFLINE") == "1" or source.startswith((".", "/"))):
         raise LoraFlowError(f"{source}: base model directory not found")
     if gguf_file:
-        from transformers import GgufConfig
-
         _require_gguf(source, gguf_file)
         # Dense weights: the fused layers wrap plain nn.Linear, and LoRA training needs a trainable base.
-        kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(gguf_file=gguf_file, dequantize=True))
+        kwargs["gguf_file"] = gguf_file
+        try:
+            from transformers import GgufConfig
+        except ImportError:  # transformers < 5.23 has no GgufConfig and always dequantises GGUF files
+            pass
+        else:
+            kwargs["quantization_config"] = GgufConfig(gguf_file=gguf_file, dequantize=True)
     elif path.is_dir() and not (path / "config.json").is_file():
         raise LoraFlowError(f"{path}: no config.json (not a transformers model directory)")
     if torch_dtype is not None:
