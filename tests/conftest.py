@@ -194,6 +194,47 @@ def build_toy_lora_pair(tmp: Path) -> dict:
                 tokenizer=tokenizer, template=plain)
 
 
+
+def add_reference_lora_flow(model, adapter_dirs, weights_of) -> None:
+    """Hook the LoRA-Flow formula, written out, onto a plain transformers Llama `model` (in place).
+
+    A pre-hook on decoder layer l computes the fusion weights w = weights_of(l, hidden) (..., k) from the
+    hidden state entering it; a forward hook on each of its Linear modules adds
+    sum_i w_i * (alpha_i / r_i) * B_i A_i x, with A_i, B_i read from the PEFT files themselves.
+    """
+    import json
+
+    from safetensors.torch import load_file
+    from torch import nn
+
+    loras = []
+    for path in adapter_dirs:
+        cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+        loras.append((cfg["lora_alpha"] / cfg["r"], load_file(str(Path(path) / "adapter_model.safetensors"))))
+    current = {}
+
+    def pre(idx):
+        def hook(mod, args, kwargs):
+            current[idx] = weights_of(idx, args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    def post(idx, full_name):
+        def hook(mod, inputs, out):
+            delta = 0
+            for i, (scale, sd) in enumerate(loras):
+                key = f"base_model.model.{full_name}.lora_A.weight"
+                if key in sd:
+                    a, b = sd[key], sd[key.replace("lora_A", "lora_B")]
+                    delta = delta + current[idx][..., i:i + 1] * scale * (inputs[0] @ a.T @ b.T)
+            return out + delta
+        return hook
+
+    for idx, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(pre(idx), with_kwargs=True)
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear):
+                mod.register_forward_hook(post(idx, f"model.layers.{idx}.{name}"))
+
 def run_cli(args: list[str], *, processes: int = 1, timeout: int = 300):
     """Run `loraflow ARGS` in a fresh process, or under `accelerate launch` with N CPU processes (gloo)."""
     import subprocess

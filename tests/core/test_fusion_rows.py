@@ -4,14 +4,12 @@ different fusions on one model at the same time."""
 from __future__ import annotations
 
 import copy
-import json
 import threading
 import time
 
 import pytest
 import torch
-from conftest import build_tiny_model, make_peft_adapter
-from torch import nn
+from conftest import add_reference_lora_flow, build_tiny_model, make_peft_adapter
 
 from loraflow import LoraFlowModel
 from loraflow.common.errors import LoraFlowError
@@ -87,36 +85,8 @@ def test_mixed_batch_greedy_generation_equals_each_row_alone(setup, tokenizer):
 def _reference_rows(base, adapter_dirs, row_weights, ids):
     """LoRA-Flow with per-row weights written out: layer pre-hooks compute w (B, T, k) per row with
     `row_weights(layer, x)`, Linear forward hooks add sum_i w_i * scale_i * B_i A_i x."""
-    from safetensors.torch import load_file
-
     model = copy.deepcopy(base)
-    loras = []
-    for path in adapter_dirs:
-        cfg = json.loads((path / "adapter_config.json").read_text())
-        loras.append((cfg["lora_alpha"] / cfg["r"], load_file(str(path / "adapter_model.safetensors"))))
-    current = {}
-
-    def pre(idx):
-        def hook(mod, args, kwargs):
-            current[idx] = row_weights(idx, (args[0] if args else kwargs["hidden_states"]).float())
-        return hook
-
-    def post(idx, full_name):
-        def hook(mod, inputs, out):
-            delta = 0
-            for i, (scale, sd) in enumerate(loras):
-                key = f"base_model.model.{full_name}.lora_A.weight"
-                if key in sd:
-                    a, b = sd[key], sd[key.replace("lora_A", "lora_B")]
-                    delta = delta + current[idx][..., i:i + 1] * scale * (inputs[0] @ a.T @ b.T)
-            return out + delta
-        return hook
-
-    for idx, layer in enumerate(model.model.layers):
-        layer.register_forward_pre_hook(pre(idx), with_kwargs=True)
-        for name, mod in layer.named_modules():
-            if isinstance(mod, nn.Linear):
-                mod.register_forward_hook(post(idx, f"model.layers.{idx}.{name}"))
+    add_reference_lora_flow(model, adapter_dirs, lambda idx, x: row_weights(idx, x.float()))
     with torch.no_grad():
         return model(input_ids=ids).logits
 

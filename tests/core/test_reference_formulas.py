@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_model, make_peft_adapter
+from conftest import add_reference_lora_flow, build_tiny_model, make_peft_adapter
 from torch import nn
 
 from loraflow import LoraFlowModel
@@ -183,8 +183,6 @@ def test_gate_gradients_equal_the_formula_written_out(tmp_path, checkpointing):
     """d loss / d (W_l, b_l) of every layer gate, against autograd through the LoRA-Flow formula written out
     with hooks on the plain base model (w = softmax(W_l x / T) + b_l, each Linear adds sum_i w_i s_i B_i A_i u);
     with activation checkpointing too (the layers' forward recomputed in backward)."""
-    from safetensors.torch import load_file
-
     base = build_tiny_model("llama", num_layers=2)
     adapters = _adapters(base, tmp_path)
     model = LoraFlowModel.from_pretrained(copy.deepcopy(base), adapters, seed=0, gate_init_std=0.3,
@@ -201,34 +199,11 @@ def test_gate_gradients_equal_the_formula_written_out(tmp_path, checkpointing):
     ref = copy.deepcopy(base)
     params = {i: (g.weight.detach().clone().requires_grad_(True), g.bias.detach().clone().requires_grad_(True))
               for i, g in enumerate(model.gates.layers)}
-    loras = []
-    for path in adapters.values():
-        cfg = json.loads((path / "adapter_config.json").read_text())
-        loras.append((cfg["lora_alpha"] / cfg["r"], load_file(str(path / "adapter_model.safetensors"))))
-    weights = {}
+    def gate_of(idx, x):
+        W, b = params[idx]
+        return torch.softmax(x @ W.T / 1.3, dim=-1) + b
 
-    def pre(idx):
-        def hook(mod, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            W, b = params[idx]
-            weights[idx] = torch.softmax(x @ W.T / 1.3, dim=-1) + b
-        return hook
-
-    def post(idx, full_name):
-        def hook(mod, inputs, out):
-            delta = 0
-            for i, (scale, sd) in enumerate(loras):
-                key = f"base_model.model.{full_name}.lora_A.weight"
-                A, B = sd[key], sd[key.replace("lora_A", "lora_B")]
-                delta = delta + weights[idx][..., i:i + 1] * scale * (inputs[0] @ A.T @ B.T)
-            return out + delta
-        return hook
-
-    for idx, layer in enumerate(ref.model.layers):
-        layer.register_forward_pre_hook(pre(idx), with_kwargs=True)
-        for name, mod in layer.named_modules():
-            if isinstance(mod, nn.Linear):
-                mod.register_forward_hook(post(idx, f"model.layers.{idx}.{name}"))
+    add_reference_lora_flow(ref, list(adapters.values()), gate_of)
     ref(input_ids=ids, labels=ids).loss.backward()
     for idx, (W, b) in params.items():
         assert W.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
