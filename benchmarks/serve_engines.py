@@ -63,7 +63,8 @@ def _args(argv):
     p.add_argument("--max-tokens", type=at_least(1), default=64, help="tokens generated per request (default: 64)")
     p.add_argument("--rounds", type=at_least(1), default=3, help="rounds per N; medians reported (default: 3)")
     p.add_argument("--threads", type=at_least(1), default=1, help="OMP/torch threads of each server (default: 1)")
-    p.add_argument("--vllm-args", default="", help="more options for vLLM's server, e.g. --vllm-args=--enforce-eager (with =)")
+    p.add_argument("--vllm-args", default="",
+                   help="more options for vLLM's server, e.g. --vllm-args=--enforce-eager (with =)")
     p.add_argument("--kv-cache-gib", type=at_least(1), default=2, help="VLLM_CPU_KVCACHE_SPACE (default: 2)")
     p.add_argument("--startup-timeout", type=at_least(1), default=900, help="seconds per server start (default: 900)")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -200,7 +201,8 @@ def measure(url: str, args, rng: random.Random, vocab: int, engine: str) -> dict
     for r in range(args.rounds):
         for n in args.clients:
             runs[n].append(run_batch(url, prompts(n), args.max_tokens))
-            print(f"{engine:7s} N={n:3d} round {r + 1}: wall {runs[n][-1]['wall_s']:.2f} s", file=sys.stderr, flush=True)
+            print(f"{engine:7s} N={n:3d} round {r + 1}: wall {runs[n][-1]['wall_s']:.2f} s",
+                  file=sys.stderr, flush=True)
     out = {}
     for n, rs in runs.items():
         lat = [x for run in rs for x in run["latencies"]]
@@ -218,6 +220,7 @@ def _exit_on_sigterm(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C even when started with SIGINT ignored (`&`)
     versions = vllm_versions(args.vllm_python) if "vllm" in args.engines else {}
     set_threads(args.threads)
     env = thread_env(args.threads)
@@ -257,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         ratios = {n: results["vllm"][n]["tokens_per_s"] / results["default"][n]["tokens_per_s"] for n in args.clients}
         print()
         for n, ratio in ratios.items():
-            print(f"N={n}: vLLM engine / default engine tokens/s = {ratio:.2f}x" + (" (target >= 2x)" if n == 8 else ""))
+            target = " (target >= 2x)" if n == 8 else ""
+            print(f"N={n}: vLLM engine / default engine tokens/s = {ratio:.2f}x{target}")
     if args.json:
         from loraflow.common.io import write_json_atomic
 
@@ -269,4 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the servers are already stopped by then
+        sys.exit("interrupted: servers stopped")
