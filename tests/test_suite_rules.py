@@ -1,4 +1,5 @@
-"""Rules the test suite itself keeps: official data is required under CI, and tests run on one CPU thread."""
+"""Rules the test suite itself keeps: official data is required under CI, tests run on one CPU thread, and test
+file names are unique."""
 
 from __future__ import annotations
 
@@ -30,3 +31,13 @@ def test_thread_count_is_restored_for_the_next_test():
     import torch
 
     assert torch.get_num_threads() == 1  # ... does not leak into the next one
+
+
+def test_test_file_names_are_unique_across_folders():
+    """The folders are no packages (pytest's rootdir imports): two test files of one name break collection
+    as soon as one run collects both (the vLLM environment runs tests/vllm_plugin with tests/core)."""
+    from collections import Counter
+    from pathlib import Path
+
+    names = Counter(p.name for p in Path(__file__).parent.rglob("test_*.py"))
+    assert [name for name, n in names.items() if n > 1] == []
