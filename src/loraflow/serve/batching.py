@@ -10,6 +10,11 @@ operation the server needs a plain tensor operation on the cache:
     drop rows    select the remaining rows and cut the padding columns that no row needs any more.
 
 Each forward runs inside `model.fusion_rows(specs)`, so every row is mixed with its own fusion.
+
+On a compiled model (`model.compile(dynamic=True)`) batch sizes and widths are symbolic, so the graphs
+stay few: dynamo specializes only sizes 0 and 1, hence a prefill is at least 2 columns wide (one more
+hidden padding column) and the cache stays contiguous (`keep` copies), leaving batch 1 or more, prefill
+or decode, and scoring every prompt position or not as the shapes that get their own graph.
 """
 
 from __future__ import annotations
@@ -69,6 +74,11 @@ class DecodeBatch:
         """Columns in the cache (the longest row plus nothing: padding is trimmed eagerly)."""
         return 0 if self.cache is None else self.cache.get_seq_length()
 
+    @property
+    def _min_width(self) -> int:
+        """Columns the cache keeps at least: 2 on a compiled model (a width of 1 would be a graph of its own)."""
+        return 2 if getattr(self.model, "compiled", False) else 1
+
     # ----------------------------------------------------------------- forwards
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]], fusions: Sequence[FusionSpec], *,
@@ -86,7 +96,7 @@ class DecodeBatch:
         lengths = [len(p) for p in prompts]
         if min(lengths) < 1:
             raise ValueError("empty prompt")
-        width = max(lengths)
+        width = max(*lengths, self._min_width)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         mask = torch.zeros(len(prompts), width, dtype=torch.long)
         for i, p in enumerate(prompts):
@@ -108,6 +118,12 @@ class DecodeBatch:
         lengths = torch.as_tensor(self.lengths, dtype=torch.long)
         columns = torch.arange(width + 1)
         mask = (columns.view(1, -1) >= (width - lengths).view(-1, 1)).long()  # (B, W+1): right-aligned rows
+        if self._min_width > 1:  # compiled: the cache's batch and width are symbolic from the first graph
+            for layer in self.cache.layers:
+                for t in (layer.keys, layer.values):
+                    torch._dynamo.maybe_mark_dynamic(t, 2)
+                    if len(self) > 1:
+                        torch._dynamo.maybe_mark_dynamic(t, 0)
         logits = self._forward(ids, mask, lengths.view(-1, 1), self.cache, self.fusions)
         self.lengths = [n + 1 for n in self.lengths]
         return logits
@@ -143,10 +159,10 @@ class DecodeBatch:
             self.cache, self.lengths, self.fusions = None, [], []
             return
         lengths = [self.lengths[i] for i in rows]
-        cut = self.width - max(lengths)
+        cut = self.width - max(*lengths, self._min_width)
         index = torch.as_tensor(rows, dtype=torch.long, device=self._device)
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, cut:, :]
-            layer.values = layer.values.index_select(0, index)[:, :, cut:, :]
+            layer.keys = layer.keys[:, :, cut:, :].index_select(0, index)  # contiguous, as every other cache
+            layer.values = layer.values[:, :, cut:, :].index_select(0, index)
         self.lengths = lengths
         self.fusions = [self.fusions[i] for i in rows]
