@@ -98,9 +98,9 @@ def _random_schedule(batch: DecodeBatch, seed: int, steps: int = 30) -> None:
 
 
 def test_compiles_stay_few_whatever_the_batch_composition_and_fusions(setup):
-    """A graph per kind of forward (prefill, prefill scoring every position, decode; at batch 1 and at
-    more), plus one where the fusion metadata's batch size turns dynamic: after a warm-up that meets each,
-    rows joining and leaving with any fusion and any prompt length never compile again."""
+    """One graph per kind of forward (prefill, prefill scoring every position, decode; at batch 1 and at
+    more): after a warm-up that meets each with two sizes, rows joining and leaving with any fusion and
+    any prompt length never compile again."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
@@ -117,7 +117,7 @@ def test_compiles_stay_few_whatever_the_batch_composition_and_fusions(setup):
             batch.prefill([[9] * (n + 2)], [GATE2], every_position=every)
             batch.decode([8] * (n + 1))
     warm = counter.frame_count
-    assert 3 <= warm < torch._dynamo.config.recompile_limit  # 7 measured; at the limit dynamo would run eager
+    assert 3 <= warm <= 3 * 2 < torch._dynamo.config.recompile_limit  # beyond the limit dynamo runs eager
     with torch._dynamo.config.patch(error_on_recompile=True):
         for seed in range(3):
             _random_schedule(DecodeBatch(model), seed)

@@ -12,9 +12,10 @@ operation the server needs a plain tensor operation on the cache:
 Each forward runs inside `model.fusion_rows(specs)`, so every row is mixed with its own fusion.
 
 On a compiled model (`model.compile(dynamic=True)`) batch sizes and widths are symbolic, so the graphs
-stay few: dynamo specializes only sizes 0 and 1, hence a prefill is at least 2 columns wide (one more
-hidden padding column) and the cache stays contiguous (`keep` copies), leaving batch 1 or more, prefill
-or decode, and scoring every prompt position or not as the shapes that get their own graph.
+stay few. Dynamo still specializes sizes 1 and, with duck sizing, a size equal to another one (a prompt as
+wide as the number of adapters); so duck sizing is off for these forwards, a prefill is at least 2
+columns wide (one more hidden padding column) and the cache stays contiguous (`keep` copies). What is left: one graph for each of prefill, prefill scoring every
+position, and decode, at batch 1 and at more.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import inspect
 from collections.abc import Sequence
 
 import torch
+import torch.fx.experimental._config as shapes_config
 
 from loraflow.common.errors import LoraFlowError
 from loraflow.core.fusion_spec import FusionSpec
@@ -118,19 +120,14 @@ class DecodeBatch:
         lengths = torch.as_tensor(self.lengths, dtype=torch.long)
         columns = torch.arange(width + 1)
         mask = (columns.view(1, -1) >= (width - lengths).view(-1, 1)).long()  # (B, W+1): right-aligned rows
-        if self._min_width > 1:  # compiled: the cache's batch and width are symbolic from the first graph
-            for layer in self.cache.layers:
-                for t in (layer.keys, layer.values):
-                    torch._dynamo.maybe_mark_dynamic(t, 2)
-                    if len(self) > 1:
-                        torch._dynamo.maybe_mark_dynamic(t, 0)
         logits = self._forward(ids, mask, lengths.view(-1, 1), self.cache, self.fusions)
         self.lengths = [n + 1 for n in self.lengths]
         return logits
 
     def _forward(self, ids, mask, positions, cache, fusions, every_position: bool = False) -> torch.Tensor:
         extra = {**self._extra, "logits_to_keep": 0} if every_position and self._extra else self._extra
-        with self.model.fusion_rows(fusions):
+        # no duck sizing: a prompt as wide as k (the adapters) must not share k's symbol, pinned by the gates
+        with self.model.fusion_rows(fusions), shapes_config.patch(use_duck_shape=False):
             out = self.model(
                 input_ids=ids.to(self._device), attention_mask=mask.to(self._device),
                 position_ids=positions.to(self._device), use_cache=True, **{self._cache_kw: cache}, **extra,
