@@ -14,8 +14,9 @@ Each forward runs inside `model.fusion_rows(specs)`, so every row is mixed with 
 On a compiled model (`model.compile(dynamic=True)`) batch sizes and widths are symbolic, so the graphs
 stay few. Dynamo still specializes sizes 1 and, with duck sizing, a size equal to another one (a prompt as
 wide as the number of adapters); so duck sizing is off for these forwards, a prefill is at least 2
-columns wide (one more hidden padding column) and the cache stays contiguous (`keep` copies). What is left: one graph for each of prefill, prefill scoring every
-position, and decode, at batch 1 and at more.
+columns wide (one more hidden padding column) and `keep` leaves the cache contiguous. What is left: one
+graph for each of prefill, prefill scoring every position, and decode, at batch 1 and at more (with
+inductor also per memory layout of the cache tensors, which its graphs choose).
 """
 
 from __future__ import annotations
