@@ -82,6 +82,7 @@ def test_ctrl_c_stops_a_running_server_cleanly(tmp_path):
     (["--adapter", "zh=a", "--max-batch-size", "0"], "--max-batch-size: must be a whole number >= 1"),
     (["--adapter", "zh=a", "--gate", "g=/nonexistent/gate"], "not found"),
     ([], "--adapter: give at least one"),
+    (["--adapter", "zh=a", "--compile", "--engine", "vllm"], "--compile is for the default engine"),
 ])
 def test_bad_flags_fail_in_one_line_before_loading(tmp_path, capsys, flags, words):
     from loraflow.cli import main

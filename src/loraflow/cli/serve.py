@@ -55,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
 
     opts, config = build(ServeOptions, args), build(ServeConfig, args)
     if args.engine == "vllm":
+        if config.compile:
+            from loraflow.common.errors import LoraFlowError
+
+            raise LoraFlowError("--compile is for the default engine: vLLM compiles its model itself")
         from loraflow.serve.vllm_proxy import serve_with_vllm
 
         serve_with_vllm(opts, config, vllm_python=args.vllm_python, vllm_args=args.vllm_args,

@@ -10,6 +10,13 @@ operation the server needs a plain tensor operation on the cache:
     drop rows    select the remaining rows and cut the padding columns that no row needs any more.
 
 Each forward runs inside `model.fusion_rows(specs)`, so every row is mixed with its own fusion.
+
+On a compiled model (`model.compile(dynamic=True)`) batch sizes and widths are symbolic, so the graphs
+stay few. Dynamo still specializes sizes 1 and, with duck sizing, a size equal to another one (a prompt as
+wide as the number of adapters); so duck sizing is off for these forwards, a prefill is at least 2
+columns wide (one more hidden padding column) and `keep` leaves the cache contiguous. What is left: one
+graph for each of prefill, prefill scoring every position, and decode, at batch 1 and at more (with
+inductor also per memory layout of the cache tensors, which its graphs choose).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import inspect
 from collections.abc import Sequence
 
 import torch
+import torch.fx.experimental._config as shapes_config
 
 from loraflow.common.errors import LoraFlowError
 from loraflow.core.fusion_spec import FusionSpec
@@ -69,6 +77,11 @@ class DecodeBatch:
         """Columns in the cache (the longest row plus nothing: padding is trimmed eagerly)."""
         return 0 if self.cache is None else self.cache.get_seq_length()
 
+    @property
+    def _min_width(self) -> int:
+        """Columns the cache keeps at least: 2 on a compiled model (a width of 1 would be a graph of its own)."""
+        return 2 if getattr(self.model, "compiled", False) else 1
+
     # ----------------------------------------------------------------- forwards
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]], fusions: Sequence[FusionSpec], *,
@@ -86,7 +99,7 @@ class DecodeBatch:
         lengths = [len(p) for p in prompts]
         if min(lengths) < 1:
             raise ValueError("empty prompt")
-        width = max(lengths)
+        width = max(*lengths, self._min_width)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         mask = torch.zeros(len(prompts), width, dtype=torch.long)
         for i, p in enumerate(prompts):
@@ -114,7 +127,8 @@ class DecodeBatch:
 
     def _forward(self, ids, mask, positions, cache, fusions, every_position: bool = False) -> torch.Tensor:
         extra = {**self._extra, "logits_to_keep": 0} if every_position and self._extra else self._extra
-        with self.model.fusion_rows(fusions):
+        # no duck sizing: a prompt as wide as k (the adapters) must not share k's symbol, pinned by the gates
+        with self.model.fusion_rows(fusions), shapes_config.patch(use_duck_shape=False):
             out = self.model(
                 input_ids=ids.to(self._device), attention_mask=mask.to(self._device),
                 position_ids=positions.to(self._device), use_cache=True, **{self._cache_kw: cache}, **extra,
@@ -143,10 +157,10 @@ class DecodeBatch:
             self.cache, self.lengths, self.fusions = None, [], []
             return
         lengths = [self.lengths[i] for i in rows]
-        cut = self.width - max(lengths)
+        cut = self.width - max(*lengths, self._min_width)
         index = torch.as_tensor(rows, dtype=torch.long, device=self._device)
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, cut:, :]
-            layer.values = layer.values.index_select(0, index)[:, :, cut:, :]
+            layer.keys = layer.keys[:, :, cut:, :].index_select(0, index)  # contiguous, as every other cache
+            layer.values = layer.values[:, :, cut:, :].index_select(0, index)
         self.lengths = lengths
         self.fusions = [self.fusions[i] for i in rows]

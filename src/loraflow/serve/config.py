@@ -74,6 +74,8 @@ class ServeConfig:
     max_model_len: int | None = option(None, "prompt plus completion tokens per request (default: the model's "
                                              "max_position_embeddings, at most 32768)")
     seed: int = option(0, "seeds sampling for requests that bring no seed")
+    compile: bool = option(False, "run prefill and decode under torch.compile (fullgraph, dynamic shapes: a few "
+                                  "graphs for every batch size and fusion, compiled by the first requests)")
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -84,6 +86,8 @@ class ServeConfig:
                 raise ValueError(f"{name}: must be a whole number >= 1, got {value}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len: must be a whole number >= 2, got {self.max_model_len}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile: must be true or false, got {self.compile!r}")
         if not self.host:
             raise ValueError("host: must not be empty")
         if self.served_model_name is not None and (not self.served_model_name.strip()

@@ -44,6 +44,8 @@ class Server:
         self.config = config or ServeConfig()
         check_cache_support(model)
         self.model = model.eval()
+        if self.config.compile and not getattr(model, "compiled", False):
+            model.compile(dynamic=True)  # dynamic shapes: batch sizes and cache widths change every step
         self.tokenizer = tokenizer
         self.served = served
         self.max_model_len = self.config.max_model_len or _model_length(model)
