@@ -46,9 +46,10 @@ test: test-main test-vllm
 test-main: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests --ignore=tests/vllm_plugin
 
+# The lowest-versions tests run in a pytest process of their own: vLLM's CPU worker leaves torch's thread settings
+# changed in the process it ran in.
 test-vllm: install-vllm
 	LORAFLOW_REQUIRE_VLLM=1 HF_HUB_OFFLINE=1 $(VBIN)/python -m pytest -q tests/vllm_plugin
-	# a process of its own: vLLM's CPU worker leaves torch's thread settings changed in the process it ran in
 	HF_HUB_OFFLINE=1 $(VBIN)/python -m pytest -q tests/core tests/train tests/integration
 
 bench: install
