@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from loraflow.common.errors import LoraFlowError
 from loraflow.vllm.routing import FusionTable, RoutingBuffers, fusion_salt
