@@ -50,6 +50,51 @@ def build_vllm_sized_llama(vocab_size: int, seed: int = 0):
     return model
 
 
+SLIDING_WINDOW = 16  # the tiny Mistral's attention window: shorter than the archs tests' prompts
+
+
+def build_vllm_sized_model(arch: str, vocab_size: int, seed: int = 0):
+    """A random tiny Mistral or Qwen2 shaped like `build_vllm_sized_llama` (head size 64, GQA), with what
+    sets each apart in vLLM: Mistral attends within a sliding window of SLIDING_WINDOW tokens; Qwen2 has
+    random (non-zero) q/k/v biases and tied embeddings."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, vocab_size=vocab_size, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+    if arch == "mistral":
+        cfg = tf.MistralConfig(head_dim=64, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False, **common)
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(tie_word_embeddings=True, **common)
+    else:
+        raise ValueError(arch)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)  # nearly flat logits otherwise (tied: the embeddings grow too)
+        for layer in model.model.layers if arch == "qwen2" else ():
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    return model
+
+
+def save_arch_fusion(root: Path, arch: str) -> dict:
+    """{base, adapters {name: dir}, gates {name: dir}} under `root` for a `build_vllm_sized_model`: adapter
+    'zh' (r=4, all seven projections), 'math' (r=8, q/v/down only) and one gate 'g' (random W, std 0.3)."""
+    from loraflow.core.model import LoraFlowModel
+
+    tokenizer = build_tokenizer()
+    model = build_vllm_sized_model(arch, len(tokenizer))
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    adapters = {"zh": make_peft_adapter(model, root / "zh", seed=1, r=4, alpha=8, strength=0.3, arch=arch),
+                "math": make_peft_adapter(model, root / "math", seed=2, r=8, alpha=16, strength=0.3,
+                                          targets=["q_proj", "v_proj", "down_proj"])}
+    gate = LoraFlowModel.from_pretrained(root / "base", adapters, gate_init_std=0.3, seed=3).save_gate(root / "gate")
+    return {"root": root, "base": root / "base", "adapters": adapters, "gates": {"g": gate}}
+
+
 def save_official_gate(path: Path, num_layers: int, k: int, hidden: int, seed: int) -> Path:
     """An official-format gate (.pt: encoder.layers.N.lora_fusion_gate.weight / weight_bias)."""
     import torch
@@ -86,18 +131,17 @@ def tiny_fusion(tmp_path_factory):
     return {"root": root, "base": root / "base", "adapters": adapters, "gates": gates}
 
 
-@pytest.fixture(scope="session")
-def reference(tiny_fusion):
-    """greedy(prompt_ids, fusion) -> (token ids, their log-probs) from the transformers engine."""
+def transformers_greedy(base, adapters: dict, gates: dict):
+    """greedy(prompt_ids, fusion) -> (token ids, their log-probs) from the transformers engine (fp32), with
+    `gates` ({name: path}, the first what `gate` means) added to the fused model."""
     import torch
 
     from loraflow.core.model import LoraFlowModel
 
-    gates = tiny_fusion["gates"]
-    model = LoraFlowModel.from_pretrained(tiny_fusion["base"], tiny_fusion["adapters"], gate=gates["zh-math"],
-                                          gate_name="zh-math", torch_dtype=torch.float32)
-    model.add_gate("other", gates["other"])
-    model.add_gate("official", gates["official"])
+    (first, first_path), *others = gates.items()
+    model = LoraFlowModel.from_pretrained(base, adapters, gate=first_path, gate_name=first, torch_dtype=torch.float32)
+    for name, path in others:
+        model.add_gate(name, path)
     model.eval()
 
     @torch.no_grad()
@@ -114,6 +158,12 @@ def reference(tiny_fusion):
         return tokens, logprobs
 
     return greedy
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_fusion):
+    """greedy(prompt_ids, fusion) -> (token ids, their log-probs) from the transformers engine."""
+    return transformers_greedy(tiny_fusion["base"], tiny_fusion["adapters"], tiny_fusion["gates"])
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""LoRA-Flow models for vLLM: vLLM's own Llama model with a decoder-layer subclass that adds the fused
-LoRA delta to qkv, o, gate_up and down, per token.
+"""LoRA-Flow models for vLLM: vLLM's own Llama, Mistral and Qwen2 models with decoder-layer subclasses that
+add the fused LoRA delta to qkv, o, gate_up and down, per token (one fused forward, `FusedDecoderLayer`,
+mixed into each of vLLM's layer classes).
 
 The layer reads the gate input where transformers' "layer input before input_layernorm" lives in vLLM:
 the `residual` returned by the fused add+norm (the embeddings at layer 0), before the next fused norm
@@ -16,11 +17,17 @@ import re
 import torch
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
+from vllm.distributed import (get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
                               tensor_model_parallel_all_reduce)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
+from vllm.model_executor.models.utils import PPMissingLayer, maybe_prefix
 
 from loraflow.core.fusion_math import column_scales, lora_delta, mixed_weights
+from loraflow.vllm.architectures import check_settings
 from loraflow.vllm.assets import FusionAssets, load_assets, read_settings
 from loraflow.vllm.routing import FusionTable, RoutingBuffers
 from loraflow.vllm.slicing import (column_shard, qkv_shards, row_shard, shard_column, shard_row,
@@ -57,19 +64,26 @@ def _stacked(slices, out_sizes, in_features, k, dtype, device, *, reduce=False) 
     return StackedLora(*(t.to(device) for t in stacked), reduce=reduce)
 
 
-class LoraFlowDecoderLayer(LlamaDecoderLayer):
-    """vLLM's Llama decoder layer plus this layer's gates and stacked adapters."""
+class FusedDecoderLayer:
+    """LoRA-Flow on one of vLLM's Llama-family decoder layers: this layer's gates and stacked adapters, and
+    the fused forward. Mixed in before vLLM's layer class (Llama, Mistral, Qwen2), whose attention, MLP and
+    norms it reuses: they all hold qkv_proj/o_proj/rotary_emb/attn and gate_up_proj/act_fn/down_proj and
+    run the same fused add+norm structure (settings under which they do more are refused, see
+    `loraflow.vllm.architectures`).
 
-    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None, *, assets: FusionAssets,
-                 routing: RoutingBuffers) -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, config=config)
+    Args (keyword, besides the vLLM layer's own): assets, the model's adapters and gates; routing, the
+    step's routing buffers (shared by all layers); dtype, the model's dtype.
+    """
+
+    def __init__(self, *, prefix: str, assets: FusionAssets, routing: RoutingBuffers, dtype: torch.dtype,
+                 **layer_kwargs) -> None:
+        super().__init__(prefix=prefix, **layer_kwargs)
         found = _LAYER.search(prefix)
         if found is None:
             raise ValueError(f"cannot tell the layer index from the module prefix {prefix!r}")
         layer = int(found[1])
         self.__dict__["_routing"] = routing  # shared by all layers; not a submodule of each
         device = routing.static.device
-        dtype = vllm_config.model_config.dtype
         self.num_gates = len(assets.gate_names)
         self.register_buffer("gate_weight", assets.gate_weight[layer].to(device), persistent=False)  # (G, k, d)
         self.register_buffer("gate_bias", assets.gate_bias[layer].to(device), persistent=False)  # (G, k)
@@ -115,8 +129,9 @@ class LoraFlowDecoderLayer(LlamaDecoderLayer):
         return mixed_weights(layer_input, routing.static[:n], routing.select[:n], self.gate_weight, self.gate_bias,
                              self.gate_temperature)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+                **unused) -> tuple[torch.Tensor, torch.Tensor]:
+        # `unused`: MistralModel passes t_cond=None (its conditioned norm is refused at prepare)
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
@@ -148,20 +163,96 @@ def _max_step_tokens(vllm_config: VllmConfig) -> int:
     return max(int(vllm_config.scheduler_config.max_num_batched_tokens), max(sizes))
 
 
-class LoraFlowLlamaForCausalLM(LlamaForCausalLM):
-    """vLLM's LlamaForCausalLM with LoRA-Flow decoder layers; the adapters and gates are those the model
-    directory's config.json `loraflow` block names (see `loraflow.vllm.prepare`)."""
+class FusionRouting:
+    """What every LoRA-Flow causal LM adds to vLLM's: the adapters and gates its config.json names, loaded
+    into its decoder layers, and the per-step routing that the hook (`loraflow.vllm.runner`) calls.
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+    A subclass names its vLLM decoder layer (`fused_layer`) and the base architecture it runs
+    (`base_architecture`), builds vLLM's model with the layer type `fusion_parts` returns, then keeps the
+    routing buffers and table with `attach_routing`.
+    """
+
+    fused_layer: type
+    base_architecture: str
+
+    def fusion_parts(self, vllm_config: VllmConfig) -> tuple[functools.partial, RoutingBuffers, FusionTable]:
+        """The decoder-layer constructor to hand vLLM's model (`fused_layer` with this model's adapters,
+        gates and routing buffers), the routing buffers and the fusion table."""
         hf_config = vllm_config.model_config.hf_config
+        check_settings(self.base_architecture, hf_config.to_dict(), f"{vllm_config.model_config.model}/config.json")
         settings = read_settings(hf_config)
         assets = load_assets(settings, hf_config.num_hidden_layers, hf_config.hidden_size)
         routing = RoutingBuffers(_max_step_tokens(vllm_config), len(assets.adapters), len(assets.gate_names))
-        layer_type = functools.partial(LoraFlowDecoderLayer, assets=assets, routing=routing)
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
-        self.loraflow_routing = routing
-        self.loraflow_table = FusionTable(assets.adapter_names, assets.gate_names, assets.default_fusion)
+        layer_type = functools.partial(self.fused_layer, assets=assets, routing=routing,
+                                       dtype=vllm_config.model_config.dtype)
+        return layer_type, routing, FusionTable(assets.adapter_names, assets.gate_names, assets.default_fusion)
+
+    def attach_routing(self, routing: RoutingBuffers, table: FusionTable) -> None:
+        """Keep the routing buffers (a submodule: they follow the model's device) and the fusion table."""
+        self.loraflow_routing, self.loraflow_table = routing, table
 
     def loraflow_route(self, fusions: list[str | None], tokens_per_request: list[int]) -> None:
         """Fill this step's routing buffers: request j (in batch order) has `tokens_per_request[j]` tokens."""
         self.loraflow_routing.fill(self.loraflow_table, fusions, tokens_per_request)
+
+
+class LoraFlowLlamaDecoderLayer(FusedDecoderLayer, LlamaDecoderLayer):
+    """vLLM's Llama decoder layer with LoRA-Flow."""
+
+
+class LoraFlowMistralDecoderLayer(FusedDecoderLayer, MistralDecoderLayer):
+    """vLLM's Mistral decoder layer (Llama's with Mistral's attention class) with LoRA-Flow."""
+
+
+class LoraFlowQwen2DecoderLayer(FusedDecoderLayer, Qwen2DecoderLayer):
+    """vLLM's Qwen2 decoder layer (q/k/v biases) with LoRA-Flow."""
+
+
+class LoraFlowLlamaForCausalLM(FusionRouting, LlamaForCausalLM):
+    """vLLM's LlamaForCausalLM with LoRA-Flow decoder layers; the adapters and gates are those the model
+    directory's config.json `loraflow` block names (see `loraflow.vllm.prepare`)."""
+
+    fused_layer = LoraFlowLlamaDecoderLayer
+    base_architecture = "LlamaForCausalLM"
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        layer_type, routing, table = self.fusion_parts(vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+        self.attach_routing(routing, table)
+
+
+class LoraFlowMistralForCausalLM(LoraFlowLlamaForCausalLM, MistralForCausalLM):
+    """vLLM's MistralForCausalLM (a LlamaForCausalLM with Mistral's layers and model) with LoRA-Flow layers."""
+
+    fused_layer = LoraFlowMistralDecoderLayer
+    base_architecture = "MistralForCausalLM"
+
+
+class LoraFlowQwen2ForCausalLM(FusionRouting, Qwen2ForCausalLM):
+    """vLLM's Qwen2ForCausalLM with LoRA-Flow decoder layers.
+
+    Qwen2ForCausalLM builds its Qwen2Model with the default layer and takes no layer type, so this
+    constructor wires the same parts itself (as vLLM's Qwen3ForCausalLM does), with
+    `Qwen2Model(decoder_layer_type=...)`; forward, logits and weight loading are Qwen2ForCausalLM's.
+    """
+
+    fused_layer = LoraFlowQwen2DecoderLayer
+    base_architecture = "Qwen2ForCausalLM"
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        layer_type, routing, table = self.fusion_parts(vllm_config)
+        nn.Module.__init__(self)
+        config = vllm_config.model_config.hf_config.get_text_config()
+        self.config, self.quant_config = config, vllm_config.quant_config
+        self.model = Qwen2Model(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"),
+                                decoder_layer_type=layer_type)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=self.quant_config,
+                                          prefix=maybe_prefix(prefix, "lm_head"))
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        self.attach_routing(routing, table)

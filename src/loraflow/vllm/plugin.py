@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-ARCHITECTURES = {"LoraFlowLlamaForCausalLM": "loraflow.vllm.model:LoraFlowLlamaForCausalLM"}
+from loraflow.vllm.architectures import PLUGIN_CLASSES
 
 
 def register() -> None:
@@ -18,7 +18,7 @@ def register() -> None:
 
     check_vllm_version(vllm.__version__)
     supported = set(ModelRegistry.get_supported_archs())
-    for arch, target in ARCHITECTURES.items():
+    for arch, target in PLUGIN_CLASSES.items():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
     install_routing_hook()

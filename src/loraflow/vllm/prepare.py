@@ -16,9 +16,9 @@ from pathlib import Path
 
 from loraflow.common.errors import LoraFlowError
 from loraflow.common.io import atomic_dir, check_output_dir, read_bytes
+from loraflow.vllm.architectures import plugin_architecture
 from loraflow.vllm.assets import FORMAT_VERSION, SETTINGS_KEY
 
-ARCHITECTURES = {"LlamaForCausalLM": "LoraFlowLlamaForCausalLM"}  # base architecture -> plugin architecture
 _OWN = ("config.json",)
 
 
@@ -41,10 +41,7 @@ def _base_config(base: Path) -> dict:
         raise LoraFlowError(f"{cfg_file}: corrupt JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise LoraFlowError(f"{cfg_file}: expected a JSON object")
-    archs = cfg.get("architectures") or []
-    if not any(a in ARCHITECTURES for a in archs):
-        raise LoraFlowError(f"{cfg_file}: architecture {', '.join(archs) or '(none)'} is not supported by the vLLM "
-                            f"engine (supported: {', '.join(ARCHITECTURES)})")
+    cfg["architectures"] = [plugin_architecture(cfg, str(cfg_file))]  # the plugin's, in the written config
     if not any(base.glob("*.safetensors")):
         raise LoraFlowError(f"{base}: no *.safetensors weights (vLLM's loader reads safetensors; save the base with "
                             "save_pretrained)")
@@ -97,7 +94,6 @@ def prepare_model_dir(out_dir: str | os.PathLike, base: str | os.PathLike,
     table = FusionTable(names, [n for n, _ in gate_pairs],
                         default_fusion or ("gate" if gate_pairs else "off"))
     cfg.pop("quantization_config", None)
-    cfg["architectures"] = [ARCHITECTURES[next(a for a in cfg["architectures"] if a in ARCHITECTURES)]]
     cfg[SETTINGS_KEY] = {
         "format_version": FORMAT_VERSION,
         "base": str(base),
