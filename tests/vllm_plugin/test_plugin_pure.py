@@ -144,6 +144,44 @@ def test_prepare_refuses_what_the_vllm_model_cannot_run(fusion_files, tmp_path):
     assert not any(tmp_path.glob("p*"))
 
 
+@pytest.mark.parametrize("arch, plugin", [("llama", "LoraFlowLlamaForCausalLM"), ("mistral", "LoraFlowMistralForCausalLM"),
+                                          ("qwen2", "LoraFlowQwen2ForCausalLM")])
+def test_prepare_names_the_plugin_architecture_of_each_supported_base(tmp_path, arch, plugin):
+    from conftest import build_tiny_model, make_peft_adapter
+
+    from loraflow.vllm.prepare import prepare_model_dir
+
+    model = build_tiny_model(arch)
+    model.save_pretrained(tmp_path / "base")
+    adapters = {"zh": make_peft_adapter(model, tmp_path / "zh", arch=arch)}
+    out = prepare_model_dir(tmp_path / "prepared", tmp_path / "base", adapters)
+    assert json.loads((out / "config.json").read_text())["architectures"] == [plugin]
+
+
+def test_prepare_refuses_other_architectures_and_unrun_settings_in_one_line(tmp_path):
+    from conftest import build_tiny_model, make_peft_adapter
+
+    from loraflow.vllm.prepare import prepare_model_dir
+
+    model = build_tiny_model("qwen2")
+    model.save_pretrained(tmp_path / "base")
+    adapters = {"zh": make_peft_adapter(model, tmp_path / "zh", arch="qwen2")}
+    cfg_file = tmp_path / "base" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cases = [({"architectures": ["Qwen3ForCausalLM"]}, "architecture Qwen3ForCausalLM is not supported by the vLLM "
+              "engine (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"),
+             ({"architectures": []}, "architecture (none) is not supported"),
+             ({"qk_norm": True}, "Qwen2ForCausalLM with qk_norm set is not supported by the vLLM engine"),
+             ({"architectures": ["MistralForCausalLM"], "llama_4_scaling": {"beta": 0.1}},
+              "MistralForCausalLM with llama_4_scaling set is not supported")]
+    for change, message in cases:
+        cfg_file.write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(LoraFlowError) as e:
+            prepare_model_dir(tmp_path / "prepared", tmp_path / "base", adapters)
+        assert message in str(e.value) and str(cfg_file) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "prepared").exists()
+
+
 # ----------------------------------------------------------------------------- serve --engine vllm (the proxy)
 def _served():
     from loraflow.serve.registry import ServedModels

@@ -71,11 +71,14 @@ def build_vllm_sized_model(arch: str, vocab_size: int, seed: int = 0):
     else:
         raise ValueError(arch)
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8)  # nearly flat logits otherwise (tied: the embeddings grow too)
-        for layer in model.model.layers if arch == "qwen2" else ():
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0.0, 0.5)
+    with torch.no_grad():  # nearly flat logits otherwise
+        if arch == "qwen2":  # tied: scaling the head would scale the embeddings, so the final norm instead
+            model.model.norm.weight.mul_(4)
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.1)
+        else:
+            model.lm_head.weight.mul_(8)
     return model
 
 
