@@ -144,7 +144,8 @@ def test_prepare_refuses_what_the_vllm_model_cannot_run(fusion_files, tmp_path):
     assert not any(tmp_path.glob("p*"))
 
 
-@pytest.mark.parametrize("arch, plugin", [("llama", "LoraFlowLlamaForCausalLM"), ("mistral", "LoraFlowMistralForCausalLM"),
+@pytest.mark.parametrize("arch, plugin", [("llama", "LoraFlowLlamaForCausalLM"),
+                                          ("mistral", "LoraFlowMistralForCausalLM"),
                                           ("qwen2", "LoraFlowQwen2ForCausalLM")])
 def test_prepare_names_the_plugin_architecture_of_each_supported_base(tmp_path, arch, plugin):
     from conftest import build_tiny_model, make_peft_adapter

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from vllm_support import (NEW_TOKENS, SLIDING_WINDOW, require_vllm, save_arch_fusion,  # noqa: F401
+from vllm_support import (NEW_TOKENS, SLIDING_WINDOW, require_vllm, save_arch_fusion,
                           transformers_greedy)
 
 require_vllm()  # skip (or fail under LORAFLOW_REQUIRE_VLLM=1) before building any fixture

@@ -131,7 +131,7 @@ class FusedDecoderLayer:
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 **unused) -> tuple[torch.Tensor, torch.Tensor]:
-        # `unused`: MistralModel passes t_cond=None (its conditioned norm is refused at prepare)
+        # `unused`: MistralModel passes t_cond=None (its conditioned norm is refused: see architectures)
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
