@@ -52,7 +52,11 @@ def mixed_weights(hidden: torch.Tensor, static: torch.Tensor, select: torch.Tens
         rounding error next to the layer): a fixed graph whatever the routing.
     """
     x = hidden.to(gate_weight.dtype)
-    logits = torch.einsum("...d,gkd->...gk", x, gate_weight) / temperature.unsqueeze(-1)  # (..., G, k)
+    if torch.compiler.is_compiling():  # a multiply-and-sum that the compiler fuses with what follows it
+        logits = (x.unsqueeze(-2).unsqueeze(-2) * gate_weight).sum(-1)
+    else:  # eager: one batched matmul, no (..., G, k, d) intermediate
+        logits = torch.einsum("...d,gkd->...gk", x, gate_weight)
+    logits = logits / temperature.unsqueeze(-1)  # (..., G, k)
     probs = torch.softmax(logits, dim=-1) + gate_bias  # (..., G, k)
     gated = (select.to(probs.dtype).unsqueeze(-1) * probs).sum(dim=-2)  # (..., k)
     return gated + static.to(gated.dtype)
@@ -64,7 +68,10 @@ def column_scales(weights: torch.Tensor, column_map: torch.Tensor) -> torch.Tens
     column_map[i, j] = lora_alpha_i / r_i where column j belongs to adapter i, else 0; so column j
     of adapter i gets w_i * s_i.
     """
-    return (weights if weights.dtype == column_map.dtype else weights.to(column_map.dtype)) @ column_map
+    weights = weights if weights.dtype == column_map.dtype else weights.to(column_map.dtype)
+    if torch.compiler.is_compiling():  # k multiply-adds per column: fused into the ops around it, no matmul call
+        return (weights.unsqueeze(-1) * column_map).sum(-2)
+    return weights @ column_map
 
 
 def lora_delta(x: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -125,6 +132,21 @@ def add_lora_output(base_out: torch.Tensor, h: torch.Tensor, b_t: torch.Tensor, 
         return base_out.baddbmm_(h, b_t)
     base_out.view(-1, base_out.shape[-1]).addmm_(h, b_t)
     return base_out
+
+
+def add_scaled_lora(base_out: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """base_out + (h * scales) @ B^T in one addmm, for an engine that computed the base output and the
+    A projection h = x @ A^T in one matrix multiply (A's rows appended to the base weight).
+
+    Args:
+        base_out: (N, out); h: (N, R); scales: (N, R) or broadcastable (from `column_scales`);
+        b_t: (R, out).
+
+    Returns:
+        (N, out) in base_out's dtype.
+    """
+    scaled = h * (scales if scales.dtype == h.dtype else scales.to(h.dtype))
+    return torch.addmm(base_out, scaled.to(b_t.dtype), b_t).to(base_out.dtype)
 
 
 def stack_static_lora(a_list: list[torch.Tensor], b_list: list[torch.Tensor],

@@ -6,7 +6,8 @@ The layer reads the gate input where transformers' "layer input before input_lay
 the `residual` returned by the fused add+norm (the embeddings at layer 0), before the next fused norm
 updates it in place. The per-token routing (which fusion each token's request chose) is read from
 fixed buffers that the routing hook (`loraflow.vllm.runner`) fills before every forward. The formula is
-`loraflow.core.fusion_math` (mixed_weights, column_scales, lora_delta): no copy here.
+`loraflow.core.fusion_math` (mixed_weights, column_scales, add_scaled_lora): no copy here. Each adapted
+linear's stacked A is appended to its base weight once loaded, so the base matrix multiply also yields A x.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import (get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
                               tensor_model_parallel_all_reduce)
+from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
@@ -26,7 +28,7 @@ from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCa
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 from vllm.model_executor.models.utils import PPMissingLayer, maybe_prefix
 
-from loraflow.core.fusion_math import column_scales, lora_delta, mixed_weights
+from loraflow.core.fusion_math import add_scaled_lora, column_scales, lora_delta, mixed_weights
 from loraflow.vllm.architectures import check_settings
 from loraflow.vllm.assets import FusionAssets, load_assets, read_settings
 from loraflow.vllm.routing import FusionTable, RoutingBuffers
@@ -41,6 +43,8 @@ class StackedLora(nn.Module):
 
     Its column map is kept (for the layer, which turns the fusion weights into every linear's column
     scales with one `column_scales` call); `forward` takes this linear's (N, R) slice of those scales.
+    After `fold_into`, A's rows sit under the base weight, so the base linear's one matrix multiply
+    returns [W0 x | A x] and `forward` adds the delta with one more (an addmm).
     """
 
     def __init__(self, a_t: torch.Tensor, b_t: torch.Tensor, column_map: torch.Tensor, *, reduce: bool) -> None:
@@ -49,8 +53,30 @@ class StackedLora(nn.Module):
         self.register_buffer("b_t", b_t, persistent=False)  # (R, out)
         self.column_map = column_map  # (k, R) fp32, on the CPU: stacked into the layer's map
         self.reduce = reduce  # row-parallel under TP > 1: the partial deltas are summed across ranks
+        self.base_out = 0  # after `fold_into`: the base linear's own outputs (those after them are A x)
+
+    def fold_into(self, linear: nn.Module) -> bool:
+        """Append A's rows to an unquantized linear's loaded weight (and zeros to its bias), before vLLM
+        prepares it for its kernels; False, changing nothing, for other linears (they keep their own A
+        projection). Row-parallel: the linear's all-reduce then sums the partial A x with its output."""
+        weight = getattr(linear, "weight", None)
+        if (not isinstance(getattr(linear, "quant_method", None), UnquantizedLinearMethod)
+                or not isinstance(weight, torch.Tensor) or weight.dim() != 2):
+            return False
+        a = self.a_t.t().to(device=weight.device, dtype=weight.dtype)
+        self.base_out = weight.shape[0]
+        weight.data = torch.cat([weight.data, a], dim=0)
+        bias = getattr(linear, "bias", None)
+        if bias is not None:
+            bias.data = torch.cat([bias.data, bias.data.new_zeros(a.shape[0])])
+        self.a_t = None
+        self.reduce = False
+        return True
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        if self.base_out:  # base_out is [W0 x | A x]
+            n = self.base_out
+            return add_scaled_lora(base_out[..., :n], base_out[..., n:], scales, self.b_t)
         delta = lora_delta(x, self.a_t, self.b_t, scales)  # (N, out)
         if self.reduce:
             delta = tensor_model_parallel_all_reduce(delta)
@@ -111,6 +137,14 @@ class FusedDecoderLayer:
         self.column_splits = [m.column_map.shape[1] for m in self.loraflow.values()]
         maps = [m.column_map for m in self.loraflow.values()] or [torch.zeros(k, 0)]
         self.register_buffer("column_map", torch.cat(maps, dim=1).to(device), persistent=False)  # (k, R_layer)
+
+    def fold_adapters(self) -> None:
+        """Once the weights are loaded: each stacked A goes under its base linear's weight (see
+        `StackedLora.fold_into`), so one matrix multiply per linear yields both W0 x and A x."""
+        attn, mlp = self.self_attn, self.mlp
+        linears = {"qkv": attn.qkv_proj, "o": attn.o_proj, "gate_up": mlp.gate_up_proj, "down": mlp.down_proj}
+        for name, stacked in self.loraflow.items():
+            stacked.fold_into(linears[name])
 
     def column_scales(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each adapted linear's (N, R) column scales, from one (N, k) @ (k, R_layer) product."""
@@ -190,6 +224,15 @@ class FusionRouting:
     def attach_routing(self, routing: RoutingBuffers, table: FusionTable) -> None:
         """Keep the routing buffers (a submodule: they follow the model's device) and the fusion table."""
         self.loraflow_routing, self.loraflow_table = routing, table
+
+    def load_weights(self, weights) -> set[str]:
+        """vLLM's weight loading, then the adapters' A folded into the base linears (before vLLM's
+        post-load processing packs those weights for its kernels)."""
+        loaded = super().load_weights(weights)
+        for layer in self.model.layers:
+            if isinstance(layer, FusedDecoderLayer):  # not PPMissingLayer (another pipeline stage's)
+                layer.fold_adapters()
+        return loaded
 
     def loraflow_route(self, fusions: list[str | None], tokens_per_request: list[int]) -> None:
         """Fill this step's routing buffers: request j (in batch order) has `tokens_per_request[j]` tokens."""
