@@ -132,3 +132,15 @@ def test_unsupported_architecture_is_refused_in_one_line_exit_2(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Qwen3ForCausalLM is not supported by the vLLM engine" in lines[0], proc.stderr
     assert "supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" in lines[0]
+
+
+@pytest.mark.slow
+def test_adapters_are_folded_into_the_base_matrix_multiplies(case):
+    """Every adapted linear runs as one base matrix multiply that also yields A x (the fast path): none was
+    left on the separate A projection. (The parity tests above show the folded path is exact.)"""
+    def folded(model):
+        return [(name, m.base_out > 0 and m.a_t is None) for layer in model.model.layers
+                for name, m in layer.loraflow.items()]
+
+    states = case["llm"].apply_model(folded)[0]
+    assert states and all(ok for _, ok in states), states
