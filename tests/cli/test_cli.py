@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 
 def test_generate_with_show_weights(saved_base, capsys):
@@ -120,3 +122,20 @@ def test_bad_config_values_name_their_flag(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--lr" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("vllm_args", ["--enforce-eager", "--tensor-parallel-size 2 --enforce-eager", "-O0"])
+def test_vllm_args_take_values_that_look_like_options(vllm_args):
+    from loraflow.cli.main import build_parser, glue_pass_through
+
+    argv = ["serve", "--engine", "vllm", "--vllm-args", vllm_args, "--base", "m", "--port", "9"]
+    args = build_parser().parse_args(glue_pass_through(argv))
+    assert (args.vllm_args, args.base, args.port) == (vllm_args, "m", 9)
+
+
+def test_vllm_args_without_a_value_is_a_usage_error(capsys):
+    from loraflow.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--engine", "vllm", "--base", "m", "--vllm-args"])
+    assert e.value.code == 2 and "--vllm-args" in capsys.readouterr().err

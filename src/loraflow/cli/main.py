@@ -37,9 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value is a string of another program's options: "--vllm-args --enforce-eager" would make
+# argparse read "--enforce-eager" as an option of ours, so such a value is glued on ("--vllm-args=...").
+PASS_THROUGH = ("--vllm-args",)
+
+
+def glue_pass_through(argv: Sequence[str]) -> list[str]:
+    """argv with each pass-through option's next word attached as its value."""
+    out, words = [], iter(argv)
+    for word in words:
+        value = next(words, None) if word in PASS_THROUGH else None
+        out.append(word if value is None else f"{word}={value}")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(glue_pass_through(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
