@@ -50,6 +50,7 @@ def test_column_parallel_fold_equals_the_formula(tp_size):
         linear = _linear(s.take(w0, 0))
         linear.bias.data = s.take(torch.linspace(-1, 1, OUT), 0).clone()
         assert stacked.fold_into(linear) and linear.weight.shape == (s.size + sum(RANKS), IN)
+        assert stacked.fold_into(linear) and linear.weight.shape == (s.size + sum(RANKS), IN)  # once only
         got = stacked(x, linear(x), _scales(stacked, w))
         torch.testing.assert_close(got, s.take(want, 1), rtol=1e-5, atol=1e-5)
 

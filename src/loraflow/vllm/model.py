@@ -59,6 +59,8 @@ class StackedLora(nn.Module):
         """Append A's rows to an unquantized linear's loaded weight (and zeros to its bias), before vLLM
         prepares it for its kernels; False, changing nothing, for other linears (they keep their own A
         projection). Row-parallel: the linear's all-reduce then sums the partial A x with its output."""
+        if self.base_out:  # already folded (weights loaded again)
+            return True
         weight = getattr(linear, "weight", None)
         if (not isinstance(getattr(linear, "quant_method", None), UnquantizedLinearMethod)
                 or not isinstance(weight, torch.Tensor) or weight.dim() != 2):
