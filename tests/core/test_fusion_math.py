@@ -34,6 +34,35 @@ def test_fused_linear_equals_sum_over_adapters_per_token():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_add_scaled_lora_from_a_folded_base_output_equals_the_sum_over_adapters():
+    A, B, s, cmap, a_t, b_t = _adapters()
+    w0 = torch.randn(5, 6)
+    x, w = torch.randn(7, 6), torch.randn(7, 3)
+    folded = x @ torch.cat([w0, a_t.t()]).t()  # [W0 x | A x], as one matmul over the folded weight
+    out = fm.add_scaled_lora(folded[:, :5], folded[:, 5:], fm.column_scales(w, cmap), b_t)
+    expected = x @ w0.t()
+    for n in range(7):
+        for i in range(3):
+            expected[n] += w[n, i] * s[i] * (B[i] @ (A[i] @ x[n]))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_gate_and_column_scales_equal_eager():
+    """Under torch.compile the gate logits and column scales are multiply-sums, not matmuls: same values."""
+    _, _, _, cmap, _, _ = _adapters()
+    g = torch.Generator().manual_seed(3)
+    hidden, static, select = torch.randn(4, 8, generator=g), torch.randn(4, 3, generator=g), torch.rand(4, 2)
+    gw, gb, temp = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, generator=g), torch.tensor([1.0, 0.7])
+
+    def both(h):
+        w = fm.mixed_weights(h, static, select, gw, gb, temp)
+        return w, fm.column_scales(w, cmap)
+
+    compiled = torch.compile(both, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(hidden), both(hidden)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_gate_weights_is_softmax_plus_bias_after():
     W, bias, T = torch.randn(2, 8), torch.tensor([-0.5, 0.7]), 1.1
     h = torch.randn(3, 8)
