@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from vllm_support import (NEW_TOKENS, SLIDING_WINDOW, require_vllm, save_arch_fusion,
+from vllm_support import (SLIDING_WINDOW, TOL, assert_matches, greedy, require_vllm, save_arch_fusion,
                           transformers_greedy)
 
 require_vllm()  # skip (or fail under LORAFLOW_REQUIRE_VLLM=1) before building any fixture
@@ -24,7 +24,6 @@ require_vllm()  # skip (or fail under LORAFLOW_REQUIRE_VLLM=1) before building a
 ARCHS = ["mistral", "qwen2"]
 FUSIONS = ["gate", "static:0.7,-0.3", "single:zh", "single:math", "off"]
 PROMPT_LEN = 20  # > SLIDING_WINDOW: Mistral's window drops the first tokens
-TOL = 1e-4  # fp32 log-probabilities, as for Llama (vLLM's kernels sum in another order than transformers')
 
 
 def _prompts(n: int, seed: int, vocab: int = 300) -> list[list[int]]:
@@ -53,20 +52,7 @@ def case(request, tmp_path_factory):
 
 
 def run(case, prompts, fusions):
-    from vllm import SamplingParams
-
-    base = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=0)
-    pairs = [case["fusions"].request(p, f, base) for p, f in zip(prompts, fusions)]
-    outs = case["llm"].generate([p for p, _ in pairs], [s for _, s in pairs], use_tqdm=False)
-    return [(list(o.outputs[0].token_ids), [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids,
-                                                                             o.outputs[0].logprobs)]) for o in outs]
-
-
-def assert_matches(got, want, what):
-    (tokens, logprobs), (ref_tokens, ref_logprobs) = got, want
-    assert tokens == ref_tokens, f"{what}: tokens {tokens} != transformers engine {ref_tokens}"
-    worst = max(abs(a - b) for a, b in zip(logprobs, ref_logprobs))
-    assert worst < TOL, f"{what}: log-probs differ by {worst:.2e} ({logprobs} vs {ref_logprobs})"
+    return greedy(case["llm"], case["fusions"], prompts, fusions)
 
 
 @pytest.mark.slow

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_support import helper, prepared, reference, require_vllm, tiny_fusion  # noqa: F401 (fixtures)
+from vllm_support import TOL, assert_matches, require_vllm
+from vllm_support import greedy as run
+from vllm_support import helper, prepared, reference, tiny_fusion  # noqa: F401 (fixtures)
 
 require_vllm()  # skip (or fail under LORAFLOW_REQUIRE_VLLM=1) before building any fixture
 
 FUSIONS = ["gate:zh-math", "gate:other", "gate:official", "static:0.7,-0.3", "avg", "single:math", "single:zh",
            "off"]
-from vllm_support import NEW_TOKENS
-TOL = 1e-4  # fp32 log-probabilities (5e-6 measured: vLLM's kernels sum in another order than transformers')
 
 
 def _prompts(n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
@@ -37,28 +37,6 @@ def eager_llm(prepared):
     llm = make_llm(prepared, enforce_eager=True, enable_prefix_caching=True)
     yield llm
     del llm
-
-
-def run(llm, fusions_helper, prompts, fusions, *, salt: bool = True):
-    from vllm import SamplingParams
-
-    base = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=0)
-    pairs = [fusions_helper.request(p, f, base) for p, f in zip(prompts, fusions)]
-    if not salt:
-        pairs = [({k: v for k, v in prompt.items() if k != "cache_salt"}, params) for prompt, params in pairs]
-    outs = llm.generate([p for p, _ in pairs], [s for _, s in pairs], use_tqdm=False)
-    result = []
-    for out in outs:
-        o = out.outputs[0]
-        result.append((list(o.token_ids), [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)]))
-    return result
-
-
-def assert_matches(got, want, what):
-    (tokens, logprobs), (ref_tokens, ref_logprobs) = got, want
-    assert tokens == ref_tokens, f"{what}: tokens {tokens} != transformers engine {ref_tokens}"
-    worst = max(abs(a - b) for a, b in zip(logprobs, ref_logprobs))
-    assert worst < TOL, f"{what}: log-probs differ by {worst:.2e} ({logprobs} vs {ref_logprobs})"
 
 
 @pytest.mark.slow

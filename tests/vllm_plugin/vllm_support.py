@@ -23,6 +23,31 @@ from conftest import build_tokenizer, make_peft_adapter  # the suite's root conf
 NEW_TOKENS = 6  # greedy tokens compared per request
 
 
+TOL = 1e-4  # fp32 log-probabilities (5e-6 measured: vLLM's kernels sum in another order than transformers')
+
+
+def greedy(llm, fusions_helper, prompts, fusions, *, salt: bool = True):
+    """Greedy NEW_TOKENS per prompt, each request with its fusion: [(token ids, their log-probs)].
+    salt=False drops the requests' cache_salt (to show what prefix caching does without it)."""
+    from vllm import SamplingParams
+
+    base = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=0)
+    pairs = [fusions_helper.request(p, f, base) for p, f in zip(prompts, fusions)]
+    if not salt:
+        pairs = [({k: v for k, v in prompt.items() if k != "cache_salt"}, params) for prompt, params in pairs]
+    outs = llm.generate([p for p, _ in pairs], [s for _, s in pairs], use_tqdm=False)
+    return [(list(o.outputs[0].token_ids),
+             [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]) for o in outs]
+
+
+def assert_matches(got, want, what):
+    """Same greedy tokens as the transformers engine, log-probs within TOL."""
+    (tokens, logprobs), (ref_tokens, ref_logprobs) = got, want
+    assert tokens == ref_tokens, f"{what}: tokens {tokens} != transformers engine {ref_tokens}"
+    worst = max(abs(a - b) for a, b in zip(logprobs, ref_logprobs))
+    assert worst < TOL, f"{what}: log-probs differ by {worst:.2e} ({logprobs} vs {ref_logprobs})"
+
+
 def require_vllm():
     """Import vllm, or skip (fail under LORAFLOW_REQUIRE_VLLM=1) with what to install."""
     try:
