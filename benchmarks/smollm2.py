@@ -20,10 +20,11 @@ then `--steps` one-token decode steps on its KV cache. prefill tok/s = B x promp
 decode tok/s = B / step time. PEFT X-LoRA cannot use a KV cache, so it is compared on greedy
 `generate` wall time instead (against the base and loraflow k=2 in the same rounds).
 
-`--compiled` adds compiled rows: the base model and loraflow (dynamic gate, k in --ks; static avg
-on k=2, merged) with their forward under `torch.compile(fullgraph=True)` (inductor) and a
-StaticCache (eager rows keep transformers' DynamicCache); the first call per shape (the compile)
-is timed apart and reported, never counted in the medians.
+`--compiled` adds compiled rows: the base model, PEFT with one adapter and loraflow (dynamic gate,
+k in --ks; static avg on k=2, merged) with their forward under `torch.compile(fullgraph=True)`
+(inductor) and a StaticCache (eager rows keep transformers' DynamicCache); their ratios are to the
+compiled base. The first call per shape (the compile) is timed apart and reported, never counted in
+the medians. A full compiled run compiles 24 graphs: about 40 min on one core of a 2-core machine.
 """
 
 from __future__ import annotations
@@ -143,12 +144,16 @@ def forward_cpu_static(model, ids, steps: int) -> tuple[float, list[float]]:
 
 def compiled(models: list):
     """The same models with their forward compiled (inductor, fullgraph, static shapes)."""
+    from peft import PeftModel
+
     from loraflow import LoraFlowModel
     from loraflow.core.model import compile_forward
 
     for m in models:
         if isinstance(m, LoraFlowModel):
-            m.compile(dynamic=False)
+            m.compile(dynamic=False)  # also folds each input group's A under a base weight
+        elif isinstance(m, PeftModel):  # the transformers model under its LoRA layers
+            compile_forward(m.get_base_model(), dynamic=False)
         else:
             compile_forward(m, dynamic=False)
     return models
@@ -242,6 +247,10 @@ def main(argv=None) -> int:
 
     set_threads(1)
     torch.manual_seed(args.seed)
+    # every model's forward is one code object (transformers' decorated `forward`), and dynamo keeps at most
+    # recompile_limit graphs per code object: 6 compiled models x 2 batch sizes x (prefill, decode) need more
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 1024
     started = time.perf_counter()
     ks = sorted(set(args.ks) | {2})
     keys = ["base", "peft1", "peft2"] + [f"loraflow{k}" for k in ks]
@@ -249,7 +258,7 @@ def main(argv=None) -> int:
         paths = make_adapters(load_base(), Path(tmp), max(ks), args.seed)
         models = {key: [build([key], paths, args.seed)[key] for _ in range(args.instances)] for key in keys}
         xlora = None if args.no_xlora else build(["xlora2"], paths, args.seed)["xlora2"]
-        compiled_keys = ["base"] + [f"loraflow{k}" for k in ks] if args.compiled else []
+        compiled_keys = ["base", "peft1"] + [f"loraflow{k}" for k in ks] if args.compiled else []
         for key in compiled_keys:
             models[f"{key}_compiled"] = compiled([build([key], paths, args.seed)[key] for _ in range(args.instances)])
     print(f"models built ({time.perf_counter() - started:.0f}s)", flush=True)
@@ -327,14 +336,16 @@ def render(ms, runs, ops, bw, xl, args, wall, compile_s=None) -> str:
     bs = args.batch_sizes
     lines = [f"SmolLM2-135M-Instruct (fp32 from {GGUF}), 1 thread; CPU time per forward, median over {args.rounds} "
              f"interleaved rounds x {args.instances} copies (prefill of {args.prompt_len} tokens, then "
-             f"{args.steps} decode steps); ratio = relative tokens/s vs the base model; wall {wall / 60:.1f} min.", "",
+             f"{args.steps} decode steps); ratio = relative tokens/s vs the base model in the same mode (eager rows: "
+             f"the eager base; compiled rows: the compiled base); wall {wall / 60:.1f} min.", "",
              "| configuration | " + " | ".join(f"prefill b={b} | decode b={b}" for b in bs) + " | bandwidth bound |",
              "|---|" + "---:|---:|" * len(bs) + "---:|"]
     for key, label, _, _ in runs:
         cells = []
+        ref = "base_compiled" if key.endswith("_compiled") else "base"  # ratios within a mode
         for b in bs:
             for phase in ("prefill", "decode"):
-                cells.append(f"{ms['base'][b][phase] / ms[label][b][phase]:.3f}x ({ms[label][b][phase]:.1f} ms)")
+                cells.append(f"{ms[ref][b][phase] / ms[label][b][phase]:.3f}x ({ms[label][b][phase]:.1f} ms)")
         merged = label in ("static_avg", "static_single")
         plain = key[: -len("_compiled")] if key.endswith("_compiled") else key
         bound = "1.000x" if merged else f"{bw[plain]['bound']:.3f}x" if plain in bw and label != "off" else ""
@@ -345,6 +356,11 @@ def render(ms, runs, ops, bw, xl, args, wall, compile_s=None) -> str:
                   + "; ".join(f"b={b}: X-LoRA {xl['xlora2'][b]:.2f}, base {xl['base'][b]:.2f}, loraflow k=2 "
                               f"{xl['loraflow2'][b]:.2f} (loraflow {xl['loraflow2'][b] / xl['xlora2'][b]:.1f}x X-LoRA)"
                               for b in bs)]
+    if "base_compiled" in ms:
+        lines += ["", "Compiled rows against the eager base model (decode): " + "; ".join(
+            f"{_label(label)}: " + ", ".join(f"b={b} {ms['base'][b]['decode'] / ms[label][b]['decode']:.3f}x"
+                                            for b in bs)
+            for key, label, _, _ in runs if key.endswith("_compiled") and key != "base_compiled")]
     if compile_s:
         lines += ["", "Compile time (wall, first prefill + decode step per batch size, median over copies): "
                   + "; ".join(f"{_label(label)}: " + ", ".join(f"b={b} {statistics.median(v):.0f} s"

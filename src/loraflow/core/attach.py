@@ -14,6 +14,8 @@ hard-coded architecture names.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -140,12 +142,33 @@ class LayerMixer:
             a_t = group.lora_A_t if self.compiling else group._parameters["lora_A_t"]
             scales = scales[position] if x.dim() == 3 else _tokens_like(scales[position], x, self.hidden)
             h = scaled_projection(x, a_t, scales, inplace=not torch.is_grad_enabled())  # (..., R_group)
-            if h.dim() != 3 or h.shape[0] != 1:
-                h = h.view(-1, h.shape[-1])  # (N, R_group)
-            # one split for all members (q/k/v) rather than a slice each
-            cached = (x, h.split_with_sizes(group.member_sizes, -1) if group.shared else (h,))
-            self.projections[position] = cached
+            cached = self._keep(group, x, h)
         return cached[1][module.member_index]
+
+    def wants_projection(self, module: FusedLoraLinear, x: torch.Tensor) -> bool:
+        """Whether `module` (folded: its base matmul also yields its group's A projection) should hand
+        this layer its group's projection of x: the shared scaled path is in use and nothing cached it yet."""
+        if self.scales is None or self.own or (module.training and module.has_dropout):
+            return False
+        cached = self.projections[module.group.layer_position]
+        return cached is None or cached[0] is not x
+
+    def keep_projection(self, module: FusedLoraLinear, x: torch.Tensor, h: torch.Tensor) -> None:
+        """Take `module`'s group's unscaled projection h = x @ A^T (computed with its base output) and
+        scale it as `lora_hidden` would have."""
+        group = module.group
+        position = group.layer_position
+        scales = self.scales[position] if x.dim() == 3 else _tokens_like(self.scales[position], x, self.hidden)
+        self._keep(group, x, h * (scales if scales.dtype == h.dtype else scales.to(h.dtype)))
+
+    def _keep(self, group: LoraInputGroup, x: torch.Tensor, h: torch.Tensor) -> tuple:
+        """Cache the group's scaled projection h (..., R_group) of x, split per member."""
+        if h.dim() != 3 or h.shape[0] != 1:
+            h = h.reshape(-1, h.shape[-1])  # (N, R_group)
+        # one split for all members (q/k/v) rather than a slice each
+        cached = (x, h.split_with_sizes(group.member_sizes, -1) if group.shared else (h,))
+        self.projections[group.layer_position] = cached
+        return cached
 
     def _own_projection(self, module: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         """`module`'s own scaled projection, (N, R): one gate per module, or dropout masks drawn per module."""
@@ -224,6 +247,7 @@ class Attachment:
 
     def detach(self) -> None:
         unmerge(self)
+        unfold(self)
         for handle in self.hooks:
             handle.remove()
         for parent, attr, original in self.replaced:
@@ -456,7 +480,13 @@ def merge(attachment: Attachment, engine: FusionEngine, plan: FusionPlan) -> Non
             f"cannot merge a static fusion into quantized base weights ({quantized[0]}"
             f"{f' and {len(quantized) - 1} more' if len(quantized) > 1 else ''}): they are not floating point; "
             "run it unmerged (model.merge_static = False)")
-    unmerge(attachment, engine)
+    with _unfolded(attachment):
+        _merge(attachment, plan)
+    engine.merged, engine.merged_plan = plan.static, plan
+
+
+def _merge(attachment: Attachment, plan: FusionPlan) -> None:
+    unmerge(attachment)
     weights = plan.static.float().cpu()
     with torch.no_grad():
         for m in attachment.fused:
@@ -469,7 +499,6 @@ def merge(attachment: Attachment, engine: FusionEngine, plan: FusionPlan) -> Non
             merged = (original.float().cpu() + delta).to(dtype=original.dtype, device=original.device)
             m.__dict__["_unmerged_weight"] = original if original.device.type == "cpu" else original.cpu()
             weight.data = merged
-    engine.merged, engine.merged_plan = plan.static, plan
 
 
 def mergeable(module: FusedLoraLinear) -> bool:
@@ -481,12 +510,36 @@ def mergeable(module: FusedLoraLinear) -> bool:
 
 def unmerge(attachment: Attachment, engine: FusionEngine | None = None) -> None:
     """Restore the base weights saved by `merge` (bit for bit)."""
-    for m in attachment.fused:
-        original = m.__dict__.pop("_unmerged_weight", None)
-        if original is not None:
-            m.base_layer.weight.data = original.to(m.base_layer.weight.device)
+    with _unfolded(attachment):
+        for m in attachment.fused:
+            original = m.__dict__.pop("_unmerged_weight", None)
+            if original is not None:
+                m.base_layer.weight.data = original.to(m.base_layer.weight.device)
     if engine is not None:
         engine.merged, engine.merged_plan = None, None
+
+
+# ----------------------------------------------------------------------------- folding
+def fold(attachment: Attachment) -> int:
+    """Fold each input group's A under its owner's base weight (`FusedLoraLinear.fold`): what a compiled
+    graph runs fastest. Returns how many modules folded."""
+    return sum(m.fold() for m in attachment.fused)
+
+
+def unfold(attachment: Attachment) -> list[FusedLoraLinear]:
+    """Undo `fold` everywhere; returns the modules that were folded."""
+    return [m for m in attachment.fused if m.unfold()]
+
+
+@contextlib.contextmanager
+def _unfolded(attachment: Attachment) -> Iterator[None]:
+    """Base weights with storage of their own while their data is replaced (merge, unmerge); folded again after."""
+    folded = unfold(attachment)
+    try:
+        yield
+    finally:
+        for m in folded:
+            m.fold()
 
 
 def add_call_hooks(module: nn.Module, engine: FusionEngine, mixers: list[LayerMixer], *,

@@ -189,11 +189,76 @@ class FusedLoraLinear(nn.Module):
         """Rank of each adapter in this module (0 where an adapter does not touch it)."""
         return torch.bincount(self.adapter_index, minlength=self.num_adapters).tolist()
 
+    # ----------------------------------------------------------------- folding (compiled graphs)
+    @property
+    def folded(self) -> bool:
+        """Whether the input group's A sits under the base weight (see `fold`)."""
+        return self._buffers.get("folded_weight") is not None
+
+    def can_fold(self) -> bool:
+        """Only the module that owns its input group, over a hook-free floating-point nn.Linear."""
+        weight = self.base_layer.weight
+        return (self._plain_linear and self.member_index == 0 and _hook_free(self.base_layer)
+                and type(weight) is nn.Parameter and weight.is_floating_point() and not weight.is_meta
+                and self.group.lora_A_t.dtype == weight.dtype and self.group.lora_A_t.device == weight.device)
+
+    def fold(self) -> bool:
+        """Put a copy of the input group's stacked A under the base weight, in one buffer of which the
+        base weight becomes a view: a compiled graph then gets [W0 x | A x] from one matrix multiply
+        instead of two library calls (the A projection's per-call cost dominates at decode). The base
+        weight's values and its Parameter are unchanged; A costs its size once more. Returns whether
+        this module folded (see `can_fold`)."""
+        if self.folded:
+            return True
+        if not self.can_fold():
+            return False
+        weight = self.base_layer.weight
+        a = self.group.lora_A.detach()  # (R_group, in)
+        buffer = torch.empty(self.out_features + a.shape[0], self.in_features, dtype=weight.dtype,
+                             device=weight.device)
+        with torch.no_grad():
+            buffer[: self.out_features].copy_(weight)
+            buffer[self.out_features:].copy_(a)
+        weight.data = buffer[: self.out_features]
+        self.register_buffer("folded_weight", buffer, persistent=False)
+        return True
+
+    def unfold(self) -> bool:
+        """Undo `fold`: the base weight gets storage of its own again (the same values). Returns whether
+        it was folded."""
+        if not self.folded:
+            return False
+        weight = self.base_layer.weight
+        weight.data = weight.data.clone()
+        del self._buffers["folded_weight"]
+        return True
+
+    def _apply(self, fn, recurse: bool = True):
+        """Move with the model; a folded module's base weight is moved on its own by its base layer, so it
+        is copied into the moved buffer and becomes a view of it again."""
+        super()._apply(fn, recurse)
+        if self.folded:
+            buffer, weight = self.folded_weight, self.base_layer.weight
+            with torch.no_grad():
+                buffer[: self.out_features].copy_(weight)
+                buffer[self.out_features:].copy_(self.group.lora_A)
+            weight.data = buffer[: self.out_features]
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mixer = self.mixer
         compiling = mixer.compiling if mixer is not None else is_dynamo_compiling()  # read once per layer
         if compiling:
-            result = self.base_layer(x)
+            folded = getattr(self, "folded_weight", None)
+            if folded is not None and mixer is not None and mixer.wants_projection(self, x):
+                both = F.linear(x, folded)  # [W0 x | A x]
+                result, h = both.split([self.out_features, folded.shape[0] - self.out_features], dim=-1)
+                bias = self.base_layer.bias
+                if bias is not None:
+                    result = result + bias
+                mixer.keep_projection(self, x, h)
+            else:
+                result = self.base_layer(x)
         else:
             base = self._base
             if self._plain_linear and _hook_free(base):

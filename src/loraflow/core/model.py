@@ -24,6 +24,7 @@ from loraflow.core.attach import (
     Attachment,
     add_call_hooks,
     attach_adapters,
+    fold,
     hidden_size,
     merge,
     mergeable,
@@ -206,7 +207,11 @@ class LoraFlowModel(nn.Module):
         (`generate(..., cache_implementation="static")`) for shapes that stay fixed while decoding.
         On CUDA, `mode="reduce-overhead"` also captures CUDA graphs. Extra keyword arguments go to
         `torch.compile` (e.g. `backend`, `mode`, `dynamic`).
+
+        It also folds each input group's stacked A under one base weight (`FusedLoraLinear.fold`), so the
+        graph computes W0 x and A x in one matrix multiply; the base weights keep their values.
         """
+        fold(self._attachment)
         self.__dict__["_compiled_forward"] = compile_forward(self.model, fullgraph=fullgraph, **kwargs)
         return self
 
