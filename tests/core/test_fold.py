@@ -41,21 +41,31 @@ def _assert_same_bits(model, want: dict[str, torch.Tensor]) -> None:
         assert torch.equal(got[name], tensor), name
 
 
-def test_compile_folds_each_input_group_under_its_first_members_base_weight(pair):
+def _assert_views(owner) -> None:
+    """Each member's base weight is a view of its rows of the owner's buffer; A's copy comes last."""
+    buffer, start = owner.folded_weight, 0
+    for m in owner.fold_members:
+        weight = m.base_layer.weight
+        assert weight.data_ptr() == buffer[start].data_ptr() and weight.shape == (m.out_features, m.in_features)
+        assert weight.dtype == buffer.dtype
+        start += m.out_features
+    assert torch.equal(buffer[start:], owner.group.lora_A)  # every member's A, member by member
+
+
+def test_compile_folds_each_input_groups_base_weights_and_a_into_one_buffer(pair):
     base, model = pair
     before = _linears(model.model)
     model.compile(backend="eager")
     fused = model._attachment.fused
-    folded = [m for m in fused if m.folded]
+    owners = [m for m in fused if m.folded]
     # llama: q/k/v share their input, gate/up theirs; o and down alone: 4 groups a layer
-    assert [m.module_key for m in folded[:4]] == ["mlp.down_proj", "mlp.gate_proj", "self_attn.o_proj",
-                                                  "self_attn.q_proj"]
-    assert len(folded) == 4 * 2
-    for m in folded:
-        buffer, weight = m.folded_weight, m.base_layer.weight
-        assert weight.data_ptr() == buffer.data_ptr() and weight.shape == (m.out_features, m.in_features)
-        assert torch.equal(buffer[m.out_features:], m.group.lora_A)  # every member's A, member by member
-        assert m.group.lora_A.shape[0] == sum(f.lora_B_t.shape[0] for f in fused if f.group is m.group)
+    assert [[f.module_key for f in m.fold_members] for m in owners[:4]] == [
+        ["mlp.down_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["self_attn.o_proj"],
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]]
+    assert len(owners) == 4 * 2
+    for m in owners:
+        _assert_views(m)
+        assert m.group.lora_A.shape[0] == sum(f.lora_B_t.shape[0] for f in m.fold_members)
     _assert_same_bits(model.model, before)
     assert not any("folded" in k for k in model.model.state_dict())  # never saved
 
@@ -78,14 +88,15 @@ def _graph_matmuls(model, ids) -> int:
                for node in graphs[0].graph.nodes)
 
 
-def test_the_folded_graph_runs_one_matrix_multiply_fewer_per_input_group(pair):
-    """The A projections are gone from the graph: what the fold is for."""
+def test_the_folded_graph_runs_one_matrix_multiply_per_input_group(pair):
+    """The A projections and the separate q/k/v and gate/up products are gone: what the fold is for."""
     _, model = pair
     ids = _ids((1, 3))
     plain = _graph_matmuls(model, ids)
     from loraflow.core.attach import fold
     assert fold(model._attachment) == 8
-    assert _graph_matmuls(model, ids) == plain - 8
+    # per layer, 7 base linears and 4 A projections become 4 matmuls (one per input group)
+    assert _graph_matmuls(model, ids) == plain - 7 * 2
 
 
 def test_folded_compiled_logits_equal_the_unfolded_eager_ones_in_every_fusion(pair):
@@ -129,8 +140,7 @@ def test_merge_and_unmerge_on_a_folded_model_restore_the_base_weights_bit_for_bi
     _assert_same_bits(model.model, before)
     for m in model._attachment.fused:
         if m.folded:
-            assert torch.equal(m.folded_weight[: m.out_features], m.base_layer.weight)
-            assert m.base_layer.weight.data_ptr() == m.folded_weight.data_ptr()
+            _assert_views(m)
 
 
 def test_moving_a_folded_model_keeps_the_weights_views_of_the_moved_buffer(pair):
@@ -141,8 +151,7 @@ def test_moving_a_folded_model_keeps_the_weights_views_of_the_moved_buffer(pair)
     for m in model._attachment.fused:
         if m.folded:
             assert m.folded_weight.dtype == torch.float64
-            assert m.base_layer.weight.data_ptr() == m.folded_weight.data_ptr()
-            assert torch.equal(m.folded_weight[m.out_features:], m.group.lora_A)
+            _assert_views(m)
     _assert_same_bits(model.model, {n: t.double() for n, t in before.items()})
 
 

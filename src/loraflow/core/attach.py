@@ -153,20 +153,30 @@ class LayerMixer:
         cached = self.projections[module.group.layer_position]
         return cached is None or cached[0] is not x
 
-    def keep_projection(self, module: FusedLoraLinear, x: torch.Tensor, h: torch.Tensor) -> None:
-        """Take `module`'s group's unscaled projection h = x @ A^T (computed with its base output) and
-        scale it as `lora_hidden` would have."""
+    def keep_projection(self, module: FusedLoraLinear, x: torch.Tensor, h: torch.Tensor,
+                        base_outputs: list[torch.Tensor]) -> None:
+        """Take `module`'s group's unscaled projection h = x @ A^T and its members' base outputs (computed
+        in one matmul, see `FusedLoraLinear.fold`), and scale h as `lora_hidden` would have."""
         group = module.group
         position = group.layer_position
         scales = self.scales[position] if x.dim() == 3 else _tokens_like(self.scales[position], x, self.hidden)
-        self._keep(group, x, h * (scales if scales.dtype == h.dtype else scales.to(h.dtype)))
+        self._keep(group, x, h * (scales if scales.dtype == h.dtype else scales.to(h.dtype)), base_outputs)
 
-    def _keep(self, group: LoraInputGroup, x: torch.Tensor, h: torch.Tensor) -> tuple:
-        """Cache the group's scaled projection h (..., R_group) of x, split per member."""
+    def base_output(self, module: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """`module`'s base output for x if its group's folded matmul computed it already, else None."""
+        cached = self.projections[module.group.layer_position]
+        if cached is None or cached[0] is not x or cached[2] is None:
+            return None
+        return cached[2][module.member_index]
+
+    def _keep(self, group: LoraInputGroup, x: torch.Tensor, h: torch.Tensor,
+              base_outputs: list[torch.Tensor] | None = None) -> tuple:
+        """Cache the group's scaled projection h (..., R_group) of x, split per member (and the members'
+        base outputs, when a folded matmul made them)."""
         if h.dim() != 3 or h.shape[0] != 1:
             h = h.reshape(-1, h.shape[-1])  # (N, R_group)
         # one split for all members (q/k/v) rather than a slice each
-        cached = (x, h.split_with_sizes(group.member_sizes, -1) if group.shared else (h,))
+        cached = (x, h.split_with_sizes(group.member_sizes, -1) if group.shared else (h,), base_outputs)
         self.projections[group.layer_position] = cached
         return cached
 
@@ -521,9 +531,13 @@ def unmerge(attachment: Attachment, engine: FusionEngine | None = None) -> None:
 
 # ----------------------------------------------------------------------------- folding
 def fold(attachment: Attachment) -> int:
-    """Fold each input group's A under its owner's base weight (`FusedLoraLinear.fold`): what a compiled
-    graph runs fastest. Returns how many modules folded."""
-    return sum(m.fold() for m in attachment.fused)
+    """Fold each input group's members' base weights and A into one buffer (`FusedLoraLinear.fold`): what
+    a compiled graph runs fastest. Returns how many groups folded."""
+    groups: dict[int, list[FusedLoraLinear]] = {}
+    for m in attachment.fused:
+        groups.setdefault(id(m.group), []).append(m)
+    members = [sorted(ms, key=lambda m: m.member_index) for ms in groups.values()]
+    return sum(ms[0].fold(ms) for ms in members)
 
 
 def unfold(attachment: Attachment) -> list[FusedLoraLinear]:
@@ -534,12 +548,13 @@ def unfold(attachment: Attachment) -> list[FusedLoraLinear]:
 @contextlib.contextmanager
 def _unfolded(attachment: Attachment) -> Iterator[None]:
     """Base weights with storage of their own while their data is replaced (merge, unmerge); folded again after."""
-    folded = unfold(attachment)
+    folded = [(m, m.fold_members) for m in attachment.fused if m.folded]
+    unfold(attachment)
     try:
         yield
     finally:
-        for m in folded:
-            m.fold()
+        for owner, members in folded:
+            owner.fold(members)
 
 
 def add_call_hooks(module: nn.Module, engine: FusionEngine, mixers: list[LayerMixer], *,

@@ -192,73 +192,90 @@ class FusedLoraLinear(nn.Module):
     # ----------------------------------------------------------------- folding (compiled graphs)
     @property
     def folded(self) -> bool:
-        """Whether the input group's A sits under the base weight (see `fold`)."""
+        """Whether this module holds its input group's fold (see `fold`)."""
         return self._buffers.get("folded_weight") is not None
 
     def can_fold(self) -> bool:
-        """Only the module that owns its input group, over a hook-free floating-point nn.Linear."""
+        """A hook-free floating-point nn.Linear whose weight lives with its group's A."""
         weight = self.base_layer.weight
-        return (self._plain_linear and self.member_index == 0 and _hook_free(self.base_layer)
+        return (self._plain_linear and _hook_free(self.base_layer)
                 and type(weight) is nn.Parameter and weight.is_floating_point() and not weight.is_meta
                 and self.group.lora_A_t.dtype == weight.dtype and self.group.lora_A_t.device == weight.device)
 
-    def fold(self) -> bool:
-        """Put a copy of the input group's stacked A under the base weight, in one buffer of which the
-        base weight becomes a view: a compiled graph then gets [W0 x | A x] from one matrix multiply
-        instead of two library calls (the A projection's per-call cost dominates at decode). The base
-        weight's values and its Parameter are unchanged; A costs its size once more. Returns whether
-        this module folded (see `can_fold`)."""
+    def fold(self, members: list[FusedLoraLinear]) -> bool:
+        """Put the base weights of the input group's `members` (this module first, in member order) and a
+        copy of the group's stacked A into one buffer, [W_1; ...; W_n; A], of which each member's base
+        weight becomes a view: a compiled graph then gets every member's base output and the group's A
+        projection from one matrix multiply (q/k/v and their adapters: one library call instead of
+        four). Weights and Parameters keep their values and identity; A is held twice. Returns whether
+        it folded (every member must `can_fold`)."""
         if self.folded:
             return True
-        if not self.can_fold():
+        if members[0] is not self or not all(m.can_fold() and m.group is self.group for m in members):
             return False
-        weight = self.base_layer.weight
-        a = self.group.lora_A.detach()  # (R_group, in)
-        buffer = torch.empty(self.out_features + a.shape[0], self.in_features, dtype=weight.dtype,
-                             device=weight.device)
-        with torch.no_grad():
-            buffer[: self.out_features].copy_(weight)
-            buffer[self.out_features:].copy_(a)
-        weight.data = buffer[: self.out_features]
-        self.register_buffer("folded_weight", buffer, persistent=False)
+        weight, a = self.base_layer.weight, self.group.lora_A
+        rows = sum(m.out_features for m in members) + a.shape[0]
+        self.register_buffer("folded_weight", torch.empty(rows, self.in_features, dtype=weight.dtype,
+                                                          device=weight.device), persistent=False)
+        self.__dict__["fold_split"] = [m.out_features for m in members] + [a.shape[0]]
+        self.__dict__["fold_members"] = list(members)
+        for m in members:
+            m.__dict__["fold_owner"] = self
+        self.refold()
         return True
 
+    def refold(self) -> None:
+        """Copy into the buffer whatever is not a view of it (a member weight replaced or moved) and make
+        it one again; A is copied afresh."""
+        buffer, start = self.folded_weight, 0
+        with torch.no_grad():
+            for m in self.__dict__["fold_members"]:
+                weight, rows = m.base_layer.weight, buffer[start:start + m.out_features]
+                if weight.data_ptr() != rows.data_ptr() or weight.dtype != rows.dtype or weight.device != rows.device:
+                    rows.copy_(weight)
+                    weight.data = rows
+                start += m.out_features
+            buffer[start:].copy_(self.group.lora_A)
+
     def unfold(self) -> bool:
-        """Undo `fold`: the base weight gets storage of its own again (the same values). Returns whether
-        it was folded."""
+        """Undo `fold`: each member's base weight gets storage of its own again (the same values). Returns
+        whether this module held a fold."""
         if not self.folded:
             return False
-        weight = self.base_layer.weight
-        weight.data = weight.data.clone()
+        for m in self.__dict__.pop("fold_members"):
+            m.base_layer.weight.data = m.base_layer.weight.data.clone()
+            m.__dict__.pop("fold_owner", None)
         del self._buffers["folded_weight"]
         return True
 
     def _apply(self, fn, recurse: bool = True):
-        """Move with the model; a folded module's base weight is moved on its own by its base layer, so it
-        is copied into the moved buffer and becomes a view of it again."""
+        """Move with the model. A folded member's base weight is moved on its own by its base layer (and
+        the members are moved one by one), so after each move the fold takes the weights in again."""
         super()._apply(fn, recurse)
-        if self.folded:
-            buffer, weight = self.folded_weight, self.base_layer.weight
-            with torch.no_grad():
-                buffer[: self.out_features].copy_(weight)
-                buffer[self.out_features:].copy_(self.group.lora_A)
-            weight.data = buffer[: self.out_features]
+        owner = self.__dict__.get("fold_owner")
+        if owner is not None and owner.folded:
+            owner.refold()
         return self
+
+    def _folded_forward(self, x: torch.Tensor, owner: FusedLoraLinear) -> torch.Tensor:
+        """In a compiled graph: the owner computes every member's base output and the group's projection in
+        one matmul and hands them to the layer's mixer; the other members take theirs from it."""
+        mixer = self.mixer
+        if self is owner and mixer.wants_projection(self, x):
+            parts = F.linear(x, self.folded_weight).split(self.fold_split, dim=-1)
+            outputs = [p if m.base_layer.bias is None else p + m.base_layer.bias
+                       for p, m in zip(parts, self.fold_members)]
+            mixer.keep_projection(self, x, parts[-1], outputs)
+            return outputs[0]
+        result = mixer.base_output(self, x)
+        return self.base_layer(x) if result is None else result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mixer = self.mixer
         compiling = mixer.compiling if mixer is not None else is_dynamo_compiling()  # read once per layer
         if compiling:
-            folded = getattr(self, "folded_weight", None)
-            if folded is not None and mixer is not None and mixer.wants_projection(self, x):
-                both = F.linear(x, folded)  # [W0 x | A x]
-                result, h = both.split([self.out_features, folded.shape[0] - self.out_features], dim=-1)
-                bias = self.base_layer.bias
-                if bias is not None:
-                    result = result + bias
-                mixer.keep_projection(self, x, h)
-            else:
-                result = self.base_layer(x)
+            owner = self.__dict__.get("fold_owner")
+            result = self.base_layer(x) if owner is None or mixer is None else self._folded_forward(x, owner)
         else:
             base = self._base
             if self._plain_linear and _hook_free(base):
