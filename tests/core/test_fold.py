@@ -1,6 +1,7 @@
-"""Folding for compiled graphs: `LoraFlowModel.compile()` appends each input group's stacked A under one
-base weight, so the graph gets [W0 x | A x] from one matrix multiply. The base weights keep their
-values bit for bit through merges, moves and detaching, and the folded graph computes the formula."""
+"""Folding for compiled graphs: `LoraFlowModel.compile()` puts each input group's base weights and its
+stacked A into one buffer ([W_q; W_k; W_v; A]), of which the base weights become views, so the graph
+gets every member's base output and the A projection from one matrix multiply. The base weights keep
+their values bit for bit through merges, moves and detaching, and the folded graph equals eager mode."""
 
 from __future__ import annotations
 

@@ -13,6 +13,10 @@ all of them; each module then adds its own columns of h through its own B.
 
 Where the per-token weights w come from is not this layer's business: it asks its layer's mixer
 (see `loraflow.core.attach`) for its scaled h, which is None when adapters are off.
+
+For compiled graphs a group can be folded (`FusedLoraLinear.fold`): its members' base weights and its
+A stack in one buffer, the base weights views of it, so one matrix multiply yields every member's
+base output and the group's h.
 """
 
 from __future__ import annotations
