@@ -67,8 +67,9 @@ def load_base():
     return copy.deepcopy(_BASE[0])
 
 
-def make_adapters(base, workdir: Path, k: int, seed: int) -> list[Path]:
-    """Adapter 0: rank 8 on all seven projections; 1: rank 16 on q/v; 2.. : rank 8 on all seven."""
+def make_adapters(base, workdir: Path, k: int, seed: int, strength: float = 0.1) -> list[Path]:
+    """Adapter 0: rank 8 on all seven projections; 1: rank 16 on q/v; 2.. : rank 8 on all seven; their
+    random A and B scaled by `strength`."""
     import copy
 
     import torch
@@ -84,7 +85,7 @@ def make_adapters(base, workdir: Path, k: int, seed: int) -> list[Path]:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_" in name:
-                    p.mul_(0.1)
+                    p.mul_(strength)
         path = workdir / f"a{i}"
         model.save_pretrained(str(path))
         paths.append(path)

@@ -140,8 +140,7 @@ class LayerMixer:
         cached = self.projections[position]
         if cached is None or cached[0] is not x:
             a_t = group.lora_A_t if self.compiling else group._parameters["lora_A_t"]
-            scales = scales[position] if x.dim() == 3 else _tokens_like(scales[position], x, self.hidden)
-            h = scaled_projection(x, a_t, scales, inplace=not torch.is_grad_enabled())  # (..., R_group)
+            h = scaled_projection(x, a_t, self._group_scales(position, x), inplace=not torch.is_grad_enabled())
             cached = self._keep(group, x, h)
         return cached[1][module.member_index]
 
@@ -157,10 +156,13 @@ class LayerMixer:
                         base_outputs: list[torch.Tensor]) -> None:
         """Take `module`'s group's unscaled projection h = x @ A^T and its members' base outputs (computed
         in one matmul, see `FusedLoraLinear.fold`), and scale h as `lora_hidden` would have."""
-        group = module.group
-        position = group.layer_position
-        scales = self.scales[position] if x.dim() == 3 else _tokens_like(self.scales[position], x, self.hidden)
-        self._keep(group, x, h * (scales if scales.dtype == h.dtype else scales.to(h.dtype)), base_outputs)
+        scales = self._group_scales(module.group.layer_position, x)
+        self._keep(module.group, x, h * (scales if scales.dtype == h.dtype else scales.to(h.dtype)), base_outputs)
+
+    def _group_scales(self, position: int, x: torch.Tensor) -> torch.Tensor:
+        """Input group `position`'s column scales for x: (B, T|1, R) as they are, or flattened like x."""
+        scales = self.scales[position]
+        return scales if x.dim() == 3 else _tokens_like(scales, x, self.hidden)
 
     def base_output(self, module: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         """`module`'s base output for x if its group's folded matmul computed it already, else None."""
@@ -255,9 +257,9 @@ class Attachment:
     def fused(self) -> list[FusedLoraLinear]:
         return [getattr(parent, attr) for parent, attr, _ in self.replaced]
 
-    def detach(self) -> None:
-        unmerge(self)
-        unfold(self)
+    def detach(self, engine: FusionEngine | None = None) -> None:
+        unfold(self)  # first: an unmerge of folded weights would fold them again
+        unmerge(self, engine)
         for handle in self.hooks:
             handle.remove()
         for parent, attr, original in self.replaced:

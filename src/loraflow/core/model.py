@@ -208,8 +208,9 @@ class LoraFlowModel(nn.Module):
         On CUDA, `mode="reduce-overhead"` also captures CUDA graphs. Extra keyword arguments go to
         `torch.compile` (e.g. `backend`, `mode`, `dynamic`).
 
-        It also folds each input group's stacked A under one base weight (`FusedLoraLinear.fold`), so the
-        graph computes W0 x and A x in one matrix multiply; the base weights keep their values.
+        It also folds each input group (q/k/v, gate/up, ...): its members' base weights and its stacked A
+        in one buffer (`FusedLoraLinear.fold`), so the graph computes all their base outputs and A x in
+        one matrix multiply; the base weights keep their values.
         """
         fold(self._attachment)
         self.__dict__["_compiled_forward"] = compile_forward(self.model, fullgraph=fullgraph, **kwargs)
@@ -476,8 +477,7 @@ class LoraFlowModel(nn.Module):
 
     def detach_adapters(self) -> nn.Module:
         """Undo the attachment: restore the original modules and weights, remove the hooks, return the base model."""
-        unmerge(self._attachment, self._engine)
-        self._attachment.detach()
+        self._attachment.detach(self._engine)
         for handle in self._call_hooks:
             handle.remove()
         self.model.__dict__.pop("forward", None)  # compile()
