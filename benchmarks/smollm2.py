@@ -23,8 +23,11 @@ decode tok/s = B / step time. PEFT X-LoRA cannot use a KV cache, so it is compar
 `--compiled` adds compiled rows: the base model, PEFT with one adapter and loraflow (dynamic gate,
 k in --ks; static avg on k=2, merged) with their forward under `torch.compile(fullgraph=True)`
 (inductor) and a StaticCache (eager rows keep transformers' DynamicCache); their ratios are to the
-compiled base. The first call per shape (the compile) is timed apart and reported, never counted in
-the medians. A full compiled run compiles 24 graphs: about 40 min on one core of a 2-core machine.
+compiled base. LoRA-Flow compiles with its own guard filter (`guards="tensors"`, loraflow.core.guards)
+and the peers with torch's default guards; two more rows cross them over (the base model with the
+filter, loraflow k=2 with every guard). The first call per shape (the compile) is timed apart and
+reported, never counted in the medians. A full compiled run compiles 32 graphs: about 45 min on one
+core of a 2-core machine.
 """
 
 from __future__ import annotations
@@ -143,21 +146,41 @@ def forward_cpu_static(model, ids, steps: int) -> tuple[float, list[float]]:
     return prefill, times
 
 
-def compiled(models: list):
-    """The same models with their forward compiled (inductor, fullgraph, static shapes)."""
+# compiled rows: row key -> (model key, dynamo guards); LoRA-Flow keeps its own default ("tensors", see
+# loraflow.core.guards), the peers torch's default ("all"); two extra rows cross them over
+COMPILED = {"base": ("base", "all"), "peft1": ("peft1", "all"), "base_tensor_guards": ("base", "tensors"),
+            "loraflow2_all_guards": ("loraflow2", "all")}
+
+
+def compiled(models: list, guards: str | None = None):
+    """The same models with their forward compiled (inductor, fullgraph, static shapes); `guards` as in
+    `LoraFlowModel.compile` (None: LoRA-Flow's default for its models, torch's for the others)."""
     from peft import PeftModel
 
     from loraflow import LoraFlowModel
+    from loraflow.core.guards import compile_kwargs
     from loraflow.core.model import compile_forward
 
     for m in models:
-        if isinstance(m, LoraFlowModel):
-            m.compile(dynamic=False)  # also folds each input group's A under a base weight
-        elif isinstance(m, PeftModel):  # the transformers model under its LoRA layers
-            compile_forward(m.get_base_model(), dynamic=False)
-        else:
-            compile_forward(m, dynamic=False)
+        if isinstance(m, LoraFlowModel):  # also folds each input group's A under a base weight
+            m.compile(dynamic=False) if guards is None else m.compile(dynamic=False, guards=guards)
+            continue
+        inner = m.get_base_model() if isinstance(m, PeftModel) else m
+        if guards == "tensors":  # without the graph key LoRA-Flow has, a model of the same structure could
+            _own_forward(inner)  # take its graphs (or it theirs): it gets a code object of its own
+        compile_forward(inner, **compile_kwargs(guards or "all", {"dynamic": False}))
     return models
+
+
+def _own_forward(model) -> None:
+    """Make `model` an instance of a subclass whose `forward` is a code object of its own (dynamo keeps its
+    graphs per code object, and every model of one transformers class shares its `forward`'s)."""
+    cls = type(model)
+
+    def forward(self, *args, **kwargs):
+        return cls.forward(self, *args, **kwargs)
+
+    model.__class__ = type(cls.__name__, (cls,), {"forward": forward})
 
 
 def forward_cpu(model, ids, steps: int) -> tuple[float, list[float]]:
@@ -260,8 +283,11 @@ def main(argv=None) -> int:
         models = {key: [build([key], paths, args.seed)[key] for _ in range(args.instances)] for key in keys}
         xlora = None if args.no_xlora else build(["xlora2"], paths, args.seed)["xlora2"]
         compiled_keys = ["base", "peft1"] + [f"loraflow{k}" for k in ks] if args.compiled else []
+        compiled_keys += ["base_tensor_guards", "loraflow2_all_guards"] if args.compiled else []
         for key in compiled_keys:
-            models[f"{key}_compiled"] = compiled([build([key], paths, args.seed)[key] for _ in range(args.instances)])
+            model_key, guards = COMPILED.get(key, (key, None))
+            models[f"{key}_compiled"] = compiled(
+                [build([model_key], paths, args.seed)[model_key] for _ in range(args.instances)], guards)
     print(f"models built ({time.perf_counter() - started:.0f}s)", flush=True)
     # (model key, label, fusion, merged): static modes run on the k=2 models
     runs = [(key, key, None, True) for key in keys] + [
@@ -324,7 +350,9 @@ LABELS = {"base": "base model", "peft1": "PEFT LoRA, 1 adapter (a0)", "peft2": "
           "off": "loraflow k=2, fusion off (the wrapping alone)",
           "static_avg_unmerged": "loraflow k=2, static avg, not merged (LoRA matmuls, no gate)",
           "static_avg": "loraflow k=2, static avg (merged)", "static_single": "loraflow k=2, single:a0 (merged)",
-          "static_avg_compiled": "loraflow k=2, static avg (merged), compiled"}
+          "static_avg_compiled": "loraflow k=2, static avg (merged), compiled",
+          "base_tensor_guards": "base model, loraflow's guard filter",
+          "loraflow2_all_guards": "loraflow, dynamic gate, k=2, every dynamo guard"}
 
 
 def _label(key: str) -> str:
@@ -349,6 +377,7 @@ def render(ms, runs, ops, bw, xl, args, wall, compile_s=None) -> str:
                 cells.append(f"{ms[ref][b][phase] / ms[label][b][phase]:.3f}x ({ms[label][b][phase]:.1f} ms)")
         merged = label in ("static_avg", "static_single")
         plain = key[: -len("_compiled")] if key.endswith("_compiled") else key
+        plain = COMPILED[plain][0] if plain in COMPILED else plain
         bound = "1.000x" if merged else f"{bw[plain]['bound']:.3f}x" if plain in bw and label != "off" else ""
         lines.append(f"| {_label(label)} | " + " | ".join(cells) + f" | {bound} |")
     if xl:
@@ -362,6 +391,11 @@ def render(ms, runs, ops, bw, xl, args, wall, compile_s=None) -> str:
             f"{_label(label)}: " + ", ".join(f"b={b} {ms['base'][b]['decode'] / ms[label][b]['decode']:.3f}x"
                                             for b in bs)
             for key, label, _, _ in runs if key.endswith("_compiled") and key != "base_compiled")]
+    if "base_tensor_guards_compiled" in ms:
+        ref = ms["base_tensor_guards_compiled"]
+        lines += ["", "Compiled LoRA-Flow rows against the compiled base with the same guard filter (decode): " + "; ".join(
+            f"{_label(label)}: " + ", ".join(f"b={b} {ref[b]['decode'] / ms[label][b]['decode']:.3f}x" for b in bs)
+            for key, label, _, _ in runs if key.startswith("loraflow") and key.endswith("_compiled"))]
     if compile_s:
         lines += ["", "Compile time (wall, first prefill + decode step per batch size, median over copies): "
                   + "; ".join(f"{_label(label)}: " + ", ".join(f"b={b} {statistics.median(v):.0f} s"

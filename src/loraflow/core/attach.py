@@ -96,6 +96,8 @@ class LayerMixer:
                 raise RuntimeError(f"decoder layer {self.layer_index} was called outside its model's forward")
             if step.rows is not None:
                 step.check_rows(hidden.shape[0])
+        elif not engine.graph_key:  # used in the graph, so dynamo guards it: a new key retraces (core.guards)
+            raise RuntimeError("a compiled graph runs a fusion engine without a graph key")
         kind = MIXED if compiling else step.kind
         self.hidden, self.step, self.kind = hidden, step, kind
         self.projections = [None] * len(self.groups)

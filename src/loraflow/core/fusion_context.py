@@ -203,12 +203,20 @@ class FusionEngine:
         self._callers: list = []  # the modules whose forward is open, outermost first
         self.module_gates = False  # some gate has one gate per module (compiled graphs then weight per module)
         self.in_call = False  # a plain flag a compiled graph can check (at trace time) that the metadata was filled
+        self._graph_version = 0
+        self.graph_key = f"{self.key}:0"  # read by compiled graphs, which dynamo then guards on (loraflow.core.guards)
+
+    def new_graph_key(self) -> None:
+        """Mark the graphs compiled so far as stale (gates changed, compiled again): their guard on the key fails."""
+        self._graph_version += 1
+        self.graph_key = f"{self.key}:{self._graph_version}"
 
     def add_gate(self, name: str, bank: GateBank) -> None:
         """Make `bank` selectable by `name`."""
         self.gates[name] = bank
         self.module_gates = self._module_granular(list(self.gates))
         self.meta.clear()
+        self.new_graph_key()
 
     # ------------------------------------------------------------- plans
     def set_default(self, plan: FusionPlan) -> None:
