@@ -214,7 +214,7 @@ class LoraFlowModel(nn.Module):
         one matrix multiply; the base weights keep their values.
 
         `guards="tensors"` (the default) has dynamo check, before each call, every tensor's shape, dtype
-        and device, the training flags and this model's gate set, not the ~10,000 facts about its
+        and device, the training flags and this model's gate set, not the ~12,000 facts about its
         modules (3 ms a step on SmolLM2-135M, see `loraflow.core.guards`): swap a module or register
         a hook by hand after compiling and call `compile()` again. `guards="all"` keeps them all.
         """
