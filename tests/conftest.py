@@ -160,6 +160,20 @@ def saved_base(tmp_path, tokenizer):
     return tmp_path
 
 
+def two_adapters_and_a_second_gate(tmp: Path, num_layers: int = 2):
+    """(tiny base, {"zh": rank 4, "math": rank 8} PEFT adapter dirs, dir of a second gate "g2" over them):
+    what the compile, guard and mixed-row tests fuse."""
+    import copy
+
+    from loraflow import LoraFlowModel
+
+    base = build_tiny_model("llama", num_layers=num_layers)
+    adapters = {"zh": make_peft_adapter(base, tmp / "zh", seed=1),
+                "math": make_peft_adapter(base, tmp / "math", seed=2, r=8)}
+    other = LoraFlowModel.from_pretrained(copy.deepcopy(base), adapters, seed=7, gate_init_std=0.5)
+    return base, adapters, other.save_gate(tmp / "g2")
+
+
 def build_toy_lora_pair(tmp: Path) -> dict:
     """Two LoRAs trained (PEFT, via train_lora) on different completions: 'lang' always answers with
     Spanish words, 'task' with a number sentence. The few-shot data needs 'lang'; a fresh gate starts

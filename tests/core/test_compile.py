@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import build_tiny_model, make_peft_adapter
+from conftest import build_tiny_model, make_peft_adapter, two_adapters_and_a_second_gate
 
 from loraflow import LoraFlowModel
 
@@ -20,16 +20,11 @@ ROWS = [["gate", "static:0.7,-0.4"], ["off", "gate:g2"]]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("compile")
-    base = build_tiny_model("llama", num_layers=2)
-    adapters = {"zh": make_peft_adapter(base, tmp / "zh", seed=1),
-                "math": make_peft_adapter(base, tmp / "math", seed=2, r=8)}
-    other = LoraFlowModel.from_pretrained(copy.deepcopy(base), adapters, seed=7, gate_init_std=0.5)
-    other.save_gate(tmp / "g2")
+    base, adapters, g2 = two_adapters_and_a_second_gate(tmp_path_factory.mktemp("compile"))
 
     def build():
         model = LoraFlowModel.from_pretrained(copy.deepcopy(base), adapters, seed=3, gate_init_std=0.5)
-        model.add_gate("g2", tmp / "g2")
+        model.add_gate("g2", g2)
         return model
 
     return build

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import add_reference_lora_flow, build_tiny_model, make_peft_adapter
+from conftest import add_reference_lora_flow, two_adapters_and_a_second_gate
 
 from loraflow import LoraFlowModel
 from loraflow.common.errors import LoraFlowError
@@ -27,14 +27,9 @@ MIXED = [GATE, GATE2, STATIC, SINGLE, OFF]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("rows")
-    base = build_tiny_model("llama", num_layers=3)
-    adapters = {"zh": make_peft_adapter(base, tmp / "zh", seed=1),
-                "math": make_peft_adapter(base, tmp / "math", seed=2, r=8)}
-    other = LoraFlowModel.from_pretrained(copy.deepcopy(base), adapters, seed=7, gate_init_std=0.5)
-    other.save_gate(tmp / "g2")
+    base, adapters, g2 = two_adapters_and_a_second_gate(tmp_path_factory.mktemp("rows"), num_layers=3)
     model = LoraFlowModel.from_pretrained(copy.deepcopy(base), adapters, seed=3, gate_init_std=0.5)
-    model.add_gate("g2", tmp / "g2")
+    model.add_gate("g2", g2)
     return base, adapters, model
 
 

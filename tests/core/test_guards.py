@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import build_tiny_model, make_peft_adapter
+from conftest import two_adapters_and_a_second_gate
 
 import loraflow.core.guards as guards
 from loraflow import LoraFlowModel
@@ -19,14 +19,8 @@ ATOL = 1e-4  # fp32, the same bound as tests/core/test_compile.py
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("guards")
-    base = build_tiny_model("llama", num_layers=2)
-    adapters = {"zh": make_peft_adapter(base, tmp / "zh", seed=1),
-                "math": make_peft_adapter(base, tmp / "math", seed=2, r=8)}
-    other = LoraFlowModel.from_pretrained(copy.deepcopy(base), adapters, seed=7, gate_init_std=0.5)
-    other.save_gate(tmp / "g2")
-    return lambda: (LoraFlowModel.from_pretrained(copy.deepcopy(base), adapters, seed=3, gate_init_std=0.5),
-                    tmp / "g2")
+    base, adapters, g2 = two_adapters_and_a_second_gate(tmp_path_factory.mktemp("guards"))
+    return lambda: (LoraFlowModel.from_pretrained(copy.deepcopy(base), adapters, seed=3, gate_init_std=0.5), g2)
 
 
 def _ids(seed: int = 0) -> torch.Tensor:
