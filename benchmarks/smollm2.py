@@ -26,8 +26,9 @@ k in --ks; static avg on k=2, merged) with their forward under `torch.compile(fu
 compiled base. LoRA-Flow compiles with its own guard filter (`guards="tensors"`, loraflow.core.guards)
 and the peers with torch's default guards; two more rows cross them over (the base model with the
 filter, loraflow k=2 with every guard). The first call per shape (the compile) is timed apart and
-reported, never counted in the medians. A full compiled run compiles 32 graphs: about 45 min on one
-core of a 2-core machine.
+reported, never counted in the medians. A full compiled run compiles 32 graphs (16 models and batch
+sizes); on one core of a 2-core machine each model and batch size takes 2-3 min to compile with
+inductor's cache cold, and the whole run took 14 min with it warm (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def compiled(models: list, guards: str | None = None):
 
     for m in models:
         if isinstance(m, LoraFlowModel):  # also folds each input group's A under a base weight
-            m.compile(dynamic=False) if guards is None else m.compile(dynamic=False, guards=guards)
+            m.compile(dynamic=False, **({} if guards is None else {"guards": guards}))
             continue
         inner = m.get_base_model() if isinstance(m, PeftModel) else m
         if guards == "tensors":  # without the graph key LoRA-Flow has, a model of the same structure could

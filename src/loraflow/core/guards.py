@@ -50,13 +50,13 @@ def compile_kwargs(guards: str, kwargs: dict) -> dict:
         raise LoraFlowError(f"guards={guards!r}: choose one of {', '.join(GUARD_MODES)}")
     if guards == "all":
         return kwargs
-    mode = kwargs.get("mode")
-    if mode not in (None, "default") and kwargs.get("backend", "inductor") != "inductor":
-        return kwargs  # a mode of another backend: no options beside it
     kwargs = dict(kwargs)
+    mode = kwargs.pop("mode", None)
+    named_mode = mode not in (None, "default")
+    if named_mode and kwargs.get("backend", "inductor") != "inductor":
+        return {**kwargs, "mode": mode}  # a mode of another backend: no options beside it
     options = dict(kwargs.pop("options", None) or {})
-    kwargs.pop("mode", None)
-    if mode not in (None, "default"):
+    if named_mode:
         from torch._inductor import list_mode_options
 
         options = {**list_mode_options(mode, kwargs.get("dynamic")), **options}
