@@ -74,6 +74,28 @@ def test_routing_buffers_repeat_each_request_over_its_tokens_and_clear_the_rest(
         buf.fill(table, ["off"], [9])
 
 
+def test_routing_buffers_refuse_a_step_that_was_not_filled_since_the_last_one():
+    """Zero rows mean `off`: a step whose rows were not written for it must fail, not run as the base model."""
+    table = FusionTable(["a"], [], "off")
+    buf = RoutingBuffers(4, 1, 0)
+    with pytest.raises(LoraFlowError) as e:
+        buf.check_step()  # the first step, never filled
+    msg = str(e.value)
+    assert "\n" not in msg and "routing was never written" in msg and "fusion 'off'" in msg
+    assert "VLLM_USE_V2_MODEL_RUNNER=0" in msg and ">=0.32.0,<0.33" in msg
+    buf.fill(table, ["single:a"], [2])
+    buf.check_step()
+    with pytest.raises(LoraFlowError, match="routing was never written"):
+        buf.check_step()  # the next step: the previous step's rows do not count for it
+    buf.fill(table, [None], [1])
+    buf.fill(table, ["single:a"], [3])  # filled twice before one forward: still filled
+    buf.check_step()
+    with pytest.raises(RuntimeError, match="routing buffers hold 4"):
+        buf.fill(table, ["off"], [5])
+    with pytest.raises(LoraFlowError, match="routing was never written"):
+        buf.check_step()  # a fill that failed does not count
+
+
 def test_importing_loraflow_and_its_cli_never_imports_vllm():
     code = ("import sys, loraflow, loraflow.vllm, loraflow.vllm.plugin, loraflow.vllm.versions, loraflow.cli.main; "
             "assert 'vllm' not in sys.modules, 'vllm imported'; assert 'torch' not in sys.modules, 'torch imported'")

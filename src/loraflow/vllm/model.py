@@ -5,7 +5,8 @@ mixed into each of vLLM's layer classes).
 The layer reads the gate input where transformers' "layer input before input_layernorm" lives in vLLM:
 the `residual` returned by the fused add+norm (the embeddings at layer 0), before the next fused norm
 updates it in place. The per-token routing (which fusion each token's request chose) is read from
-fixed buffers that the routing hook (`loraflow.vllm.runner`) fills before every forward. The formula is
+fixed buffers that the routing hook (`loraflow.vllm.runner`) fills before every forward; a model refuses,
+when built, a model runner that would not (see `runner.check_runner`). The formula is
 `loraflow.core.fusion_math` (mixed_weights, column_scales, add_scaled_lora): no copy here. Each adapted
 linear's stacked A is appended to its base weight once loaded, so the base matrix multiply also yields A x.
 """
@@ -32,6 +33,7 @@ from loraflow.core.fusion_math import add_scaled_lora, column_scales, lora_delta
 from loraflow.vllm.architectures import check_settings
 from loraflow.vllm.assets import FusionAssets, load_assets, read_settings
 from loraflow.vllm.routing import FusionTable, RoutingBuffers
+from loraflow.vllm.runner import check_runner, loading_runner
 from loraflow.vllm.slicing import (column_shard, qkv_shards, row_shard, shard_column, shard_row,
                                    stack_slices)
 
@@ -213,7 +215,9 @@ class FusionRouting:
 
     def fusion_parts(self, vllm_config: VllmConfig) -> tuple[functools.partial, RoutingBuffers, FusionTable]:
         """The decoder-layer constructor to hand vLLM's model (`fused_layer` with this model's adapters,
-        gates and routing buffers), the routing buffers and the fusion table."""
+        gates and routing buffers), the routing buffers and the fusion table. Refuses (one line) to be built
+        by a model runner whose steps the routing hook does not route (Model Runner V2, any other)."""
+        check_runner(loading_runner(), vllm_config)
         hf_config = vllm_config.model_config.hf_config
         check_settings(self.base_architecture, hf_config.to_dict(), f"{vllm_config.model_config.model}/config.json")
         settings = read_settings(hf_config)

@@ -4,6 +4,7 @@ A fusion becomes two rows (see `loraflow.core.fusion_math`): `static` (k,) const
 (G,) which gate's output the token takes. gate[:NAME] -> select one-hot, static 0; single:NAME -> static
 one-hot; static:w / avg -> static w; off -> zeros. Before each forward the routing hook writes one row per
 scheduled token into fixed buffers (filled in place, so compiled graphs read data, not Python state).
+Zero rows are a valid fusion (`off`), so each real step checks that it was filled (`RoutingBuffers.check_step`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from loraflow.common.errors import LoraFlowError
 from loraflow.core.fusion_spec import FusionSpec, parse_fusion
+from loraflow.vllm.versions import SUPPORTED_RANGE
 
 FUSION_KEY = "fusion"  # SamplingParams.extra_args / vllm_xargs field
 SALT_PREFIX = "loraflow-fusion-"  # + a hash of the canonical spec (vLLM: <= 128 chars, no "/", "@", "\\")
@@ -96,7 +98,9 @@ def fusion_of(extra_args: dict | None) -> str | None:
 class RoutingBuffers(torch.nn.Module):
     """Per-token routing data for one step: static (max_tokens, k) and select (max_tokens, G), fp32.
 
-    Rows past the step's tokens are zero (padding tokens run as `off`).
+    Rows past the step's tokens are zero (padding tokens run as `off`). `fills` counts the steps routed;
+    `check_step` (before each real step's forward) refuses a step that was not, as unfilled rows would
+    silently run every request as `off`.
     """
 
     def __init__(self, max_tokens: int, num_adapters: int, num_gates: int) -> None:
@@ -104,6 +108,8 @@ class RoutingBuffers(torch.nn.Module):
         self.register_buffer("static", torch.zeros(max_tokens, num_adapters), persistent=False)
         self.register_buffer("select", torch.zeros(max_tokens, num_gates), persistent=False)
         self._filled = 0
+        self.fills = 0  # plain ints: the per-step check costs no tensor work
+        self._checked = 0
 
     def fill(self, table: FusionTable, fusions: Sequence[str | None], tokens_per_request: Sequence[int]) -> None:
         """Write request j's rows into its `tokens_per_request[j]` consecutive token positions, in order."""
@@ -120,3 +126,17 @@ class RoutingBuffers(torch.nn.Module):
             self.static[n:self._filled].zero_()
             self.select[n:self._filled].zero_()
         self._filled = n
+        self.fills += 1
+
+    def check_step(self) -> None:
+        """Before a real step's forward: the buffers must have been filled since the previous step's check.
+
+        Raises:
+            LoraFlowError: no `fill` since the last check (the routing hook did not run for this step).
+        """
+        if self.fills == self._checked:
+            raise LoraFlowError(f"this vLLM step's LoRA-Flow routing was never written (the plugin's hook on "
+                                f"GPUModelRunner._prepare_inputs did not run for it), so every request would run "
+                                f"as fusion 'off'; run the plugin on vllm{SUPPORTED_RANGE} with vLLM's V1 model "
+                                f"runner (VLLM_USE_V2_MODEL_RUNNER=0), whose steps it routes")
+        self._checked = self.fills
