@@ -14,11 +14,21 @@ import pytest
 
 from loraflow.common.errors import LoraFlowError
 from loraflow.evaluation.sandbox import (
-    ExecutionResult, SandboxError, SandboxLimits, _kill_group, run_program, run_programs,
+    CodeProgram, ExecutionResult, SandboxError, SandboxLimits, _force_rmtree, _kill_group, run_program, run_programs,
 )
 
-CHECK = "\ndef check(candidate):\n    assert candidate(2) == 4\n\ncheck(square)\n"
+TEST = "def check(candidate):\n    assert candidate(2) == 4\n"
 GOOD = "def square(x):\n    return x * x\n"
+
+
+class _Check:
+    """`source + CHECK` is the program whose source is `source`, scored by TEST on its `square`."""
+
+    def __radd__(self, source: str) -> CodeProgram:
+        return CodeProgram(source, TEST, "square")
+
+
+CHECK = _Check()
 REAL_BWRAP = shutil.which("bwrap")  # before any test replaces shutil.which
 
 
@@ -57,7 +67,7 @@ def test_correct_and_wrong_programs():
 
 
 def test_infinite_loop_times_out():
-    loops = ["while True:\n    pass\n", "import time\ntime.sleep(60)\n"]
+    loops = ["while True:\n    pass\n" + CHECK, "import time\ntime.sleep(60)\n" + CHECK]
     results = run_programs(loops + [GOOD + CHECK, GOOD + CHECK], workers=2, timeout=1.0)
     assert [r.status for r in results] == ["timeout", "timeout", "passed", "passed"]
     assert results[0].detail == "timed out after 1 s"
@@ -93,7 +103,7 @@ def test_big_files_and_big_output_are_capped():
     limits = SandboxLimits(file_size_bytes=1024**2)
     write = run_program("with open('big.bin', 'wb') as f:\n    f.write(b'x' * 8 * 1024**2)\n" + GOOD + CHECK, limits=limits)
     assert write.status == "error" and "File too large" in write.detail
-    flood = run_program("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n", limits=limits, timeout=2.0)
+    flood = run_program("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n" + CHECK, limits=limits, timeout=2.0)
     assert not flood.passed
 
 
@@ -107,7 +117,7 @@ def test_files_stay_in_a_temporary_directory_that_is_removed(tmp_path, monkeypat
         "open('sub/more.txt', 'w').write('y')\n"
         "raise RuntimeError(os.getcwd())\n"
     )
-    result = run_program(program)
+    result = run_program(program + CHECK)
     workdir = _sandbox_dir(result)
     assert os.path.realpath(workdir) != os.path.realpath(tmp_path)
     assert not os.path.exists(workdir)  # removed afterwards, with everything written in it
@@ -167,6 +177,127 @@ def test_fake_sentinels_do_not_pass():
     )
     result = run_program("def square(x):\n    return 0\n" + forge + CHECK)
     assert result.status == "failed"
+
+
+# ------------------------------------------------------------------ a pass is the verdict process's fact (#27)
+# Each attack ends by claiming success every way a process can (exit 0, printing, writing to every descriptor it
+# has and to the verdict process's through /proc); the solution itself is wrong.
+_CLAIM = (
+    "import json, os, sys\n"
+    "def _claim(extra=b''):\n"
+    "    line = json.dumps({'status': 'passed', 'detail': ''}).encode() + b'\\n'\n"
+    "    for fd in range(256):\n"
+    "        for data in (b'started\\n' + line, extra + b'\\n'):\n"
+    "            try:\n"
+    "                os.write(fd, data)\n"
+    "            except OSError:\n"
+    "                pass\n"
+    "    for pid in [p for p in os.listdir('/proc') if p.isdigit()]:\n"
+    "        try:\n"
+    "            fds = os.listdir('/proc/%s/fd' % pid)\n"
+    "        except OSError:\n"
+    "            continue\n"
+    "        for fd in fds:\n"
+    "            try:\n"
+    "                with open('/proc/%s/fd/%s' % (pid, fd), 'wb') as f:\n"
+    "                    f.write(b'started\\n' + line)\n"
+    "            except Exception:\n"
+    "                pass\n"
+    "    print('passed', flush=True)\n"
+    "    os._exit(0)\n"
+)
+_FORGERIES = {
+    # the issue's attack on the old bootstrap: read every integer local up the stack as an fd, print what it holds
+    "frame-walk": "f = sys._getframe()\nloot = b''\nwhile f is not None:\n"
+                  "    for v in list(f.f_locals.values()):\n"
+                  "        if isinstance(v, int) and 2 < v < 1024:\n"
+                  "            try:\n                loot += os.read(v, 4096)\n            except OSError:\n"
+                  "                pass\n"
+                  "    f = f.f_back\n_claim(loot)\n",
+    "inherited-fds": "loot = b''\nfor fd in range(3, 256):\n    try:\n        loot += os.read(fd, 4096)\n"
+                     "    except OSError:\n        pass\n_claim(loot)\n",
+    "proc-self": "loot = b''\nfor name in os.listdir('/proc/self/fd'):\n    try:\n"
+                 "        loot += open('/proc/self/fd/' + name, 'rb').read(4096)\n    except Exception:\n"
+                 "        pass\n_claim(loot)\n",
+    "gc": "import gc\ntry:\n    gc.get_objects()\nexcept Exception:\n    pass\n_claim()\n",
+    "traceback-frames": "try:\n    raise ValueError\nexcept ValueError as e:\n    f = e.__traceback__.tb_frame\n"
+                        "while f.f_back is not None:\n    f = f.f_back\n"
+                        "for v in list(f.f_globals.values()):\n    getattr(v, '__closure__', None)\n_claim()\n",
+    "during-the-call": "def square(x):\n    _claim()\n",
+    "parent-memory": "loot = b''\nfor pid in [p for p in os.listdir('/proc') if p.isdigit()]:\n    try:\n"
+                     "        loot += open('/proc/%s/environ' % pid, 'rb').read()\n"
+                     "        open('/proc/%s/mem' % pid, 'r+b').write(b'x')\n    except Exception:\n"
+                     "        pass\n_claim(loot)\n",
+}
+
+
+@pytest.mark.parametrize("isolation", ["bwrap", "none"])
+def test_a_wrong_program_cannot_forge_a_pass(isolation):
+    """Whatever the program process does, only check() returning in the verdict process is a pass."""
+    wrong = "def square(x):\n    return None\n"
+    programs = [wrong + _CLAIM + attack + CHECK for attack in _FORGERIES.values()]
+    results = run_programs(programs, workers=2, isolation=isolation)
+    assert [name for name, r in zip(_FORGERIES, results) if r.passed] == [], results
+    # the same claims after a right answer do not get in the way of its pass
+    assert run_program(GOOD + _CLAIM + CHECK, isolation=isolation).passed
+
+
+def test_answers_are_plain_data():
+    """An object that equals everything does not cross to the tests; plain types keep their type."""
+    always = "class Yes:\n    def __eq__(self, other):\n        return True\ndef square(x):\n    return Yes()\n"
+    result = run_program(always + CHECK)
+    assert result.status == "failed" and "not plain data" in result.detail
+    typed = CodeProgram(
+        "def f(x):\n    return (x, {1: 'a', 'b': [2.5, None]}, {3}, frozenset({4}), b'z', 1j, float('inf'), True)\n",
+        "def check(c):\n    v = c([1, (2, 3)])\n    assert v == ([1, (2, 3)], {1: 'a', 'b': [2.5, None]}, {3}, frozenset({4}), "
+        "b'z', 1j, float('inf'), True)\n    assert type(v) is tuple and type(v[0][1]) is tuple and v[-1] is True\n",
+        "f")
+    assert run_program(typed).passed
+    # the tests reach the prompt's helpers (HumanEval/32 calls poly() of its prompt), and exceptions keep their type
+    helper = CodeProgram("def double(x):\n    return 2 * x\ndef f(x):\n    raise KeyError(x)\n",
+                         "def check(c):\n    assert double(2) == 4\n    try:\n        c(1)\n    except KeyError:\n"
+                         "        return\n    raise AssertionError('no KeyError')\n",
+                         "f", prelude="def double(x):\n    return 2 * x\ndef f(x):\n    \"\"\"doc\"\"\"\n")
+    assert run_program(helper).passed
+
+
+@pytest.mark.parametrize("noise", [
+    "open('/dev/stdout', 'w').write('hello')\n",
+    "import sys\nopen('/dev/stderr', 'w').write('x' * 100000)\nsys.stdout.truncate(0) if sys.stdout.seekable() else 0\n",
+    "import os\nos.close(0)\nos.close(1)\nos.close(2)\n",
+    "import os\nos.ftruncate(1, 0)\nos.write(1, b'loraflow-sandbox-started\\n' * 1000)\n",
+], ids=["open-stdout", "flood-stderr", "close-0-2", "truncate-stdout"])
+def test_output_tricks_affect_only_their_own_program(noise):
+    """Writing, truncating or closing the standard streams is harmless: right answers pass beside them, and
+    every other program of the run is scored."""
+    results = run_programs([GOOD + noise + CHECK, GOOD + CHECK, "def square(x):\n    return 0\n" + noise + CHECK],
+                           workers=2)
+    assert [r.status for r in results] == ["passed", "passed", "failed"], results
+
+
+def test_cleanup_never_follows_links(tmp_path, monkeypatch):
+    """A link planted in the sandbox directory whose removal fails once: the retry chmods no file outside."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    outside.chmod(0o640)
+    box = tmp_path / "box"
+    (box / "sub").mkdir(parents=True)
+    (box / "sub" / "link").symlink_to(outside)
+    (box / "uplink").symlink_to(tmp_path)
+    real_unlink, failed = os.unlink, []
+
+    def flaky_unlink(path, *args, **kwargs):
+        if str(path).endswith("link") and path not in failed:
+            failed.append(path)
+            raise PermissionError(13, "Permission denied", path)
+        return real_unlink(path, *args, **kwargs)
+
+    tmp_path.chmod(0o750)
+    monkeypatch.setattr(os, "unlink", flaky_unlink)
+    _force_rmtree(str(box))
+    assert failed and not box.exists()
+    assert outside.read_text() == "keep" and (outside.stat().st_mode & 0o777) == 0o640
+    assert (tmp_path.stat().st_mode & 0o777) == 0o750
 
 
 def test_killing_the_parent_is_refused():
@@ -318,7 +449,7 @@ def _fake_bwrap(tmp_path, fail_when: str | None = None) -> str:
     only for programs containing that text, handing every other run to the real bubblewrap."""
     assert REAL_BWRAP, "the sandbox tests need bubblewrap"
     script = tmp_path / f"fake-bwrap-{fail_when or 'always'}"
-    condition = "true" if fail_when is None else f'grep -q "{fail_when}" "$dir/solution.py" 2>/dev/null'
+    condition = "true" if fail_when is None else f'grep -qF "{fail_when}" "$dir"/* 2>/dev/null'
     script.write_text(
         "#!/bin/sh\n"
         'prev=; dir=; for a in "$@"; do [ "$prev" = --chdir ] && dir=$a; prev=$a; done\n'
@@ -332,7 +463,7 @@ def _fake_bwrap(tmp_path, fail_when: str | None = None) -> str:
 
 
 def _code_files(directory: Path, outputs: list[str], rows: list[dict] | None = None) -> tuple[Path, Path]:
-    rows = rows or [{"task_id": f"Mine/{i}", "prompt": "", "entry_point": "square", "test": CHECK.split("\ncheck(")[0]}
+    rows = rows or [{"task_id": f"Mine/{i}", "prompt": "", "entry_point": "square", "test": TEST}
                     for i in range(len(outputs))]
     data, pred = directory / "data.jsonl", directory / "pred.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -376,10 +507,10 @@ def test_eval_stops_when_the_sandbox_fails_and_keeps_the_outputs(saved_base, tmp
     programs: exit 2 with the reason, no RESULT.json, and the generated outputs kept for `loraflow score`."""
     from loraflow.cli import main
 
-    rows = [{"task_id": f"Mine/{i}", "prompt": "def square(x):\n", "entry_point": "square",
-             "test": CHECK.split("\ncheck(")[0]} for i in range(2)]
+    rows = [{"task_id": f"Mine/{i}", "prompt": "def square(x):\n", "entry_point": "square", "test": TEST}
+            for i in range(2)]
     data, _ = _code_files(tmp_path, ["", ""], rows)
-    fake = _fake_bwrap(tmp_path, fail_when="def check")  # every scored program, never the check's own
+    fake = _fake_bwrap(tmp_path, fail_when="def check(candidate)")  # every scored program, never the check's own
     monkeypatch.setattr("shutil.which", lambda name, *a, **k: fake if name == "bwrap" else None)
     out = tmp_path / "code.json"
     d = saved_base
@@ -643,3 +774,26 @@ def test_an_ordinary_user_out_of_processes_gets_an_error_not_a_score(unprivilege
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
     assert proc.stderr.startswith("loraflow score: error: the code sandbox could not start a program (")
     assert proc.stderr.count("\n") == 1 and not (unprivileged_dir / "RESULT.json").exists()
+
+
+def test_a_wrong_program_cannot_forge_a_pass_as_an_unprivileged_user(unprivileged_dir):
+    """The forgeries again as an ordinary user, where the kernel (not root's privileges) guards the verdict
+    process: with bubblewrap, and with --isolation none, where only non-dumpability keeps /proc out."""
+    wrong = "def square(x):\n    return None\n"
+    sources = [wrong + _CLAIM + attack for attack in _FORGERIES.values()] + [GOOD + _CLAIM]
+    code = ("import json, os, sys\n"
+            "assert os.getuid() != 0, 'still root'\n"
+            "from loraflow.evaluation.sandbox import CodeProgram, run_programs\n"
+            f"sources, test = json.loads({json.dumps(json.dumps(sources))}), {TEST!r}\n"
+            "for isolation in ('bwrap', 'none'):\n"
+            "    results = run_programs([CodeProgram(s, test, 'square') for s in sources], workers=2, "
+            "isolation=isolation)\n"
+            "    print(isolation, json.dumps([r.status for r in results]))\n")
+    proc = _run_unprivileged(code, unprivileged_dir)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    expected = ["failed"] * len(_FORGERIES) + ["passed"]
+    assert [line.split(" ", 1)[0] for line in lines] == ["bwrap", "none"], proc.stdout
+    for line in lines:
+        statuses = json.loads(line.split(" ", 1)[1])
+        assert [s == "passed" for s in statuses] == [s == "passed" for s in expected], line

@@ -276,12 +276,15 @@ def test_assembly_uses_the_english_prompt(shared_data):
     row = next(r for r in _rows(shared_data / "test" / "ru_code_test.jsonl") if r["task_id"] == "HumanEval/5")
     english = humaneval_english_prompts()["HumanEval/5"]
     program = assemble_program(row, "def intersperse(numbers, delimeter):\n    return []")
-    assert program == (
+    assert program.text == (
         english + "def intersperse(numbers, delimeter):\n    return []" + "\n" + row["test"] + "\n" + "check(intersperse)"
     )
-    assert row["prompt"] not in program  # the translated (Russian) code is not executed
+    # the untrusted part runs apart from the tests, which see the prompt's helpers
+    assert program.source == english + "def intersperse(numbers, delimeter):\n    return []"
+    assert (program.test, program.entry_point, program.prelude) == (row["test"], "intersperse", english)
+    assert row["prompt"] not in program.text  # the translated (Russian) code is not executed
     other = {"task_id": "MyBench/1", "prompt": "def g():\n", "test": "def check(c):\n    pass\n", "entry_point": "g"}
-    assert assemble_program(other, "    return 1") == "def g():\n    return 1\ndef check(c):\n    pass\n\ncheck(g)"
+    assert assemble_program(other, "    return 1").text == "def g():\n    return 1\ndef check(c):\n    pass\n\ncheck(g)"
 
 
 def _sample(shared_data, lang, step, offset=0):
@@ -298,6 +301,10 @@ def test_canonical_solutions_pass_when_written_as_whole_english_functions(shared
     result = score_predictions("code", rows, outputs, workers=2)
     assert [ex["status"] for ex in result["examples"]] == ["passed"] * 20, result["examples"]
     assert result["score"] == 1.0 and result["status_counts"]["passed"] == 20
+    # the same functions returning None: every one fails, through the same tests
+    wrong = ["```python\n" + english[r["task_id"]] + "    return None\n```" for r in rows]
+    result = score_predictions("code", rows, wrong, workers=2)
+    assert result["score"] == 0.0 and result["status_counts"]["failed"] == 20, result["status_counts"]
 
 
 def test_bare_bodies_and_wrong_solutions_fail(shared_data):

@@ -26,6 +26,7 @@ from loraflow.common.options import option
 from loraflow.data import protocol
 from loraflow.data.protocol import CODE_TIMEOUT_S, MATH_MAX_NEW_TOKENS, MODES, TASKS
 from loraflow.data.templates import TEMPLATE_HELP, TEMPLATES
+from loraflow.evaluation.sandbox import ISOLATION_HELP, ISOLATIONS
 
 METHODS_HELP = "base, single:NAME, avg, static:w1,w2,..., lorahub or loraflow"
 
@@ -49,9 +50,7 @@ class EvalConfig:
     temperature: float | None = option(None, "gate temperature for loraflow (default: the gate's own)", cli=False)
     workers: int | None = option(None, "parallel code-execution sandboxes (default: CPU count, at most 8)")
     timeout: float = option(CODE_TIMEOUT_S, "seconds per program for code (official: 3)")
-    isolation: str = option("bwrap", "how model-written code is contained: bwrap (each program in its own "
-                                     "namespaces, filesystem read-only but its temp dir; needs bubblewrap) or none "
-                                     "(audit hook and limits only: weaker, opt-in)", choices=("bwrap", "none"))
+    isolation: str = option("bwrap", ISOLATION_HELP, choices=ISOLATIONS)
     lorahub_budget: int = option(40, "LoRAHub search evaluations")
     lorahub_bound: float = option(1.5, "LoRAHub weight bound", cli=False)
     lorahub_l1: float = option(0.05, "LoRAHub L1 regularisation", cli=False)
@@ -64,7 +63,6 @@ class EvalConfig:
             raise ValueError(f"lang: the official prompts need --lang zh, ru or es (got {self.lang!r})")
         if self.mode not in ("official", "strict"):
             raise ValueError(f"mode: {self.mode!r} is not official or strict")
-        from loraflow.evaluation.sandbox import ISOLATIONS
 
         check_int("max_new_tokens", self.max_new_tokens, low=1)
         check_int("batch_size", self.batch_size, low=1)

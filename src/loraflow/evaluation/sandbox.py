@@ -15,50 +15,60 @@ whatever route the program takes (`dir_fd=` calls, `os.fchmod` on an outside des
 closed with a clear error, unless the caller opts in to `isolation="none"` (the second layer
 below, alone).
 
-Inside, as a second layer, each program runs in its own `python -I -B` subprocess with:
+Inside, each program is two processes. The **verdict process** (`python -I -B`, started in the
+sandbox) holds the tests; it forks the **program process**, which runs the program's source and
+then answers calls of its entry point over a pipe. The verdict process runs the trusted tests
+(`check(candidate)`, with the prompt's helpers) where `candidate` sends its arguments across and
+decodes the answer as plain data (numbers, strings, lists, tuples, dicts, sets, bytes; objects with
+a made-up `__eq__` do not cross). A pass is one fact of the verdict process alone: `check()`
+returned there. It is reported on a pipe the program process closed before its first instruction,
+and in the verdict process's exit status. There is no token to steal: frame walking, `gc`, reading
+inherited fds or `/proc/self`, exiting early, printing, or clearing hooks in the program process
+cannot make `check()` return in another process. The verdict process is not dumpable
+(`PR_SET_DUMPABLE` 0), so a program running as the same user can neither read nor write its memory
+or descriptors through /proc (under bubblewrap every capability is dropped too). Under
+`isolation="none"` run as root the kernel does not enforce that (root may read any process), and
+the audit hook below is then the only barrier.
 
-- HOME and TMPDIR pointing into its working directory (removed afterwards);
+The program process has:
+
+- HOME and TMPDIR pointing into its working directory (removed afterwards, never following links);
 - an environment built from scratch (PATH, LANG, thread counts): nothing is inherited, so no
   secret in the scorer's environment reaches the program;
 - stdin closed, stdout/stderr sent to unlinked temporary files (bounded by RLIMIT_FSIZE, so a
-  program that prints gigabytes cannot fill the scorer's memory);
-- resource limits (address space, CPU seconds, file size, no core files, RLIMIT_NPROC) that the
-  bootstrap below sets on itself inside the namespaces, never on bubblewrap, which needs to
-  create processes to build them; RLIMIT_NPROC binds every user but root (for root the audit
-  hook is the fork barrier);
-- its own session and process group (`start_new_session=True`); the whole group gets SIGKILL
-  at the wall-clock timeout and again after the program ends, so stray children die too (under
-  bubblewrap the PID namespace dies with it);
-- a small bootstrap that sets those limits and installs a Python audit hook (PEP 578) before the
-  program runs. The hook refuses process creation (`os.fork`, `subprocess`, `os.system`,
-  `os.exec*`, `posix_spawn`), signals to other processes (`os.kill` of another pid, `os.killpg`),
-  `ctypes`, sockets, links, raising its own resource limits, and writes or deletions outside the
-  working directory.
-
-Passing needs more than exit status 0: after the program (prompt + completion + tests +
-`check(entry_point)`) returns normally, the bootstrap reads a random per-run token from a pipe
-and prints it, then exits. The token is not in the program text, its argv or its environment, so
-a program that exits early (`sys.exit(0)`, `os._exit(0)`, `raise SystemExit`), silences the
-tests, or prints a made-up sentinel never counts as passed.
+  program that prints gigabytes cannot fill the scorer's memory); what it writes there, truncates
+  or closes concerns nobody but itself;
+- resource limits (address space, CPU seconds, file size, no core files, RLIMIT_NPROC) set inside
+  the namespaces, never on bubblewrap, which needs to create processes to build them;
+  RLIMIT_NPROC binds every user but root (for root the audit hook is the fork barrier);
+- the process group of the whole sandbox (`start_new_session=True`): it gets SIGKILL at the
+  wall-clock timeout and again after the verdict, so stray children die too (under bubblewrap the
+  PID namespace dies with it);
+- a Python audit hook (PEP 578), installed before the program runs, with no mutable state a
+  program can reach. It refuses process creation (`os.fork`, `subprocess`, `os.system`, `os.exec*`,
+  `posix_spawn`), signals to other processes (`os.kill` of another pid, `os.killpg`), `ctypes`,
+  sockets, links, raising its own resource limits, new audit hooks, `gc`'s object walks, and writes
+  or deletions outside the working directory.
 
 A sandbox that cannot start (bubblewrap refused by the kernel, an interpreter that does not run)
-is not the program's fault: the bootstrap writes a start marker before the program runs, and a run
-that ends without it raises `SandboxError` instead of reporting `failed`, so no score is computed
-from it.
+is not the program's fault: the verdict process writes "started" before anything of the program
+runs, and a run that ends without it raises `SandboxError` instead of reporting `failed`, so no
+score is computed from it. Whatever a program does after that affects its own verdict only.
 
 Threat model: this contains the accidents and hostility of generated code (loops, fork bombs,
 huge allocations, big files, escaping its directory, killing its parent, reading secrets from
-the environment or the scorer's files). The program can still read the interpreter's files and,
-from inside the same interpreter, the token pipe; a score is trustworthy only for code not written
-to game it.
+the environment or the scorer's files, forging a pass). What it does not judge is test strength:
+a program that returns correct answers only for the test's inputs (read from the test file, which
+is public) passes, as it would in the official harness.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
-import secrets
+import stat
 import shutil
 import signal
 import subprocess
@@ -79,20 +89,18 @@ from loraflow.common.errors import LoraFlowError
 
 STATUSES = ("passed", "failed", "timeout", "error")
 ISOLATIONS = ("bwrap", "none")
-ISOLATION_HELP = ("bwrap (default: each program in its own namespaces, seeing only the interpreter, read-only, and "
-                  "its temp dir; needs bubblewrap) or none (audit hook and limits only: weaker, opt-in)")
-
-# The bootstrap writes this to stdout once its limits are set, before the program runs: a run that ends without it
-# never started (see `SandboxError`).
-_STARTED = b"loraflow-sandbox-started\n"
+ISOLATION_HELP = ("how model-written code is contained: bwrap (default: each program in its own namespaces, seeing only "
+                  "the interpreter, read-only, and its temp dir; needs bubblewrap) or none (opt-in and weaker: no "
+                  "namespaces, so the program can read every file the user can, and only the audit hook stops its "
+                  "writes, network use and, when run as root, tampering with the verdict process)")
 
 # What the sandbox mounts of the host, read-only, besides the interpreter and the working directory. Symbolic links
 # among the directories (/bin -> usr/bin on merged-/usr systems) are recreated as links.
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _SYSTEM_FILES = ("/etc/ld.so.cache",)  # the dynamic loader's index of shared libraries
 
-# Exceptions that mean "the program could not be evaluated" rather than "its tests failed".
-_ERROR_EXCEPTIONS = ("SyntaxError", "IndentationError", "TabError", "MemoryError", "SandboxViolation")
+# The tests, prelude and entry point, for the verdict process: read and removed before the program process starts.
+_SPEC = "loraflow-tests.json"
 
 # The child's entire environment: nothing is inherited from the scorer.
 _BASE_ENV = {
@@ -103,22 +111,166 @@ _BASE_ENV = {
     "MKL_NUM_THREADS": "1",
 }
 
-# Runs as `python -I -B -c _BOOTSTRAP TOKEN_FD MAX_WRITE_OPENS RLIMITS` inside the sandbox directory.
-# It sets the resource limits (RLIMITS: "resource,soft,hard;..."), writes the start marker, installs the
-# audit hook, executes solution.py as __main__, and only if that returns normally reads the token from
-# TOKEN_FD, prints it and exits with status 0.
+# Runs as `python -I -B -c _BOOTSTRAP SPEC VERDICT_FD MAX_WRITE_OPENS RLIMITS` in the sandbox directory: the verdict
+# process (see the module docstring). SPEC names a JSON file with the tests, prelude and entry point, read and removed
+# before the program process is forked; VERDICT_FD gets "started" at once, then the verdict as one JSON line.
 _BOOTSTRAP = r'''
 import os as _os, sys as _sys
 
-def _loraflow_sandbox(token_fd, max_write_opens, rlimits):
-    os, sys = _os, _sys
-    import resource
+
+def _loraflow_verdict(spec_path, verdict_fd, max_write_opens, rlimits):
+    """The verdict process: announces itself, sets the limits, forks the program process, then runs the tests
+    against it and writes the verdict. It holds no secret: a pass is its own fact (check() returned here)."""
+    import json, os, resource, signal, sys
+    os.write(verdict_fd, b"started\n")
+    with open(spec_path, "rb") as f:
+        spec = json.loads(f.read())
+    os.remove(spec_path)
+    for item in rlimits.split(";"):
+        res, soft, hard = map(int, item.split(","))
+        if res != resource.RLIMIT_NPROC:  # the verdict process must fork once; the program gets NPROC below
+            resource.setrlimit(res, (soft, hard))
+    import ctypes  # not dumpable: a same-user program can neither read nor write this process's memory or fds
+    if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+    calls_r, calls_w = os.pipe()
+    replies_r, replies_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for fd in (verdict_fd, calls_w, replies_r):
+                os.close(fd)
+            _loraflow_program(calls_r, replies_w, spec["entry_point"], max_write_opens, rlimits)
+        finally:
+            os._exit(70)
+    os.close(calls_r)
+    os.close(replies_w)
+    status, detail = _loraflow_judge(spec, os.fdopen(calls_w, "wb"), os.fdopen(replies_r, "rb"), pid)
+    os.write(verdict_fd, json.dumps({"status": status, "detail": detail}).encode() + b"\n")
+    os._exit(0 if status == "passed" else 1)
+
+
+_LIMIT = 16 * 1024 * 1024  # bytes in one message between the two processes
+_ERRORS = ("SyntaxError", "IndentationError", "TabError", "MemoryError", "SandboxViolation")
+
+
+def _encode(value, depth=0):
+    """Plain data as JSON with tags (tuple, dict with any keys, set, bytes, complex); anything else is refused."""
+    if depth > 200:
+        raise ValueError("the value is nested too deeply")
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": bytes(value).hex()}
+    if isinstance(value, complex):
+        return {"complex": [value.real, value.imag]}
+    if isinstance(value, list):
+        return [_encode(v, depth + 1) for v in value]
+    if isinstance(value, tuple):
+        return {"tuple": [_encode(v, depth + 1) for v in value]}
+    if isinstance(value, dict):
+        return {"dict": [[_encode(k, depth + 1), _encode(v, depth + 1)] for k, v in value.items()]}
+    if isinstance(value, (set, frozenset)):
+        return {"frozenset" if isinstance(value, frozenset) else "set": [_encode(v, depth + 1) for v in value]}
+    raise TypeError("the candidate returned a value of type %s, which is not plain data" % type(value).__name__)
+
+
+def _decode(value):
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) != 1:
+        raise ValueError("malformed value")
+    (tag, body), = value.items()
+    if tag == "tuple":
+        return tuple(_decode(v) for v in body)
+    if tag == "dict":
+        return {_decode(k): _decode(v) for k, v in body}
+    if tag == "set":
+        return {_decode(v) for v in body}
+    if tag == "frozenset":
+        return frozenset(_decode(v) for v in body)
+    if tag == "bytes":
+        return bytes.fromhex(body)
+    if tag == "complex":
+        return complex(float(body[0]), float(body[1]))
+    raise ValueError("malformed value")
+
+
+def _loraflow_program(calls_r, replies_w, entry_point, max_write_opens, rlimits):
+    """The program process: limits, audit hook, then the program; afterwards it answers calls of the entry point."""
+    import json, os, resource, sys
     for item in rlimits.split(";"):
         res, soft, hard = map(int, item.split(","))
         resource.setrlimit(res, (soft, hard))
-    os.write(1, b"loraflow-sandbox-started\n")
-    root = os.path.realpath(os.getcwd())
-    pid = os.getpid()
+    calls, replies = os.fdopen(calls_r, "rb"), os.fdopen(replies_w, "wb")
+
+    def send(message):
+        replies.write(json.dumps(message).encode() + b"\n")
+        replies.flush()
+
+    def failure(e):
+        return [type(e).__name__, str(e)[:2000]]
+
+    _install_hook(os.path.realpath(os.getcwd()), os.getpid(), max_write_opens)
+    main = sys.modules["__main__"]
+    main.__file__ = os.path.join(os.getcwd(), "solution.py")
+    sys.argv[:] = ["solution.py"]
+    try:
+        with open("solution.py", "rb") as f:
+            exec(compile(f.read(), "solution.py", "exec"), main.__dict__)
+        function = main.__dict__.get(entry_point)
+        if function is None:
+            raise NameError("name %r is not defined" % entry_point)
+        send({"loaded": True})
+        while True:
+            line = calls.readline(_LIMIT)
+            if not line:
+                break
+            call = _decode(json.loads(line))
+            try:
+                send({"ok": _encode(function(*call[0], **call[1]))})
+            except SystemExit:
+                raise
+            except BaseException as e:
+                send({"raise": failure(e)})
+    except SystemExit as e:
+        code = e.code
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+        _flush(sys)
+        os._exit(code or 0)
+    except BaseException as e:
+        try:
+            send({"load_error": failure(e)})
+        except BaseException:
+            pass
+        _flush(sys)
+        os._exit(1)
+    _flush(sys)
+    os._exit(0)
+
+
+def _flush(sys):
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+
+
+def _install_hook(root, pid, max_write_opens):
+    """The audit hook (PEP 578) of the program process. Its state is immutable but for a counter, and nothing
+    the program can reach refers to it (the introspection that could find it is refused)."""
+    import os, sys, itertools
     normpath, join, fsdecode, getcwd = os.path.normpath, os.path.join, os.fsdecode, os.getcwd
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     devices = ("/dev/null", "/dev/stdout", "/dev/stderr")
@@ -127,6 +279,7 @@ def _loraflow_sandbox(token_fd, max_write_opens, rlimits):
         "subprocess.Popen", "os.killpg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.call_function",
         "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
         "os.symlink", "os.link", "os.chroot", "resource.setrlimit", "resource.prlimit",
+        "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.addaudithook",
     ))
     denied_imports = frozenset(("_ctypes", "ctypes", "_posixsubprocess"))
     path_events = {
@@ -134,8 +287,8 @@ def _loraflow_sandbox(token_fd, max_write_opens, rlimits):
         "os.chmod": (0,), "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,),
         "shutil.rmtree": (0,), "os.mkfifo": (0,), "os.mknod": (0,),
     }
-    watched = denied | {"open", "os.kill", "import"} | set(path_events)
-    write_opens = [0]
+    watched = frozenset(denied | {"open", "os.kill", "import"} | set(path_events))
+    write_opens = itertools.count(1)
 
     class SandboxViolation(PermissionError):
         pass
@@ -162,8 +315,7 @@ def _loraflow_sandbox(token_fd, max_write_opens, rlimits):
                 return
             if not inside(path):
                 raise SandboxViolation("writing %r outside the sandbox is not allowed" % (path,))
-            write_opens[0] += 1
-            if write_opens[0] > max_write_opens:
+            if next(write_opens) > max_write_opens:
                 raise SandboxViolation("too many files opened for writing")
         elif event == "os.kill":
             if args[0] != pid:
@@ -186,30 +338,136 @@ def _loraflow_sandbox(token_fd, max_write_opens, rlimits):
             delattr(mod, name)
     sys.addaudithook(hook)
 
-    with open("solution.py", "rb") as f:
-        source = f.read()
-    code = compile(source, "solution.py", "exec")
-    main = sys.modules["__main__"]
-    main.__file__ = join(root, "solution.py")
-    sys.argv[:] = ["solution.py"]
-    exec(code, main.__dict__)
 
-    token = b""
-    while True:
-        chunk = os.read(token_fd, 256)
-        if not chunk:
-            break
-        token += chunk
-    for stream in (sys.stdout, sys.stderr):
+class _CandidateGone(BaseException):
+    """The program process ended or answered nonsense: no test may catch this."""
+
+
+def _loraflow_judge(spec, calls, replies, pid):
+    """Run the trusted prelude and tests here, calling the program's entry point across the pipes; return
+    (status, detail). Only check() returning normally is a pass."""
+    import builtins, json, os, signal
+
+    def receive():
+        line = replies.readline(_LIMIT)
+        if not line.endswith(b"\n"):
+            raise _CandidateGone("too long" if line else "gone")
+        message = json.loads(line)
+        if not isinstance(message, dict) or len(message) != 1:
+            raise _CandidateGone("malformed")
+        return message
+
+    def raised(name, text):
+        kind = getattr(builtins, name, None)
+        if isinstance(kind, type) and issubclass(kind, Exception):
+            try:
+                return kind(text)
+            except Exception:
+                pass
+        return type(name, (Exception,), {})(text)
+
+    def candidate(*args, **kwargs):
         try:
-            stream.flush()
-        except Exception:
-            pass
-    os.write(1, b"\n" + token + b"\n")
-    os._exit(0)
+            calls.write(json.dumps(_encode([list(args), kwargs])).encode() + b"\n")
+            calls.flush()
+        except BrokenPipeError:
+            raise _CandidateGone("gone") from None
+        message = receive()
+        if "ok" in message:
+            try:
+                return _decode(message["ok"])
+            except Exception:
+                raise _CandidateGone("malformed") from None
+        failure = message.get("raise")
+        if not (isinstance(failure, list) and len(failure) == 2 and all(isinstance(s, str) for s in failure)):
+            raise _CandidateGone("malformed")
+        raise raised(*failure)
 
-_loraflow_sandbox(int(_sys.argv[1]), int(_sys.argv[2]), _sys.argv[3])
+    def child_end(reason):
+        if reason == "gone":
+            _, status = os.waitpid(pid, 0)
+            if os.WIFSIGNALED(status):
+                sig = os.WTERMSIG(status)
+                if sig == signal.SIGXCPU:
+                    return "timeout", "CPU time limit exceeded (SIGXCPU)"
+                if sig == signal.SIGXFSZ:
+                    return "error", "file size limit exceeded (SIGXFSZ)"
+                try:
+                    name = signal.Signals(sig).name
+                except ValueError:
+                    name = "signal %d" % sig
+                return "error", "killed by " + name
+            code = os.WEXITSTATUS(status)
+            if code == 0:
+                return "failed", "exited with status 0 before the tests completed"
+            return "failed", "exited with status %d" % code
+        return "error", "the program's answer was " + ("too long" if reason == "too long" else "malformed")
+
+    def verdict_of(e):
+        name = type(e).__name__
+        text = "%s: %s" % (name, e) if str(e) else name
+        error = name in _ERRORS or "[Errno 27]" in str(e)
+        return ("error" if error else "failed"), text[:2000]
+
+    try:
+        first = receive()
+    except _CandidateGone as e:
+        return child_end(str(e))
+    except Exception:
+        return child_end("malformed")
+    if "loaded" not in first:
+        failure = first.get("load_error")
+        if not (isinstance(failure, list) and len(failure) == 2 and all(isinstance(s, str) for s in failure)):
+            return child_end("malformed")
+        name, text = failure
+        return verdict_of(raised(name, text)) if name not in _ERRORS else ("error", "%s: %s" % (name, text))
+    namespace = {"__name__": "__loraflow_tests__", "__builtins__": builtins}
+    try:
+        exec(compile(spec["prelude"], "prompt.py", "exec"), namespace)
+    except Exception:
+        namespace = {"__name__": "__loraflow_tests__", "__builtins__": builtins}  # helpers only; a bare stub may not parse
+    candidate.__name__ = candidate.__qualname__ = spec["entry_point"]
+    namespace[spec["entry_point"]] = candidate
+    try:
+        exec(compile(spec["test"], "test.py", "exec"), namespace)
+        check = namespace.get("check")
+        if not callable(check):
+            return "error", "the tests define no check(candidate) function"
+        check(candidate)
+    except _CandidateGone as e:
+        return child_end(str(e))
+    except BaseException as e:
+        return verdict_of(e)
+    return "passed", ""
+
+
+_loraflow_verdict(_sys.argv[1], int(_sys.argv[2]), int(_sys.argv[3]), _sys.argv[4])
 '''
+
+
+@dataclass(frozen=True)
+class CodeProgram:
+    """One program to score, in the parts that keep the verdict out of its reach.
+
+    `source` (untrusted: the prompt and the model's completion) runs in the program process; `test` (trusted:
+    defines `check(candidate)`) runs in the verdict process with `prelude` (trusted helpers, e.g. the prompt's
+    other functions) and calls `entry_point` across a pipe. `text` is the same program as the official harness
+    runs it in one interpreter.
+    """
+
+    source: str
+    test: str
+    entry_point: str
+    prelude: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.entry_point.isidentifier():
+            raise LoraFlowError(f"entry point {self.entry_point!r} is not a Python name")
+
+    @property
+    def text(self) -> str:
+        """`source + "\\n" + test + "\\n" + "check(entry_point)"`: the official single-interpreter program."""
+        return self.source + "\n" + self.test + "\n" + f"check({self.entry_point})"
 
 
 @dataclass(frozen=True)
@@ -318,14 +576,22 @@ def _last_line(text: str, limit: int = 200) -> str:
 
 
 def _force_rmtree(path: str) -> None:
-    """Remove the sandbox directory even if the program made parts of it unreadable."""
+    """Remove the sandbox directory even if the program made parts of it unreadable. Only directories inside it
+    are ever chmod-ed, and links are never followed (the program's processes are dead by now, so what `lstat`
+    sees stays true)."""
 
-    def onerror(func, p, exc_info):  # noqa: ARG001
+    def unlock(p: str) -> None:
+        if p != path and not p.startswith(path + os.sep):  # the directory holding the sandbox is not ours
+            return
         try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
+            if stat.S_ISDIR(os.lstat(p).st_mode):
+                os.chmod(p, 0o700)
         except OSError:
             pass
+
+    def onerror(func, p, exc_info):  # noqa: ARG001
+        unlock(os.path.dirname(p))
+        unlock(p)
         try:
             func(p)
         except OSError:
@@ -337,7 +603,7 @@ def _force_rmtree(path: str) -> None:
 
 
 def run_program(
-    program: str,
+    program: CodeProgram,
     *,
     timeout: float = 3.0,
     limits: SandboxLimits | None = None,
@@ -347,7 +613,7 @@ def run_program(
     """Run one untrusted Python program in the sandbox and say whether it passed.
 
     Args:
-        program: the full program text (prompt + completion + tests + `check(...)`).
+        program: the program's source, tests and entry point.
         timeout: wall-clock seconds, interpreter start-up included.
         limits: resource limits; `SandboxLimits()` by default.
         python: the interpreter; the running one by default.
@@ -381,25 +647,25 @@ def _check_timeout(timeout) -> None:
         raise LoraFlowError(f"timeout must be a finite number of seconds > 0, got {timeout}") from None
 
 
-def _run(program: str, timeout: float, limits: SandboxLimits, python: str, wrapper: list[str]) -> ExecutionResult:
+def _run(program: CodeProgram, timeout: float, limits: SandboxLimits, python: str,
+         wrapper: list[str]) -> ExecutionResult:
     """`run_program` with the isolation already resolved into a command prefix.
 
     Raises:
-        SandboxError: the sandbox or the interpreter ended before the bootstrap started the program.
+        SandboxError: the sandbox or the interpreter ended before the verdict process started.
     """
     start = time.monotonic()
-    token = secrets.token_hex(16)
     workdir = tempfile.mkdtemp(prefix="loraflow-sandbox-")
     read_fd = write_fd = -1
     try:
         with open(os.path.join(workdir, "solution.py"), "w", encoding="utf-8") as f:
-            f.write(program)
+            f.write(program.source)
+        spec = os.path.join(workdir, _SPEC)
+        with open(spec, "w", encoding="utf-8") as f:
+            json.dump({"test": program.test, "prelude": program.prelude, "entry_point": program.entry_point}, f)
         env = dict(_BASE_ENV, HOME=workdir, TMPDIR=workdir)
         read_fd, write_fd = os.pipe()
-        os.write(write_fd, token.encode())
-        os.close(write_fd)
-        write_fd = -1
-        cmd = [python, "-I", "-B", "-c", _BOOTSTRAP, str(read_fd), str(limits.max_write_opens),
+        cmd = [python, "-I", "-B", "-c", _BOOTSTRAP, spec, str(write_fd), str(limits.max_write_opens),
                _rlimits(limits, timeout)]
         if wrapper:
             cmd = [*wrapper, *_interpreter_binds(python), "--bind", workdir, workdir, "--remount-ro", "/",
@@ -409,12 +675,12 @@ def _run(program: str, timeout: float, limits: SandboxLimits, python: str, wrapp
             try:
                 # bubblewrap gets the same clean environment: the program can read it as /proc/1/environ
                 proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                        pass_fds=(read_fd,), start_new_session=True)
+                                        pass_fds=(write_fd,), start_new_session=True)
             except (OSError, subprocess.SubprocessError) as e:
                 why = str(e)
                 raise SandboxError(f"the code sandbox could not start a program ({why}); {_advice(wrapper, why)}") from None
-            os.close(read_fd)
-            read_fd = -1
+            os.close(write_fd)
+            write_fd = -1
             finished = _wait_exit(proc.pid, start + timeout)
             # The leader is not reaped yet (alive or a zombie), so its pid, the group id, cannot have
             # been reused: kill the whole group once, reap the leader, then kill any stragglers.
@@ -422,8 +688,7 @@ def _run(program: str, timeout: float, limits: SandboxLimits, python: str, wrapp
             returncode = proc.wait()
             _kill_group(proc.pid)
             duration = time.monotonic() - start
-            out.seek(0)
-            stdout = out.read()
+            verdict = _read_available(read_fd, 1 << 16)
             err.seek(max(0, os.fstat(err.fileno()).st_size - 8192))
             stderr = err.read().decode("utf-8", errors="replace")
     finally:
@@ -431,12 +696,28 @@ def _run(program: str, timeout: float, limits: SandboxLimits, python: str, wrapp
             if fd >= 0:
                 os.close(fd)
         _force_rmtree(workdir)
-    if finished and not stdout.startswith(_STARTED):
+    started, _, rest = verdict.partition(b"\n")
+    if finished and started != b"started":
         why = _last_line(stderr) or f"exit status {returncode}"
         raise SandboxError(f"the code sandbox could not start a program ({why}); {_advice(wrapper, why)}")
     if wrapper and returncode > 128 and finished:  # bubblewrap reports a signal death as 128 + signal
         returncode = 128 - returncode
-    return _classify(finished, returncode, token.encode() in stdout, stderr, timeout, duration)
+    return _classify(finished, returncode, rest, stderr, timeout, duration)
+
+
+def _read_available(fd: int, limit: int) -> bytes:
+    """What the pipe holds now, at most `limit` bytes, without waiting for writers that may still live."""
+    os.set_blocking(fd, False)
+    data = b""
+    while len(data) < limit:
+        try:
+            chunk = os.read(fd, limit - len(data))
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def _advice(wrapper: list[str], why: str) -> str:
@@ -445,7 +726,7 @@ def _advice(wrapper: list[str], why: str) -> str:
     userns = ("bubblewrap needs user namespaces when not run as root (sysctl user.max_user_namespaces > 0; on "
               "Ubuntu 24.04+ also kernel.apparmor_restrict_unprivileged_userns=0 or an AppArmor profile for bwrap), "
               if "namespace" in why else "")
-    return f"no score was computed; {userns}or, accepting a weaker sandbox, pass --isolation none"
+    return f"no score was computed; {userns}or, accepting a weaker sandbox (no namespaces: see --help), pass --isolation none"
 
 
 def isolation_command(isolation: str, python: str | None = None) -> list[str]:
@@ -477,7 +758,8 @@ def isolation_command(isolation: str, python: str | None = None) -> list[str]:
 @functools.lru_cache(maxsize=16)
 def _probe(prefix: tuple[str, ...], python: str) -> None:
     """Run a trivial program in the sandbox; raise SandboxError unless it passes (successes are remembered)."""
-    result = _run("pass\n", 60.0, SandboxLimits(), python, list(prefix))
+    trivial = CodeProgram("def f():\n    return 1\n", "def check(c):\n    assert c() == 1\n", "f")
+    result = _run(trivial, 60.0, SandboxLimits(), python, list(prefix))
     if not result.passed:
         why = f"{result.status}: {result.detail}"
         raise SandboxError(f"the code sandbox cannot run a trivial program here ({why}); {_advice(list(prefix), why)}")
@@ -566,33 +848,36 @@ def _interpreter_binds(python: str) -> tuple[str, ...]:
     return tuple(binds)
 
 
-def _classify(finished: bool, rc: int, saw_token: bool, stderr: str, timeout: float, duration: float) -> ExecutionResult:
+def _classify(finished: bool, rc: int, verdict: bytes, stderr: str, timeout: float, duration: float) -> ExecutionResult:
+    """The result from the verdict process's line and exit status: a pass needs both to say so."""
     if not finished:
         return ExecutionResult("timeout", f"timed out after {timeout:g} s", duration)
-    if rc == 0 and saw_token:
-        return ExecutionResult("passed", "", duration)
-    if rc < 0:
-        sig = -rc
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        if sig == signal.SIGXCPU:
-            return ExecutionResult("timeout", "CPU time limit exceeded (SIGXCPU)", duration)
-        if sig == signal.SIGXFSZ:
-            return ExecutionResult("error", "file size limit exceeded (SIGXFSZ)", duration)
-        return ExecutionResult("error", f"killed by {name}", duration)
-    if rc == 0:
-        return ExecutionResult("failed", "exited with status 0 before the tests completed", duration)
-    last = _last_line(stderr)
-    exc_name = last.split(":", 1)[0].rsplit(".", 1)[-1]
-    resource_limit = "[Errno 27]" in last  # EFBIG: RLIMIT_FSIZE (Python ignores SIGXFSZ)
-    status = "error" if exc_name in _ERROR_EXCEPTIONS or resource_limit else "failed"
-    return ExecutionResult(status, last or f"exited with status {rc}", duration)
+    try:
+        found = json.loads(verdict.split(b"\n", 1)[0])
+        status, detail = found["status"], found["detail"]
+        assert status in STATUSES and isinstance(detail, str)
+    except Exception:  # no verdict: the verdict process itself was killed or failed
+        if rc < 0:
+            return _signalled(-rc, duration)
+        why = _last_line(stderr) or f"exit status {rc}"
+        return ExecutionResult("error", f"the sandbox's verdict process ended without a verdict ({why})", duration)
+    if status == "passed" and rc != 0:
+        return ExecutionResult("error", f"the verdict process said passed but exited with status {rc}", duration)
+    return ExecutionResult(status, detail, duration)
+
+
+def _signalled(sig: int, duration: float) -> ExecutionResult:
+    if sig == signal.SIGXCPU:
+        return ExecutionResult("timeout", "CPU time limit exceeded (SIGXCPU)", duration)
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = f"signal {sig}"
+    return ExecutionResult("error", f"killed by {name}", duration)
 
 
 def run_programs(
-    programs: Sequence[str],
+    programs: Sequence[CodeProgram],
     *,
     workers: int | None = None,
     timeout: float = 3.0,
@@ -603,7 +888,7 @@ def run_programs(
     """Run many programs in parallel sandboxes (one subprocess per program), results in input order.
 
     Args:
-        programs: full program texts.
+        programs: the programs (source, tests, entry point).
         workers: concurrent subprocesses; `default_workers()` by default.
         timeout, limits, python, isolation: as in `run_program`.
     """

@@ -38,6 +38,7 @@ from typing import Any
 from loraflow.common.errors import LoraFlowError
 from loraflow.common.extras import require
 from loraflow.common.checks import check_float, check_int
+from loraflow.evaluation.sandbox import ISOLATION_HELP, ISOLATIONS, CodeProgram
 from loraflow.common.io import check_output_file, read_jsonl, write_json_atomic
 from loraflow.common.options import option
 from loraflow.common.provenance import versions
@@ -283,12 +284,14 @@ def humaneval_english_prompts() -> Mapping[str, str]:
     return MappingProxyType({row["task_id"]: row["prompt"] for row in rows})
 
 
-def assemble_program(row: Mapping[str, Any], completion: str, english_prompts: Mapping[str, str] | None = None) -> str:
+def assemble_program(row: Mapping[str, Any], completion: str,
+                     english_prompts: Mapping[str, str] | None = None) -> CodeProgram:
     """The program that is executed for one code example.
 
-    ``english_prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"``, with the
-    original English HumanEval prompt of ``row["task_id"]``; for data that is not HumanEval (a
-    task_id the English table lacks) the row's own prompt stands in.
+    Its `text` is the official ``english_prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"``,
+    with the original English HumanEval prompt of ``row["task_id"]``; for data that is not HumanEval (a
+    task_id the English table lacks) the row's own prompt stands in. The sandbox runs the prompt and
+    completion apart from the tests (see `loraflow.evaluation.sandbox`), so a program cannot forge its pass.
 
     Args:
         row: a test row with ``prompt``, ``test``, ``entry_point`` and usually ``task_id``.
@@ -298,7 +301,7 @@ def assemble_program(row: Mapping[str, Any], completion: str, english_prompts: M
     if english_prompts is None:
         english_prompts = humaneval_english_prompts()
     prompt = english_prompts.get(row.get("task_id"), row["prompt"])
-    return prompt + completion + "\n" + row["test"] + "\n" + f"check({row['entry_point']})"
+    return CodeProgram(prompt + completion, row["test"], row["entry_point"], prelude=prompt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,6 +323,8 @@ def _check_rows(task: str, rows: Sequence[Mapping[str, Any]], source: str) -> No
             raise LoraFlowError(
                 f"{source}: record {i + 1} lacks string field(s) {', '.join(missing)} needed for {task} scoring"
             )
+        if task == "code" and not row["entry_point"].isidentifier():
+            raise LoraFlowError(f"{source}: record {i + 1}: entry_point {row['entry_point']!r} is not a Python name")
 
 
 def _english_prompts_for(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, str]:
@@ -377,7 +382,7 @@ def score_predictions(
             text = truncate_at_stop(output) if apply_stop_strings else output
             examples.append({"index": i, **score_math_example(text, row["answer"], mode)})
     else:
-        from loraflow.evaluation.sandbox import STATUSES, run_programs  # the sandbox is only needed for code
+        from loraflow.evaluation.sandbox import STATUSES, run_programs
 
         english = _english_prompts_for(test_rows)
         programs = [assemble_program(row, postprocess_code(out), english) for row, out in zip(test_rows, outputs)]
@@ -425,9 +430,7 @@ class ScoreOptions:
                                    "value (code is scored the same in both)", choices=MODES)
     workers: int | None = option(None, "parallel code sandboxes (default: CPU count, at most 8)")
     timeout: float = option(CODE_TIMEOUT_S, "seconds per code program")
-    isolation: str = option("bwrap", "how model-written code is contained: bwrap (each program in its own "
-                                     "namespaces, filesystem read-only but its temp dir; needs bubblewrap) or none "
-                                     "(audit hook and limits only: weaker, opt-in)", choices=("bwrap", "none"))
+    isolation: str = option("bwrap", ISOLATION_HELP, choices=ISOLATIONS)
     method: str | None = option(None, "recorded in the result for `loraflow report` (e.g. loraflow, avg, single:zh; "
                                       "default: predictions:<the predictions file's stem>)")
     lang: str | None = option(None, "recorded in the result for `loraflow report` (e.g. zh, ru, es)")
