@@ -307,3 +307,122 @@ def test_refuses_to_average_different_templates_or_test_sets(tmp_path: Path, fie
         build_table(load_results(paths))
     same = [_result("math", "zh", "loraflow", c, total=250, seed=s, **{field: a}) for s, c in ((0, 80), (1, 90))]
     assert build_table(load_results(_write(tmp_path / "same", same))).get("LoRA-Flow", "math", "zh").n == 2
+
+
+# The demo's generated languages (han, cyr, lat stand in for zh, ru, es). Scores over total = 100, chosen apart
+# from every number of the paper's table: row i scores math (10+i, 20+i, 30+i), code (61+i, 71+i, 81+i).
+GENERATED_ROWS = ("base", "single:LANG", "single:TASK", "avg", "lorahub", "loraflow")
+
+
+def _generated_results() -> list[dict]:
+    out = []
+    for i, method in enumerate(GENERATED_ROWS):
+        for task, first in (("code", 61), ("math", 10)):
+            for lang, pct in (("lat", first + 20 + i), ("han", first + i), ("cyr", first + 10 + i)):  # shuffled
+                role = {"single:LANG": "language", "single:TASK": "task"}.get(method)
+                m = method.replace("LANG", lang).replace("TASK", task)
+                out.append(_result(task, lang, m, pct, total=100, **({"adapter_role": role} if role else {})))
+    return out
+
+
+GENERATED_HEADER = ("| Method | MGSM Han (as Zh) | Cyrillic (as Ru) | Latin (as Es) | Avg "
+                    "| HumanEval Han (as Zh) | Cyrillic (as Ru) | Latin (as Es) | Avg |")
+PUBLISHED_LABEL = ("### Published: LoRA-Flow paper, Table 1 (Llama-2-7B; MGSM and HumanEval in zh, ru, es) "
+                   "— for comparison, not produced by this run")
+
+
+def test_generated_languages_have_display_names_in_order(tmp_path: Path, capsys):
+    runs = tmp_path / "runs"
+    _write(runs, _generated_results())
+    assert cli.main(["report", str(runs), "--csv", str(tmp_path / "t.csv")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == GENERATED_HEADER
+    assert lines[2] == "| Base | 10.0 | 20.0 | 30.0 | 20.0 | 61.0 | 71.0 | 81.0 | 71.0 |"
+    assert lines[7] == "| LoRA-Flow | 15.0 | 25.0 | 35.0 | 25.0 | 66.0 | 76.0 | 86.0 | 76.0 |"
+    # The CSV keeps the codes as keys.
+    assert (tmp_path / "t.csv").read_text(encoding="utf-8").splitlines()[0] == (
+        "method,math_han,math_han_std,math_han_n,math_cyr,math_cyr_std,math_cyr_n,math_lat,math_lat_std,math_lat_n,"
+        "math_avg,math_avg_std,math_avg_n,code_han,code_han_std,code_han_n,code_cyr,code_cyr_std,code_cyr_n,"
+        "code_lat,code_lat_std,code_lat_n,code_avg,code_avg_std,code_avg_n")
+    # --lang-name overrides one name (repeatable); the others keep their defaults.
+    assert cli.main(["report", str(runs), "--lang-name", "cyr=Russkiy", "--lang-name", "lat = Espanol gen"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "| Method | MGSM Han (as Zh) | Russkiy | Espanol gen | Avg "
+        "| HumanEval Han (as Zh) | Russkiy | Espanol gen | Avg |")
+    # Real and generated languages together: the paper's order, then the stand-ins in theirs.
+    mixed = [_result("math", lang, "base", 10) for lang in ("lat", "es", "han", "zh", "cyr", "ru")]
+    md = to_markdown(build_table(mixed), lang_names={"zh": "Chinese"})
+    assert md.splitlines()[0] == (
+        "| Method | MGSM Chinese | Ru | Es | Han (as Zh) | Cyrillic (as Ru) | Latin (as Es) | Avg |")
+
+
+@pytest.mark.parametrize("item", ["cyr", "cyr=", "cyr=  ", "=Russkiy"])
+def test_cli_bad_lang_name_exits_2_with_one_line(tmp_path: Path, capsys, item):
+    runs = tmp_path / "runs"
+    _write(runs, _generated_results())
+    assert cli.main(["report", str(runs), "--lang-name", item, "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("loraflow report: error: --lang-name expects CODE=NAME")
+    assert repr(item) in err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_cli_paper_appends_the_published_table_to_markdown_only(tmp_path: Path, capsys, monkeypatch):
+    from loraflow.evaluation import report
+
+    charted = []
+    real_to_png = report.to_png
+    monkeypatch.setattr(report, "to_png", lambda table, *a, **k: charted.append(table) or real_to_png(table, *a, **k))
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    _write(runs, _generated_results())
+    rc = cli.main(["report", str(runs), "--out-dir", str(out), "--paper", "--task-name", "math=Foreign math",
+                   "--lang-name", "han=Hanzi"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert (out / "table.md").read_text(encoding="utf-8") == printed
+    lines = printed.splitlines()
+    # Ours first, with our names ...
+    assert lines[0] == ("| Method | Foreign math Hanzi | Cyrillic (as Ru) | Latin (as Es) | Avg "
+                        "| HumanEval Hanzi | Cyrillic (as Ru) | Latin (as Es) | Avg |")
+    # ... then the paper's table, labelled, with the paper's own columns and numbers as printed there.
+    start = lines.index(PUBLISHED_LABEL)
+    assert start > 8 and lines[start - 1] == ""
+    assert lines[start + 2:start + 10] == [
+        "| Method | MGSM Zh | Ru | Es | Avg | HumanEval Zh | Ru | Es | Avg |",
+        "|---|---|---|---|---|---|---|---|---|",
+        "| Base | 4.4 | 3.2 | 2.4 | 3.3 | 0.0 | 0.0 | 2.4 | 0.8 |",
+        "| Single LoRA (language) | 5.2 | 3.6 | 3.6 | 4.1 | 12.2 | 14.0 | 10.4 | 12.2 |",
+        "| Single LoRA (task) | 26.8 | 32.8 | 41.2 | 33.6 | 18.3 | 23.2 | 21.9 | 21.1 |",
+        "| Avg fusion | 12.8 | 10.4 | 18.4 | 13.9 | 17.1 | 17.7 | 18.3 | 17.7 |",
+        "| LoRAHub | 20.8 | 28.4 | 36.8 | 28.7 | 19.5 | 21.3 | 20.1 | 20.3 |",
+        "| LoRA-Flow | 33.2 | 37.6 | 42.0 | 37.6 | 20.7 | 23.8 | 23.2 | 22.6 |",
+    ]
+    assert lines[start + 10:] == []
+    # Never in our CSV or chart.
+    csv_text = (out / "table.csv").read_text(encoding="utf-8")
+    for published in ("33.2", "22.6", "2.4", "20.3", "Published"):
+        assert published not in csv_text
+    assert [r["method"] for r in csv.DictReader(io.StringIO(csv_text))] == EXPECTED_ROWS[:6]
+    assert len(charted) == 1 and {lang for _, lang in charted[0].columns} == {"han", "cyr", "lat", "Avg"}
+    assert sorted({round(c.mean, 6) for c in charted[0].cells.values()}) == [
+        10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 20.0, 21.0, 22.0, 23.0, 24.0, 25.0, 30.0, 31.0, 32.0, 33.0, 34.0, 35.0,
+        61.0, 62.0, 63.0, 64.0, 65.0, 66.0, 71.0, 72.0, 73.0, 74.0, 75.0, 76.0, 81.0, 82.0, 83.0, 84.0, 85.0, 86.0]
+
+
+def test_without_paper_nothing_published_appears(tmp_path: Path, capsys):
+    from loraflow.evaluation.report import write_report
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    _write(runs, _generated_results())
+    assert cli.main(["report", str(runs), "--md", str(out.with_suffix(".md"))]) == 0
+    printed = capsys.readouterr().out
+    for text in (printed, out.with_suffix(".md").read_text(encoding="utf-8")):
+        assert "Published" not in text and "paper" not in text
+        assert "33.2" not in text and "22.6" not in text and "MGSM Zh" not in text
+        assert text.count("| Base |") == 1 and text.count("| LoRA-Flow |") == 1
+    rep = write_report([runs])
+    assert rep.paper is None and "Published" not in rep.markdown
+    rep = write_report([runs], paper=True)  # the library API gives the same as --paper
+    assert PUBLISHED_LABEL in rep.markdown.splitlines()
+    assert rep.paper.get("LoRA-Flow", "math", "zh").mean == 33.2 and rep.paper.get("Base", "code", "es").mean == 2.4
+    assert rep.paper.get("LoRA-Flow", "code", "Avg").mean == 22.6

@@ -114,6 +114,7 @@ def add_report(sub) -> None:
             "  loraflow report runs/*/RESULT.json\n"
             "  loraflow report runs/ --out-dir report/        # also writes table.md, table.csv, table.png\n"
             "  loraflow report 'runs/**/RESULT.json' --csv t.csv --png t.png --title 'Llama-2-7B'\n"
+            "  loraflow report runs/ --paper --lang-name 'han=Han (generated)'  # the paper's table after ours\n"
             "\nA directory contributes its *.json files that look like results (have 'method' and "
             "'score');\nother JSON there is skipped with a warning naming it on stderr. Files named explicitly "
             "must be valid results."
@@ -129,6 +130,13 @@ def add_report(sub) -> None:
     p.add_argument("--title", help="heading of the Markdown file and title of the chart")
     p.add_argument("--task-name", action="append", metavar="TASK=NAME", default=[],
                    help="display name of a task's column group (default: math=MGSM, code=HumanEval); repeatable")
+    p.add_argument("--lang-name", action="append", metavar="CODE=NAME", default=[],
+                   help="display name of a language column (default: zh=Zh, ru=Ru, es=Es, and for the demo's "
+                        "generated languages han='Han (as Zh)', cyr='Cyrillic (as Ru)', lat='Latin (as Es)'; "
+                        "other codes capitalised); the CSV keeps the codes; repeatable")
+    p.add_argument("--paper", action="store_true",
+                   help="after our table, print (and write into the Markdown file) the paper's published table "
+                        "(Table 1, Llama-2-7B), labelled as such; never mixed into the CSV or chart")
     p.add_argument("--seed", type=int, default=0, help="accepted for uniformity with the other commands; unused")
     p.add_argument("--force", action="store_true",
                    help="replace output files that loraflow did not write (or that were changed since)")
@@ -138,11 +146,12 @@ def add_report(sub) -> None:
 def run_report(args: argparse.Namespace) -> int:
     import sys
 
-    from loraflow.evaluation.report import parse_task_names, write_report
+    from loraflow.evaluation.report import parse_lang_names, parse_task_names, write_report
 
     rep = write_report(
         args.inputs, out_dir=args.out_dir, md=args.md, csv_path=args.csv, png=args.png,
         title=args.title, task_names=parse_task_names(args.task_name), force=args.force,
+        lang_names=parse_lang_names(args.lang_name), paper=args.paper,
     )
     sys.stdout.write(rep.markdown)
     for why in rep.skipped:

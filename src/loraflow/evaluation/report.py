@@ -11,7 +11,8 @@ share their template and test set: averaging across them is refused.
 `build_table` groups them into rows (methods, in the paper's order) and columns (per task, the
 languages and an average), averaging repeated runs of one cell (e.g. several seeds) into mean and
 sample standard deviation. `to_markdown`, `to_csv` and `to_png` render a table; `write_report`
-does the whole job for the `loraflow report` command.
+does the whole job for the `loraflow report` command. `paper_table` is the paper's published
+table, which `write_report(..., paper=True)` appends to the Markdown (never to the CSV or chart).
 
 matplotlib is imported inside `to_png` only, so importing this module stays cheap.
 """
@@ -46,8 +47,20 @@ PAPER_ROWS = (
     "LoRA-Flow",
 )
 TASK_ORDER = ("math", "code")
-LANG_ORDER = ("zh", "ru", "es")
+# The paper's languages, then the demo's generated stand-ins for them, in the same order.
+LANG_ORDER = ("zh", "ru", "es", "han", "cyr", "lat")
 DEFAULT_TASK_NAMES = {"math": "MGSM", "code": "HumanEval"}
+# Column headers of known language codes (Markdown, chart; the CSV keeps the codes). Another code
+# shows capitalised ("de" -> "De"); `lang_names` / `--lang-name CODE=NAME` override any of these.
+DEFAULT_LANG_NAMES = {
+    "zh": "Zh",
+    "ru": "Ru",
+    "es": "Es",
+    # The demo's generated languages, and the paper's language each stands in for.
+    "han": "Han (as Zh)",  # ideographic script without spaces
+    "cyr": "Cyrillic (as Ru)",
+    "lat": "Latin (as Es)",  # Latin letters with its own spelling
+}
 AVG = "Avg"  # the `lang` of a per-task average column
 MISSING = "–"
 NO_LANG = "-"
@@ -388,15 +401,25 @@ def _task_name(task: str, task_names: Mapping[str, str] | None) -> str:
     return {**DEFAULT_TASK_NAMES, **(task_names or {})}.get(task, task)
 
 
-def _lang_name(lang: str) -> str:
-    return lang if lang in (AVG, NO_LANG) else lang[:1].upper() + lang[1:]
+def _lang_name(lang: str, lang_names: Mapping[str, str] | None = None) -> str:
+    """The header of a language column: `lang_names`, else DEFAULT_LANG_NAMES, else the code
+    capitalised; the average and no-language columns keep theirs."""
+    if lang in (AVG, NO_LANG):
+        return lang
+    return {**DEFAULT_LANG_NAMES, **(lang_names or {})}.get(lang) or lang[:1].upper() + lang[1:]
 
 
-def column_headers(table: Table, task_names: Mapping[str, str] | None = None) -> list[str]:
-    """Short headers in the paper's style: "MGSM Zh", "Ru", "Es", "Avg", "HumanEval Zh", ..."""
+def column_headers(
+    table: Table, task_names: Mapping[str, str] | None = None, lang_names: Mapping[str, str] | None = None
+) -> list[str]:
+    """Short headers in the paper's style: "MGSM Zh", "Ru", "Es", "Avg", "HumanEval Zh", ...
+
+    `task_names` / `lang_names` override the display names of tasks (DEFAULT_TASK_NAMES) and of
+    language codes (DEFAULT_LANG_NAMES).
+    """
     headers, last_task = [], None
     for task, lang in table.columns:
-        name = _lang_name(lang)
+        name = _lang_name(lang, lang_names)
         if task != last_task:
             tname = _task_name(task, task_names)
             name = tname if lang == NO_LANG else f"{tname} {name}"
@@ -405,13 +428,20 @@ def column_headers(table: Table, task_names: Mapping[str, str] | None = None) ->
     return headers
 
 
-def to_markdown(table: Table, *, task_names: Mapping[str, str] | None = None, title: str | None = None) -> str:
+def to_markdown(
+    table: Table,
+    *,
+    task_names: Mapping[str, str] | None = None,
+    title: str | None = None,
+    lang_names: Mapping[str, str] | None = None,
+) -> str:
     """The table as GitHub Markdown, one decimal, "mean ± std" for cells with several runs.
 
     Args:
         table: from `build_table`.
         task_names: display names per task, overriding MGSM (math) / HumanEval (code).
         title: an optional heading line.
+        lang_names: display names per language code, overriding DEFAULT_LANG_NAMES.
     """
     multi_ns = sorted({c.n for (_, (_, lang)), c in table.cells.items() if lang != AVG and c.n > 1})
     show_n = len(multi_ns) > 1
@@ -419,7 +449,8 @@ def to_markdown(table: Table, *, task_names: Mapping[str, str] | None = None, ti
     lines = []
     if title:
         lines += [f"### {title}", ""]
-    lines.append("| " + " | ".join(["Method", *column_headers(table, task_names)]) + " |")
+    headers = [h.replace("|", "\\|") for h in column_headers(table, task_names, lang_names)]
+    lines.append("| " + " | ".join(["Method", *headers]) + " |")
     lines.append("|" + "---|" * (len(table.columns) + 1))
     for row in table.rows:
         texts = []
@@ -490,8 +521,12 @@ def to_png(
     title: str | None = None,
     task_names: Mapping[str, str] | None = None,
     force: bool | None = None,
+    lang_names: Mapping[str, str] | None = None,
 ) -> Path:
     """Save a grouped bar chart of the table: x = columns, one bar per method, std error bars.
+
+    Tick labels: the task's display name over the language's (`task_names`, `lang_names` as in
+    `to_markdown`); a language name's parenthesis, e.g. "Han (as Zh)", goes on a line of its own.
 
     Uses matplotlib's Agg canvas directly (no pyplot, no global backend change); written atomically
     (`force`: see loraflow.common.io.atomic_path).
@@ -503,7 +538,8 @@ def to_png(
     headers = []
     for task, lang in table.columns:
         tname = _task_name(task, task_names)
-        headers.append(tname if lang == NO_LANG else f"{tname}\n{_lang_name(lang)}")
+        lname = _lang_name(lang, lang_names).replace(" (", "\n(")
+        headers.append(tname if lang == NO_LANG else f"{tname}\n{lname}")
     n_rows, n_cols = max(len(table.rows), 1), max(len(table.columns), 1)
     fig = Figure(figsize=(max(6.0, 1.1 * n_cols + 2.5), 4.5), dpi=100)
     FigureCanvasAgg(fig)
@@ -541,18 +577,61 @@ def to_png(
 
 
 # ----------------------------------------------------------------------------------------------
+# The paper's published table
+
+# Source: Wang et al., "LoRA-Flow: Dynamic LoRA Fusion for Large Language Models in Generative
+# Tasks", ACL 2024, Table 1 (Llama-2-7B), as restated in the project's reference ("The paper's
+# results"). Percentages exactly as printed there, one decimal; the Avg values are the paper's own
+# (not recomputed here). row -> task -> (zh, ru, es, Avg). Shown beside ours for comparison only
+# (`report --paper`): never mixed into our table, CSV or chart.
+PAPER_TABLE_1: dict[str, dict[str, tuple[float, float, float, float]]] = {
+    "Base": {"math": (4.4, 3.2, 2.4, 3.3), "code": (0.0, 0.0, 2.4, 0.8)},
+    "Single LoRA (language)": {"math": (5.2, 3.6, 3.6, 4.1), "code": (12.2, 14.0, 10.4, 12.2)},
+    "Single LoRA (task)": {"math": (26.8, 32.8, 41.2, 33.6), "code": (18.3, 23.2, 21.9, 21.1)},
+    "Avg fusion": {"math": (12.8, 10.4, 18.4, 13.9), "code": (17.1, 17.7, 18.3, 17.7)},
+    "LoRAHub": {"math": (20.8, 28.4, 36.8, 28.7), "code": (19.5, 21.3, 20.1, 20.3)},
+    "LoRA-Flow": {"math": (33.2, 37.6, 42.0, 37.6), "code": (20.7, 23.8, 23.2, 22.6)},
+}
+PAPER_TABLE_LANGS = ("zh", "ru", "es", AVG)
+PAPER_TABLE_TITLE = (
+    "Published: LoRA-Flow paper, Table 1 (Llama-2-7B; MGSM and HumanEval in zh, ru, es) "
+    "— for comparison, not produced by this run"
+)
+
+
+def paper_table() -> Table:
+    """The paper's published results (PAPER_TABLE_1) as a `Table` in our layout: its six rows,
+    and per task (math, code) the columns zh, ru, es and Avg; one run per cell, no std."""
+    columns = [(task, lang) for task in TASK_ORDER for lang in PAPER_TABLE_LANGS]
+    cells = {
+        (row, (task, lang)): Cell(value, None, 3 if lang == AVG else 1)
+        for row, by_task in PAPER_TABLE_1.items()
+        for task, values in by_task.items()
+        for lang, value in zip(PAPER_TABLE_LANGS, values)
+    }
+    return Table(rows=list(PAPER_TABLE_1), columns=columns, cells=cells)
+
+
+def paper_markdown() -> str:
+    """The paper's published table as Markdown, under the PAPER_TABLE_TITLE heading, with the
+    paper's own column names (MGSM, HumanEval; Zh, Ru, Es) whatever names our table uses."""
+    return to_markdown(paper_table(), title=PAPER_TABLE_TITLE)
+
+
+# ----------------------------------------------------------------------------------------------
 # The whole report
 
 
 @dataclass
 class Report:
-    """What `write_report` produced: the table, its Markdown, the files written, skipped inputs
-    ("PATH: why" each)."""
+    """What `write_report` produced: the table, its Markdown (followed by the paper's published
+    table when asked for, `paper`), the files written, skipped inputs ("PATH: why" each)."""
 
     table: Table
     markdown: str
     written: list[Path]
     skipped: list[str]
+    paper: Table | None = None
 
 
 def write_report(
@@ -565,6 +644,8 @@ def write_report(
     title: str | None = None,
     task_names: Mapping[str, str] | None = None,
     force: bool = False,
+    lang_names: Mapping[str, str] | None = None,
+    paper: bool = False,
 ) -> Report:
     """Build the table from result files/directories/globs and write the requested renderings.
 
@@ -576,6 +657,10 @@ def write_report(
         title: heading of the Markdown file and title of the chart.
         task_names: display names per task (default MGSM for math, HumanEval for code).
         force: replace output files that loraflow did not write (otherwise refused, before any is written).
+        lang_names: display names per language code (default DEFAULT_LANG_NAMES, e.g. han ->
+            "Han (as Zh)"); the CSV keeps the codes.
+        paper: append the paper's published table (`paper_markdown`) after ours in the Markdown,
+            headed as published numbers; the CSV and chart hold ours only.
     Returns:
         A `Report`; nothing is printed.
     """
@@ -583,7 +668,9 @@ def write_report(
         require("matplotlib", what="the report's bar chart (table.png)")  # before anything is written
     results, skipped = gather_results(inputs)
     table = build_table(results)
-    markdown = to_markdown(table, task_names=task_names, title=title)
+    markdown = to_markdown(table, task_names=task_names, title=title, lang_names=lang_names)
+    if paper:
+        markdown += "\n" + paper_markdown()
     if out_dir is not None:
         out = Path(out_dir)
         md = md or out / "table.md"
@@ -600,16 +687,27 @@ def write_report(
         write_text_atomic(csv_path, to_csv(table), force=force)
         written.append(Path(csv_path))
     if png:
-        written.append(to_png(table, png, title=title, task_names=task_names, force=force))
-    return Report(table=table, markdown=markdown, written=written, skipped=skipped)
+        written.append(to_png(table, png, title=title, task_names=task_names, force=force, lang_names=lang_names))
+    return Report(table=table, markdown=markdown, written=written, skipped=skipped,
+                  paper=paper_table() if paper else None)
+
+
+def _parse_names(items: Sequence[str] | None, flag: str, key: str, example: str) -> dict[str, str]:
+    names = {}
+    for item in items or []:
+        code, sep, name = item.partition("=")
+        if not sep or not code.strip() or not name.strip() or any(c in item for c in "\r\n"):
+            raise LoraFlowError(f"{flag} expects {key}=NAME (e.g. {example}), got {item!r}")
+        names[code.strip()] = name.strip()
+    return names
 
 
 def parse_task_names(items: Sequence[str] | None) -> dict[str, str]:
     """Parse repeated `TASK=NAME` options into a dict; a malformed item raises LoraFlowError."""
-    names = {}
-    for item in items or []:
-        task, sep, name = item.partition("=")
-        if not sep or not task.strip() or not name.strip():
-            raise LoraFlowError(f"--task-name expects TASK=NAME (e.g. math=GSM8K), got {item!r}")
-        names[task.strip()] = name.strip()
-    return names
+    return _parse_names(items, "--task-name", "TASK", "math=GSM8K")
+
+
+def parse_lang_names(items: Sequence[str] | None) -> dict[str, str]:
+    """Parse repeated `CODE=NAME` options (`--lang-name han=Chinese`) into a dict of display names
+    per language code; a malformed item (no '=', empty code or name) raises LoraFlowError."""
+    return _parse_names(items, "--lang-name", "CODE", "han=Chinese")
