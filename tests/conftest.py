@@ -29,6 +29,8 @@ def _one_torch_thread():
         torch.set_num_threads(1)
     yield
 
+# Where the authors' data (train/, dev/, test/ of the LoRA-Flow repository's data/ folder) is looked for: the folder
+# LORAFLOW_DATA names (as the README tells users to set it), else ../shared/loraflow-data beside this checkout.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "loraflow-data"
 
 # Module names PEFT should adapt, per architecture (all projections in a decoder layer).
@@ -42,14 +44,23 @@ ARCH_TARGETS = {
 }
 
 
+def data_locations() -> list[Path]:
+    """Where the authors' data may be, in order: $LORAFLOW_DATA, then ../shared/loraflow-data."""
+    named = os.environ.get("LORAFLOW_DATA")
+    return ([Path(named)] if named else []) + [SHARED_DATA]
+
+
 def shared_data_dir() -> Path:
-    """The authors' data in ../shared/loraflow-data; without it the test is skipped, or fails under CI=true."""
-    if not SHARED_DATA.is_dir():
-        reason = f"official data not found at {SHARED_DATA} (CI provides ../shared/loraflow-data)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason + "; under CI=true this is a failure, not a skip")
-        pytest.skip(reason)
-    return SHARED_DATA
+    """The authors' data (see `data_locations`); without it the test is skipped, or fails under CI=true."""
+    for place in data_locations():
+        if (place / "train").is_dir() and (place / "test").is_dir():
+            return place
+    looked = " or ".join(str(p) for p in data_locations())
+    reason = (f"the authors' data (train/, dev/, test/) was not found at {looked}; set LORAFLOW_DATA to the data/ "
+              "folder of the LoRA-Flow repository (see the README)")
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason + "; under CI=true this is a failure, not a skip")
+    pytest.skip(reason)
 
 
 def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320, add_bos: bool = False):

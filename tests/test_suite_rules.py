@@ -10,13 +10,23 @@ import pytest
 import conftest
 
 
+def test_official_data_is_found_where_loraflow_data_points(monkeypatch, tmp_path):
+    """A user's clone has no ../shared: the folder LORAFLOW_DATA names comes first."""
+    for split in ("train", "dev", "test"):
+        (tmp_path / "LoRAFlow" / "data" / split).mkdir(parents=True)
+    monkeypatch.setattr(conftest, "SHARED_DATA", tmp_path / "missing")
+    monkeypatch.setenv("LORAFLOW_DATA", str(tmp_path / "LoRAFlow" / "data"))
+    assert conftest.shared_data_dir() == tmp_path / "LoRAFlow" / "data"
+
+
 def test_missing_official_data_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_path):
     monkeypatch.setattr(conftest, "SHARED_DATA", tmp_path / "missing")
+    monkeypatch.setenv("LORAFLOW_DATA", str(tmp_path / "also-missing"))
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="under CI=true this is a failure"):
         conftest.shared_data_dir()
     monkeypatch.delenv("CI")
-    with pytest.raises(pytest.skip.Exception):
+    with pytest.raises(pytest.skip.Exception, match="set LORAFLOW_DATA"):
         conftest.shared_data_dir()
 
 
