@@ -81,7 +81,8 @@ def set_threads(threads: int | None) -> None:
 
 def quiet_libraries(verbose: bool = False) -> None:
     """Hide third-party progress bars, info logs and deprecation warnings the user did not ask for
-    (transformers' "Loading weights" bar, PEFT/transformers FutureWarnings); `verbose` shows them.
+    (transformers' "Loading weights" bar, PEFT/transformers FutureWarnings, the optimisers' notes under LoRAHub's
+    search); `verbose` shows them.
 
     Process-wide switches of those libraries, meant for the command line's entry point.
     """
@@ -95,6 +96,6 @@ def quiet_libraries(verbose: bool = False) -> None:
         return
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    for module in ("transformers", "peft", "accelerate", "torch", "huggingface_hub"):
+    for module in ("transformers", "peft", "accelerate", "torch", "huggingface_hub", "scipy", "nevergrad"):
         for category in (FutureWarning, DeprecationWarning, UserWarning):
             warnings.filterwarnings("ignore", category=category, module=module)

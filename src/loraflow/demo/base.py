@@ -29,7 +29,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     """Train a byte-level BPE tokenizer on `texts` and save it to `out_dir`.
 
     Digits are always split into single tokens (so numbers share their digit embeddings, which
-    helps a tiny model with arithmetic). Encoding prepends `<s>`, as Llama's tokenizer does;
+    helps a tiny model with arithmetic), and so are ideographs (each becomes one token once merged). Encoding prepends `<s>`, as Llama's tokenizer does;
     `</s>` ends a document and `<pad>` pads batches (ids 2, 1, 0).
 
     Args:
@@ -44,7 +44,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     Raises:
         ValueError: `vocab_size` too small to hold the byte alphabet and specials.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 256 + 3:
@@ -52,6 +52,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
+        # each ideograph on its own (text written without spaces is otherwise one "word" per sentence, which BPE
+        # learns whole), as tokenizers for Chinese do; BPE then merges each one's UTF-8 bytes into a token
+        pre_tokenizers.Split(Regex("[\u3400-\u4dbf\u4e00-\u9fff\u3000-\u303f\uff00-\uffef]"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False),
     ])
     tok.decoder = decoders.ByteLevel()
