@@ -792,8 +792,7 @@ def test_a_wrong_program_cannot_forge_a_pass_as_an_unprivileged_user(unprivilege
     proc = _run_unprivileged(code, unprivileged_dir)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    expected = ["failed"] * len(_FORGERIES) + ["passed"]
     assert [line.split(" ", 1)[0] for line in lines] == ["bwrap", "none"], proc.stdout
     for line in lines:
         statuses = json.loads(line.split(" ", 1)[1])
-        assert [s == "passed" for s in statuses] == [s == "passed" for s in expected], line
+        assert [s == "passed" for s in statuses] == [False] * len(_FORGERIES) + [True], line

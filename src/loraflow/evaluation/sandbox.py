@@ -121,15 +121,12 @@ import os as _os, sys as _sys
 def _loraflow_verdict(spec_path, verdict_fd, max_write_opens, rlimits):
     """The verdict process: announces itself, sets the limits, forks the program process, then runs the tests
     against it and writes the verdict. It holds no secret: a pass is its own fact (check() returned here)."""
-    import json, os, resource, signal, sys
+    import json, os, resource
     os.write(verdict_fd, b"started\n")
     with open(spec_path, "rb") as f:
         spec = json.loads(f.read())
     os.remove(spec_path)
-    for item in rlimits.split(";"):
-        res, soft, hard = map(int, item.split(","))
-        if res != resource.RLIMIT_NPROC:  # the verdict process must fork once; the program gets NPROC below
-            resource.setrlimit(res, (soft, hard))
+    _set_limits(rlimits, skip=resource.RLIMIT_NPROC)  # the verdict process must fork once; the program gets it
     import ctypes  # not dumpable: a same-user program can neither read nor write this process's memory or fds
     if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
@@ -148,6 +145,15 @@ def _loraflow_verdict(spec_path, verdict_fd, max_write_opens, rlimits):
     status, detail = _loraflow_judge(spec, os.fdopen(calls_w, "wb"), os.fdopen(replies_r, "rb"), pid)
     os.write(verdict_fd, json.dumps({"status": status, "detail": detail}).encode() + b"\n")
     os._exit(0 if status == "passed" else 1)
+
+
+def _set_limits(rlimits, skip=None):
+    """Apply RLIMITS ("resource,soft,hard;...") to this process, but for the resource `skip`."""
+    import resource
+    for item in rlimits.split(";"):
+        res, soft, hard = map(int, item.split(","))
+        if res != skip:
+            resource.setrlimit(res, (soft, hard))
 
 
 _LIMIT = 16 * 1024 * 1024  # bytes in one message between the two processes
@@ -178,7 +184,7 @@ def _encode(value, depth=0):
         return {"dict": [[_encode(k, depth + 1), _encode(v, depth + 1)] for k, v in value.items()]}
     if isinstance(value, (set, frozenset)):
         return {"frozenset" if isinstance(value, frozenset) else "set": [_encode(v, depth + 1) for v in value]}
-    raise TypeError("the candidate returned a value of type %s, which is not plain data" % type(value).__name__)
+    raise TypeError("a value of type %s is not plain data" % type(value).__name__)
 
 
 def _decode(value):
@@ -206,10 +212,8 @@ def _decode(value):
 
 def _loraflow_program(calls_r, replies_w, entry_point, max_write_opens, rlimits):
     """The program process: limits, audit hook, then the program; afterwards it answers calls of the entry point."""
-    import json, os, resource, sys
-    for item in rlimits.split(";"):
-        res, soft, hard = map(int, item.split(","))
-        resource.setrlimit(res, (soft, hard))
+    import json, os, sys
+    _set_limits(rlimits)
     calls, replies = os.fdopen(calls_r, "rb"), os.fdopen(replies_w, "wb")
 
     def send(message):
@@ -419,8 +423,7 @@ def _loraflow_judge(spec, calls, replies, pid):
         failure = first.get("load_error")
         if not (isinstance(failure, list) and len(failure) == 2 and all(isinstance(s, str) for s in failure)):
             return child_end("malformed")
-        name, text = failure
-        return verdict_of(raised(name, text)) if name not in _ERRORS else ("error", "%s: %s" % (name, text))
+        return verdict_of(raised(*failure))
     namespace = {"__name__": "__loraflow_tests__", "__builtins__": builtins}
     try:
         exec(compile(spec["prelude"], "prompt.py", "exec"), namespace)
