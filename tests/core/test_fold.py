@@ -183,3 +183,40 @@ def test_folded_graphs_of_other_architectures_equal_eager(arch, tmp_path):
         assert any(m.base_layer.bias is not None for m in folded)
     with torch.no_grad(), model.fusion_rows(["gate", "static:0.7,-0.4"]):
         torch.testing.assert_close(model(input_ids=ids).logits, eager, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("change", ["weight.data", "load_state_dict(assign=True)", "A in place", "A.data",
+                                    "load_state_dict"])
+def test_the_compiled_graph_follows_weights_changed_after_compile(pair, change):
+    """The fold is derived: however W0 or A is changed after `compile()`, the compiled model's next logits
+    equal eager mode's on the changed weights (a stale fold would keep the old ones)."""
+    _, model = pair
+    ids = _ids()
+    model.compile(backend="aot_eager", dynamic=False)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    linear = model.model.model.layers[0].self_attn.q_proj
+    group = linear.group
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        if change == "weight.data":
+            linear.base_layer.weight.data = torch.randn(linear.base_layer.weight.shape, generator=g)
+        elif change == "load_state_dict(assign=True)":
+            linear.base_layer.load_state_dict({"weight": torch.randn(linear.base_layer.weight.shape, generator=g)},
+                                              assign=True)
+        elif change == "A in place":
+            group.lora_A_t.mul_(3.0)
+        elif change == "A.data":
+            group.lora_A_t.data = group.lora_A_t.data * 3.0
+        else:
+            state = {k: v * 1.5 if k.endswith("q_proj.base_layer.weight") else v
+                     for k, v in model.model.state_dict().items()}
+            model.model.load_state_dict(state)
+        compiled = model(input_ids=ids).logits
+    from loraflow.core.attach import unfold
+    unfold(model._attachment)
+    model.model.__dict__.pop("forward")  # eager again, on the same (changed) weights
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+    assert (eager - before).abs().max() > 1e-3  # the change matters
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)

@@ -228,3 +228,25 @@ def test_an_interrupted_forward_does_not_lock_the_model(setup):
     t.join(timeout=60)
     assert not t.is_alive(), "another thread waits forever for the interrupted forward's lock"
     torch.testing.assert_close(out[0], expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("how", ["one gate", "bank config", "model"])
+def test_a_gate_temperature_set_anywhere_is_the_one_every_path_reads(tmp_path, how):
+    """The temperature has one home (the bank's GateConfig): set through any gate, the bank's config or the
+    model, a whole-batch gate step and a mixed-rows step both use it (they compute the weights differently)."""
+    base, adapters, _ = two_adapters_and_a_second_gate(tmp_path, num_layers=2)
+    model = LoraFlowModel.from_pretrained(base, adapters, seed=3, gate_init_std=0.5)
+    ids = _ids(1, (2, 6))
+    before = _alone(model, GATE, ids[:1])
+    if how == "one gate":
+        model.gates.gate(0).temperature = 3.0
+    elif how == "bank config":
+        model.gates.config.temperature = 3.0
+    else:
+        model.temperature = 3.0
+    assert model.temperature == 3.0 and all(g.temperature == 3.0 for g in model.gates.gates())
+    alone = _alone(model, GATE, ids[:1])
+    with model.fusion_rows([GATE, OFF]), torch.no_grad():
+        mixed = model(input_ids=ids).logits
+    assert (alone - before).abs().max() > 1e-4
+    torch.testing.assert_close(mixed[:1], alone, atol=ROW_ATOL, rtol=0)

@@ -108,7 +108,7 @@ def _request(prompt, fusion, **params) -> GenerationRequest:
 
     def emit(update):
         out["text"] += update.text
-        out["reason"], out["tokens"] = update.finish_reason, update.completion_tokens
+        out["reason"], out["tokens"], out["error"] = update.finish_reason, update.completion_tokens, update.error
         request._done = update.finish_reason is not None
 
     request = GenerationRequest(list(prompt), fusion, SamplingParams(**{"max_tokens": 12, "temperature": 0.0,
@@ -198,7 +198,9 @@ def _wait(request, timeout: float = 30.0) -> None:
     raise AssertionError("the request did not finish")
 
 
-def test_a_failed_step_fails_its_rows_and_the_engine_keeps_serving(model_tok):
+def test_a_failed_step_fails_its_rows_and_the_engine_keeps_serving(model_tok, caplog):
+    """The failed rows' clients learn only that it failed (exception text can hold paths and internals); the
+    server's log has the exception."""
     model, tok = model_tok
     engine = Engine(model, tok, max_model_len=256)
     victim = _request([5, 6], MIX, max_tokens=20, ignore_eos=True)
@@ -213,12 +215,38 @@ def test_a_failed_step_fails_its_rows_and_the_engine_keeps_serving(model_tok):
     try:
         _wait(victim)
         assert victim.out["reason"] == "error"
+        assert "device lost" not in victim.out["error"] and "server's log" in victim.out["error"]
+        assert any("device lost" in str(r.exc_info) for r in caplog.records if r.exc_info)
         after = _request([5, 6], MIX, max_tokens=3)
         engine.submit(after)
         _wait(after)
         assert after.out["reason"] in ("stop", "length") and engine.running
     finally:
         engine.stop()
+
+
+def test_only_rows_asking_for_prompt_logprobs_pay_for_them(model_tok):
+    """Every position's logits (prompt x vocabulary, fp32) are computed for a row that asked for prompt
+    log-probabilities alone, never for the rows admitted beside it; each still gets its answer."""
+    model, tok = model_tok
+    engine = Engine(model, tok, max_model_len=256)
+    calls = []
+    real = engine._batch.prefill
+
+    def spy(prompts, fusions, *, every_position=False):
+        calls.append((len(prompts), every_position))
+        return real(prompts, fusions, every_position=every_position)
+
+    engine._batch.prefill = spy
+    asking = _request([5, 6, 7, 8], MIX, max_tokens=2)
+    asking.prompt_logprobs = 1
+    others = [_request([9, 10, 11], MIX, max_tokens=2), _request([12, 13], MIX, max_tokens=2)]
+    for r in (others[0], asking, others[1]):
+        engine.submit(r)
+    while not all(r._done for r in (asking, *others)):
+        engine.step()
+    assert sorted(calls) == [(1, True), (2, False)], calls
+    assert all(r.out["reason"] in ("stop", "length") for r in (asking, *others))
 
 
 def test_a_stopping_engine_refuses_new_requests_and_ends_queued_ones(model_tok):
@@ -298,3 +326,25 @@ def test_streamed_text_equals_the_decode_of_all_tokens_for_non_prefix_stable_tok
     _drive(Engine(model, tok, max_model_len=256), {0: [stopped]})
     assert stopped.out["text"] == "".join(stopped.deltas) == long.text[:long.text.index(stop)]
     assert stopped.out["reason"] == "stop"
+
+
+def test_held_back_text_is_the_longest_tail_that_may_grow_into_a_stop_string():
+    """What may still become a stop string is held back: checked against the definition (try every prefix)
+    on random texts over a small alphabet, where borders and overlaps are common; a 1,024-character stop
+    string is handled too (the matcher is linear in its length)."""
+    import random
+
+    from loraflow.serve.engine import _safe_length
+
+    def by_definition(text, stops):
+        end = len(text.rstrip("\ufffd"))
+        holds = [k for s in stops for k in range(1, len(s)) if k <= end and text[:end].endswith(s[:k])]
+        return end - max(holds, default=0)
+
+    rng = random.Random(0)
+    for _ in range(5000):
+        stops = ["".join(rng.choices("abc", k=rng.randint(1, 9))) for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choices("abc", k=rng.randint(0, 14))) + "\ufffd" * rng.randint(0, 1)
+        assert _safe_length(text, stops) == by_definition(text, stops), (text, stops)
+    stop = "ab" * 511 + "c"
+    assert _safe_length("x" + "ab" * 600, [stop]) == 1 + 2 * 600 - 1022

@@ -225,6 +225,25 @@ def test_hostile_requests_fail_alone_streaming_and_not(server, client, monkeypat
     assert client.completions.create(**asks[0]).choices[0].text == alone[0]
 
 
+def test_internal_errors_and_version_reveal_no_paths_or_internals(server, setup, monkeypatch):
+    """A 500 says that the server's log has the details, not the exception's text (which can hold file paths
+    and internals); /version names versions and settings, never the model's files."""
+    secret = f"{setup['base']}/weights.bin is gone"
+
+    def broken(*args, **kwargs):
+        raise OSError(secret)
+
+    monkeypatch.setattr(server.engine, "submit", broken)
+    status, out = _post(server.url, "/v1/completions", json.dumps({"model": "zh", "prompt": "hi"}).encode())
+    assert status == 500 and out["error"]["type"] == "server_error", out
+    assert secret not in json.dumps(out) and "server's log" in out["error"]["message"]
+    monkeypatch.undo()
+    with urllib.request.urlopen(f"{server.url}/version", timeout=10) as r:
+        text = r.read().decode()
+    paths = [setup["base"], *setup["adapters"].values(), *setup["gates"].values()]
+    assert str(setup["base"].parent) not in text and not any(str(p) in text for p in paths), text
+
+
 def test_health_and_metrics(server, client):
     with urllib.request.urlopen(f"{server.url}/health", timeout=10) as r:
         assert json.loads(r.read()) == {"status": "ok"}
@@ -249,6 +268,7 @@ def test_health_and_metrics(server, client):
     (dict(n=129), "n"),
     (dict(stop=list("abcdefghijklmnopq")), "at most 16"),
     (dict(stop=[""]), "non-empty"),
+    (dict(stop=["ok", "x" * 1025]), "at most 1024 characters"),
     (dict(seed=2**70), "seed"),
     (dict(presence_penalty=2.5), "presence_penalty"),
     (dict(frequency_penalty=-3), "frequency_penalty"),

@@ -260,3 +260,28 @@ def test_missing_vllm_is_one_line_saying_what_to_install(monkeypatch):
     assert "\n" not in str(e.value) and "pip install 'loraflow[vllm]'" in str(e.value)
     with pytest.raises(LoraFlowError, match="not an executable Python"):
         vllm_proxy.find_vllm_python("/nonexistent/python")
+
+
+def test_vllm_gets_the_dtype_the_default_engine_loads(tmp_path):
+    """One dtype rule: no --dtype is the checkpoint's (float32 when config.json names none), never vLLM's own `auto`
+    (bfloat16 on CPU for a float32 checkpoint); auto is float32 without a CUDA GPU; an explicit one passes."""
+    import torch
+
+    from loraflow.vllm.prepare import vllm_dtype
+
+    def model(**cfg):
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", **cfg}))
+        return d
+
+    assert vllm_dtype(None, model(dtype="float32")) == "float32"
+    assert vllm_dtype(None, model(torch_dtype="bfloat16")) == "bfloat16"  # transformers 4's key
+    assert vllm_dtype(None, model()) == "float32"
+    assert vllm_dtype("bfloat16", model(dtype="float32")) == "bfloat16"
+    if not torch.cuda.is_available():
+        assert vllm_dtype("auto", model(dtype="bfloat16")) == "float32"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{nope")
+    with pytest.raises(LoraFlowError, match="corrupt JSON"):
+        vllm_dtype(None, tmp_path / "bad")

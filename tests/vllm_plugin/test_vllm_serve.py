@@ -1,6 +1,6 @@
 """`loraflow serve --engine vllm` end to end, through the official OpenAI client: served names and the
-`fusion` field give the transformers engine's greedy tokens and log-probabilities, concurrent mixed
-requests included; unknown models and bad fusions get OpenAI-shaped 404/400."""
+`fusion` field give the transformers engine's greedy tokens and log-probabilities, in the checkpoint's dtype
+by default, long and prefix-cached prompts and concurrent mixed requests included; unknown models and bad fusions get OpenAI-shaped 404/400."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def server(tiny_fusion, tmp_path_factory):
     cmd = [sys.executable, "-m", "loraflow.cli", "serve", "--engine", "vllm", "--base", str(tiny_fusion["base"]),
            "--adapter", f"zh={a['zh']}", "--adapter", f"math={a['math']}", "--gate", f"zh-math={g['zh-math']}",
            "--gate", f"other={g['other']}", "--fusion", "mix=static:0.7,-0.3", "--served-model-name", "plain",
-           "--dtype", "float32", "--max-model-len", "512", "--port", str(port),
+           "--max-model-len", "512", "--port", str(port),  # no --dtype: the checkpoint's (float32), as by default
            "--vllm-args", "--enforce-eager --max-num-batched-tokens 512", "--vllm-model-dir", str(model_dir)]
     proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -110,6 +110,16 @@ CASES = [("zh-math", "gate:zh-math", {}), ("other", "gate:other", {}), ("zh", "s
 def test_served_names_and_fusion_field_equal_the_transformers_engine(client, reference):
     for model, fusion, extra in CASES:
         _check(client, reference, model, fusion, PROMPT, extra)
+
+
+@pytest.mark.slow
+def test_long_prompts_match_in_the_checkpoints_dtype_first_and_cached(client, reference):
+    """Served without --dtype, vLLM loads the float32 checkpoint in float32 as the default engine does (its own
+    `auto` is bfloat16 on CPU): a long prompt matches, on its full prefill and again from the prefix cache."""
+    long = [(i * 37) % 290 + 3 for i in range(400)]
+    for _ in range(2):
+        _check(client, reference, "zh-math", "gate:zh-math", long, {})
+        _check(client, reference, "mix", "static:0.7,-0.3", long, {})
 
 
 @pytest.mark.slow

@@ -240,6 +240,21 @@ class FusedLoraLinear(nn.Module):
                     weight.data = rows
                 start += m.out_features
             buffer[start:].copy_(self.group.lora_A)
+        self.__dict__["fold_stamp"] = self._fold_sources()
+
+    def _fold_sources(self) -> tuple:
+        """What the fold was taken from: each member's weight storage (a view of the buffer after a fold) and
+        A's storage and version counter (bumped by every in-place change, `load_state_dict` included)."""
+        a = self.group.lora_A_t
+        return (a.data_ptr(), a._version, *(m.base_layer.weight.data_ptr() for m in self.__dict__["fold_members"]))
+
+    def refresh_fold(self) -> bool:
+        """Take the weights in again if any was replaced (`weight.data = ...`, `load_state_dict(assign=True)`)
+        or A changed since the fold (a compiled graph reads the fold, not them). Returns whether it refolded."""
+        if self.__dict__.get("fold_stamp") == self._fold_sources():
+            return False
+        self.refold()
+        return True
 
     def unfold(self) -> bool:
         """Undo `fold`: each member's base weight gets storage of its own again (the same values). Returns
@@ -250,6 +265,7 @@ class FusedLoraLinear(nn.Module):
             m.base_layer.weight.data = m.base_layer.weight.data.clone()
             m.__dict__.pop("fold_owner", None)
         del self._buffers["folded_weight"]
+        self.__dict__.pop("fold_stamp", None)
         return True
 
     def _apply(self, fn, recurse: bool = True):

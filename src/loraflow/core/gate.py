@@ -8,6 +8,7 @@ is better in full precision.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -76,22 +77,27 @@ class GateConfig:
 
 
 class FusionGate(nn.Module):
-    """One gate: hidden (..., d) -> fusion weights (..., k) = softmax(x W^T / T) + b."""
+    """One gate: hidden (..., d) -> fusion weights (..., k) = softmax(x W^T / T) + b.
 
-    def __init__(self, hidden_size: int, num_adapters: int, temperature: float = 1.0) -> None:
+    T is read from `settings` (any object with a `temperature`): a bank's gates share its GateConfig, the
+    one place that holds their temperature, which every execution path reads; a lone gate has its own."""
+
+    def __init__(self, hidden_size: int, num_adapters: int, temperature: float = 1.0, *, settings=None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_adapters, hidden_size))
         self.bias = nn.Parameter(torch.zeros(1, num_adapters))
-        self.temperature = temperature
+        if settings is None:
+            settings = SimpleNamespace(temperature=check_positive("temperature", temperature))
+        self.__dict__["_settings"] = settings  # not a submodule or state: shared, never saved
 
     @property
     def temperature(self) -> float:
-        """The softmax temperature T (a finite number > 0)."""
-        return self._temperature
+        """The softmax temperature T (a finite number > 0), shared by every gate of a bank."""
+        return self._settings.temperature
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        self._temperature = check_positive("temperature", value)
+        self._settings.temperature = check_positive("temperature", value)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -124,14 +130,15 @@ class GateBank(nn.Module):
     def __init__(self, config: GateConfig) -> None:
         super().__init__()
         self.config = config
-        d, k, t = config.hidden_size, config.k, config.temperature
+        d, k = config.hidden_size, config.k
         if config.granularity == "layer":
-            self.layers = nn.ModuleList(FusionGate(d, k, t) for _ in range(config.num_layers))
+            self.layers = nn.ModuleList(FusionGate(d, k, settings=config) for _ in range(config.num_layers))
         elif config.granularity == "model":
-            self.shared = FusionGate(d, k, t)
+            self.shared = FusionGate(d, k, settings=config)
         else:
             self.layers = nn.ModuleList(
-                nn.ModuleDict({_safe(key): FusionGate(d, k, t) for key in keys}) for keys in config.module_keys
+                nn.ModuleDict({_safe(key): FusionGate(d, k, settings=config) for key in keys})
+                for keys in config.module_keys
             )
 
     def gate(self, layer: int, module_key: str | None = None) -> FusionGate:
@@ -155,10 +162,7 @@ class GateBank(nn.Module):
         Raises:
             ValueError: `temperature` is not a finite number > 0 (NaN or inf would make every logit NaN).
         """
-        temperature = check_positive("temperature", temperature)
-        self.config.temperature = temperature
-        for g in self.gates():
-            g.temperature = temperature
+        self.config.temperature = check_positive("temperature", temperature)  # what every gate of the bank reads
 
 
 def _safe(module_key: str | None) -> str:

@@ -12,7 +12,8 @@ Cache Lookup", one compiled model per process). Keeping the tensor guards and a 
 - the `training` and activation-checkpointing flags of every module;
 - everything outside the model (globals, grad mode, the inputs);
 - the fusion engine's `graph_key`: a new one for every `compile()` and every gate added, and one per
-  model, so two models never share a graph.
+  model, so two models never share a graph. It is kept by its value (`pinned`, the key object itself),
+  not by how dynamo names the guard.
 
 It drops the other facts about modules: a module swapped, or a hook registered, by hand after `compile()`
 is not seen until the next `compile()`. `"all"` keeps every guard (torch's default).
@@ -20,18 +21,21 @@ is not seen until the next `compile()`. `"all"` keeps every guard (torch's defau
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 from loraflow.common.errors import LoraFlowError
 
 GUARD_MODES = ("tensors", "all")
-_KEPT_ATTRIBUTES = (".training", ".gradient_checkpointing", ".graph_key")
+_KEPT_ATTRIBUTES = (".training", ".gradient_checkpointing")
 
 
-def keep_tensor_guards(entries: Sequence) -> list[bool]:
-    """A `guard_filter_fn` for `torch.compile`: which of `entries` (torch._dynamo GuardFilterEntry) to keep."""
+def keep_tensor_guards(entries: Sequence, pinned: Callable[[], tuple] = tuple) -> list[bool]:
+    """A `guard_filter_fn` for `torch.compile`: which of `entries` (torch._dynamo GuardFilterEntry) to keep.
+    A guard on any object of `pinned()` (compared by identity) is always kept."""
     import torch
 
+    values = pinned()
     keep = []
     for entry in entries:
         source = entry.orig_guard.source
@@ -39,13 +43,15 @@ def keep_tensor_guards(entries: Sequence) -> list[bool]:
             source is None or not source.is_unspecialized_nn_module()
             or entry.guard_type == "TENSOR_MATCH"
             or (entry.guard_type == "DUPLICATE_INPUT" and isinstance(entry.value, torch.Tensor))
-            or entry.name.endswith(_KEPT_ATTRIBUTES))
+            or entry.name.endswith(_KEPT_ATTRIBUTES)
+            or (entry.has_value and any(entry.value is v for v in values)))
     return keep
 
 
-def compile_kwargs(guards: str, kwargs: dict) -> dict:
+def compile_kwargs(guards: str, kwargs: dict, pinned: Callable[[], tuple] = tuple) -> dict:
     """`torch.compile` keyword arguments `kwargs` with the guard filter of `guards` ("tensors" or "all")
-    added to its `options` (torch takes a `mode` or `options`, not both: a mode becomes its options)."""
+    added to its `options` (torch takes a `mode` or `options`, not both: a mode becomes its options);
+    guards on the objects `pinned()` returns when dynamo builds them are always kept."""
     if guards not in GUARD_MODES:
         raise LoraFlowError(f"guards={guards!r}: choose one of {', '.join(GUARD_MODES)}")
     if guards == "all":
@@ -60,6 +66,6 @@ def compile_kwargs(guards: str, kwargs: dict) -> dict:
         from torch._inductor import list_mode_options
 
         options = {**list_mode_options(mode, kwargs.get("dynamic")), **options}
-    options.setdefault("guard_filter_fn", keep_tensor_guards)
+    options.setdefault("guard_filter_fn", functools.partial(keep_tensor_guards, pinned=pinned))
     kwargs["options"] = options
     return kwargs

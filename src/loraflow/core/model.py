@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -218,9 +218,16 @@ class LoraFlowModel(nn.Module):
         modules (3 ms a step on SmolLM2-135M, see `loraflow.core.guards`): swap a module or register
         a hook by hand after compiling and call `compile()` again. `guards="all"` keeps them all.
         """
-        kwargs = compile_kwargs(guards, kwargs)
+        engine = self._engine
+        kwargs = compile_kwargs(guards, kwargs, pinned=lambda: (engine.graph_key,))  # its guard: kept by value
         fold(self._attachment)
         self._engine.new_graph_key()
+        owners = [m for m in self._attachment.fused if m.folded]
+        previous = self.__dict__.pop("_fold_refresh", None)
+        if previous is not None:
+            previous.remove()
+        # the folds are derived data: before every call, taken in again from weights changed since
+        self.__dict__["_fold_refresh"] = self.model.register_forward_pre_hook(_fold_refresher(owners))
         self.__dict__["_compiled_forward"] = compile_forward(self.model, fullgraph=fullgraph, **kwargs)
         return self
 
@@ -490,6 +497,17 @@ class LoraFlowModel(nn.Module):
             handle.remove()
         self.model.__dict__.pop("forward", None)  # compile()
         return self.model
+
+
+def _fold_refresher(owners: list) -> Callable:
+    """A forward pre-hook (never traced) refreshing each folded group from weights changed since its fold."""
+    @torch.compiler.disable
+    def refresh(module, args) -> None:
+        for owner in owners:
+            if owner.folded:
+                owner.refresh_fold()
+
+    return refresh
 
 
 def compile_forward(model: nn.Module, *, fullgraph: bool = True, **kwargs):

@@ -289,7 +289,7 @@ def _evaluate_with_vllm(base, adapters, method, kind, detail, rows, prompts, add
     outputs = generate_with_vllm(base, adapters, fusion, prompts, tokenizer, gate=gate if kind == "loraflow" else None,
                                  temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, stop_strings=stops,
                                  add_special_tokens=add_special,
-                                 dtype=str(torch_dtype).removeprefix("torch.") if torch_dtype else "auto",
+                                 dtype=str(torch_dtype).removeprefix("torch.") if torch_dtype else None,
                                  llm_kwargs=vllm_kwargs)
     return _write_result(rows, prompts, outputs, data_path, out_path, pred_path, cfg, method=method, base=base,
                          adapters=adapters, train_path=None, gate=gate if kind == "loraflow" else None,

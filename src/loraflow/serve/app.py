@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import time
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
@@ -31,6 +32,8 @@ from loraflow.common.provenance import versions
 from loraflow.serve.engine import GenerationRequest, Overloaded, SamplingParams, ShuttingDown, Update
 from loraflow.serve.registry import UnknownModel
 from loraflow.serve.schemas import SEED_MAX, APIError, ChatCompletionRequest, CompletionRequest
+
+logger = logging.getLogger(__name__)
 
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily, as vLLM's _SAMPLING_EPS (logits / T would overflow)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the remaining context
@@ -433,7 +436,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
-        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)  # the client gets no internals
+        err = APIError(500, "internal error; the server's log has the details", type="server_error")
         return JSONResponse(err.body(), status_code=500)
 
 

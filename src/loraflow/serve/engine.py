@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import queue
 import random
@@ -64,6 +65,18 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+
+
+class RequestError(Exception):
+    """A request's own failure (not the server's), with a message that may be sent to its client."""
+
+
+def client_error(e: BaseException) -> str:
+    """What a client is told about `e`: a RequestError's message; for anything else no exception text (it may
+    hold paths or internals), only that the server's log has it."""
+    if isinstance(e, RequestError):
+        return str(e)
+    return "internal error while generating; the server's log has the details"
 
 
 @dataclass
@@ -207,7 +220,7 @@ class Engine:
                 self.step(wait=0.05)
             except Exception as e:  # a failed decode step: fail its rows, keep serving the others
                 logger.exception("decode step failed")
-                self._fail_rows(f"{type(e).__name__}: {e}")
+                self._fail_rows(client_error(e))
         self._finish_all("cancelled", None)
 
     # ----------------------------------------------------------------- one scheduling step
@@ -220,8 +233,12 @@ class Engine:
         """
         self._drop_cancelled()
         admitted = self._admit(wait if not self._rows else 0.0)
-        if admitted:
-            self._prefill(admitted)
+        plain = [r for r in admitted if r.request.prompt_logprobs is None]
+        if plain:
+            self._prefill(plain)
+        for row in admitted:  # every position's log-probabilities: only for the rows that asked, one at a time
+            if row.request.prompt_logprobs is not None:
+                self._prefill([row])
         if not self._rows:
             return bool(admitted)
         logits = self._batch.decode([row.next_token for row in self._rows])
@@ -256,7 +273,7 @@ class Engine:
         except Exception as e:  # the running batch is untouched: only the newcomers fail
             logger.exception("prefill failed")
             for row in rows:
-                self._emit(row.request, Update("", 0, "error", f"{type(e).__name__}: {e}"))
+                self._emit(row.request, Update("", 0, "error", client_error(e)))
             return
         self._rows.extend(rows)
         self.metrics.prompt_tokens.inc(sum(len(r.request.prompt_ids) for r in rows))
@@ -276,7 +293,7 @@ class Engine:
         for i, row in enumerate(rows):
             try:
                 if not finite[i]:
-                    raise FloatingPointError("the model's logits for this request are not finite (inf or nan)")
+                    raise RequestError("the model's logits for this request are not finite (inf or nan)")
                 if row.request.params.max_tokens == 0:  # the prompt alone was asked for
                     self._send(row, Update("", 0, "length"))
                     done = True
@@ -286,8 +303,11 @@ class Engine:
                         row.logprobs.append(_logprob(logits[i], token, row.request.logprobs))
                     done = self._advance(row, token)
             except Exception as e:
-                logger.warning("request %s failed: %s: %s", row.request.id, type(e).__name__, e)
-                self._emit(row.request, Update("", len(row.tokens), "error", f"{type(e).__name__}: {e}"))
+                if isinstance(e, RequestError):
+                    logger.warning("request %s failed: %s", row.request.id, e)
+                else:
+                    logger.exception("request %s failed", row.request.id)
+                self._emit(row.request, Update("", len(row.tokens), "error", client_error(e)))
                 done = True
             if done:
                 finished.add(offset + i)
@@ -386,7 +406,7 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator, generate
         return int(logits.argmax().item())
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if not bool(torch.isfinite(probs).all()):  # torch.multinomial does not always refuse them
-        raise FloatingPointError("the sampling probabilities are not finite (inf or nan)")
+        raise RequestError("the sampling probabilities are not finite (inf or nan)")
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         outside = sorted_p.cumsum(0) - sorted_p > params.top_p  # keep the smallest prefix reaching top_p
@@ -432,17 +452,44 @@ def _find_stop(text: str, stops: Sequence[str], sent: int) -> int | None:
 
 def _safe_length(text: str, stops: Sequence[str]) -> int:
     """How much of `text` can be sent: hold back an unfinished UTF-8 character and any tail that may
-    still grow into a stop string."""
+    still grow into a stop string. Linear in the stop strings' lengths (`_partial_stop`)."""
     end = len(text)
     while end > 0 and text[end - 1] == "\ufffd":
         end -= 1
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, end), 0, -1):
-            if text.endswith(s[:k], 0, end):
-                hold = max(hold, k)
-                break
+    hold = max((_partial_stop(text, end, s) for s in stops), default=0)
     return end - hold
+
+
+def _partial_stop(text: str, end: int, stop: str) -> int:
+    """The length of the longest proper prefix of `stop` that `text[:end]` ends with: Knuth-Morris-Pratt's
+    matcher run over the last len(stop) - 1 characters, O(len(stop)) (trying each prefix would be quadratic)."""
+    if len(stop) < 2 or end == 0 or text[end - 1] not in stop:
+        return 0
+    start = text.find(stop[0], max(0, end - len(stop) + 1), end)
+    if start < 0:
+        return 0
+    fail = _borders(stop)
+    q = 0
+    for ch in text[start:end]:
+        while q and (q == len(stop) or stop[q] != ch):
+            q = fail[q - 1]
+        if stop[q] == ch:
+            q += 1
+    return q if q < len(stop) else fail[-1]
+
+
+@functools.lru_cache(maxsize=256)
+def _borders(stop: str) -> tuple[int, ...]:
+    """KMP's failure function: [i] is the length of the longest proper border of stop[:i + 1]."""
+    fail = [0] * len(stop)
+    k = 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = fail[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        fail[i] = k
+    return tuple(fail)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

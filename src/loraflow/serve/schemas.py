@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 MAX_STOPS = 16  # OpenAI allows 4, vLLM any number; lm-evaluation-harness sends a task's `until` plus the EOS text
+MAX_STOP_CHARS = 1024  # per stop sequence: each decode step matches the output's tail against every one
 MAX_LOGPROBS = 20  # top alternatives per token: OpenAI's chat limit (its legacy completions allow 5), vLLM's default
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -65,6 +66,8 @@ class _GenerationRequest(BaseModel):
             raise ValueError(f"stop: at most {MAX_STOPS} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop: stop sequences must be non-empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop: a stop sequence may be at most {MAX_STOP_CHARS} characters")
         return self
 
     @property

@@ -164,6 +164,9 @@ class Server:
         sock = bind(self.config.host, self.config.port)
         server = _uvicorn(self.app, self.engine, log_level)
         print(f"loraflow serve: listening on {url_of(sock)} (OpenAI API under /v1; Ctrl-C stops)", file=out)
+        weights = next(self.engine.model.parameters(), None)
+        if weights is not None:
+            print(f"  weights in {str(weights.dtype).removeprefix('torch.')} on {weights.device}", file=out)
         for m in self.served:
             print(f"  model {m.name!r}: {m.kind}, fusion {m.fusion}", file=out)
         out.flush()

@@ -222,7 +222,7 @@ def serve_with_vllm(opts, config, *, vllm_python: str | None = None, vllm_args: 
     """
     import uvicorn
 
-    from loraflow.vllm.prepare import prepare_model_dir
+    from loraflow.vllm.prepare import prepare_model_dir, vllm_dtype
 
     python = find_vllm_python(vllm_python)
     base_name = config.served_model_name or Path(opts.base).name
@@ -234,7 +234,10 @@ def serve_with_vllm(opts, config, *, vllm_python: str | None = None, vllm_args: 
         prepared = prepare_model_dir(model_dir, opts.base, opts.adapters, opts.gates,
                                      default_fusion="gate" if opts.gates else "off")
         port = _free_port()
-        extra = (["--dtype", opts.dtype] if opts.dtype else []) + shlex.split(vllm_args)
+        dtype = vllm_dtype(opts.dtype, prepared)  # what the default engine would load for the same --dtype
+        why = f"--dtype {opts.dtype}" if opts.dtype else "the checkpoint's dtype"
+        print(f"loraflow serve (vLLM engine): loading {opts.base} in {dtype} ({why})", file=sys.stderr, flush=True)
+        extra = ["--dtype", dtype] + shlex.split(vllm_args)
         cmd = vllm_command(python, prepared, port, max_model_len=config.max_model_len,
                            max_num_seqs=config.max_batch_size, seed=config.seed, extra=extra)
         previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)

@@ -27,7 +27,7 @@ def require_vllm():
 def generate_with_vllm(base: str | os.PathLike, adapters: Sequence[tuple[str, str]], fusion: str,
                        prompts: Sequence[str], tokenizer, *, gate: str | os.PathLike | None = None,
                        temperature: float | None = None, max_new_tokens: int, stop_strings: Sequence[str] = (),
-                       add_special_tokens: bool = False, dtype: str = "auto",
+                       add_special_tokens: bool = False, dtype: str | None = None,
                        llm_kwargs: Mapping | None = None) -> list[str]:
     """Each prompt's greedy completion under `fusion` (e.g. `gate`, `single:zh`, `static:0.5,0.5`, `off`).
 
@@ -35,11 +35,12 @@ def generate_with_vllm(base: str | os.PathLike, adapters: Sequence[tuple[str, st
         base: a transformers model directory (safetensors) of a supported architecture.
         adapters: (name, PEFT dir) pairs in gate order; gate: the gate for fusion `gate` (served as `gate`).
         temperature: the gate's softmax temperature (default: its own).
+        dtype: float32, bfloat16, float16, auto (as `--dtype`), or None for the checkpoint's (see `vllm_dtype`).
         llm_kwargs: more `vllm.LLM` arguments (e.g. tensor_parallel_size, gpu_memory_utilization).
     """
     vllm = require_vllm()
     from loraflow.data.protocol import truncate_at_stop
-    from loraflow.vllm.prepare import prepare_model_dir
+    from loraflow.vllm.prepare import prepare_model_dir, vllm_dtype
     from loraflow.vllm.requests import VllmFusions
 
     gates = {"gate": gate} if gate is not None else {}
@@ -51,7 +52,7 @@ def generate_with_vllm(base: str | os.PathLike, adapters: Sequence[tuple[str, st
                                      skip_special_tokens=True)
         encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
         requests = [fusions.request(ids, fusion, params) for ids in encoded]
-        llm = vllm.LLM(model=str(model_dir), dtype=dtype, seed=0, **dict(llm_kwargs or {}))
+        llm = vllm.LLM(model=str(model_dir), dtype=vllm_dtype(dtype, model_dir), seed=0, **dict(llm_kwargs or {}))
         try:
             outs = llm.generate([p for p, _ in requests], [s for _, s in requests], use_tqdm=False)
         finally:

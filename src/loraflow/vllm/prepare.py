@@ -109,3 +109,30 @@ def prepare_model_dir(out_dir: str | os.PathLike, base: str | os.PathLike,
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     return atomic_dir(out_dir, write, force=force)
+
+
+VLLM_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def vllm_dtype(requested: str | None, model_dir: str | os.PathLike) -> str:
+    """The dtype to pass to vLLM so that it loads what the default engine loads for the same `--dtype`.
+
+    None means the checkpoint's (its config.json's `dtype`/`torch_dtype`, float32 when it names none), as
+    transformers loads it; "auto" is bfloat16 on a CUDA GPU that supports it, else float32. vLLM's own "auto"
+    differs (bfloat16 on CPU even for a float32 checkpoint), so it is never passed on.
+    """
+    if requested not in (None, "auto"):
+        return requested
+    if requested == "auto":
+        import torch
+
+        from loraflow.core.devices import resolve_dtype
+
+        return str(resolve_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")).removeprefix("torch.")
+    cfg_file = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(read_bytes(cfg_file, what="model config").decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoraFlowError(f"{cfg_file}: corrupt JSON ({e})") from None
+    named = cfg.get("dtype", cfg.get("torch_dtype")) if isinstance(cfg, dict) else None
+    return named if named in VLLM_DTYPES else "float32"
