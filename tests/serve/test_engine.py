@@ -109,6 +109,8 @@ def _request(prompt, fusion, **params) -> GenerationRequest:
     def emit(update):
         out["text"] += update.text
         out["reason"], out["tokens"], out["error"] = update.finish_reason, update.completion_tokens, update.error
+        if update.prompt_logprobs is not None:
+            out["prompt_logprobs"] = update.prompt_logprobs
         request._done = update.finish_reason is not None
 
     request = GenerationRequest(list(prompt), fusion, SamplingParams(**{"max_tokens": 12, "temperature": 0.0,
@@ -348,3 +350,41 @@ def test_held_back_text_is_the_longest_tail_that_may_grow_into_a_stop_string():
         assert _safe_length(text, stops) == by_definition(text, stops), (text, stops)
     stop = "ab" * 511 + "c"
     assert _safe_length("x" + "ab" * 600, [stop]) == 1 + 2 * 600 - 1022
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_rows_keep_decoding(model_tok):
+    """A prompt longer than `prefill_chunk` runs a chunk per step and the running row decodes a token between
+    its chunks (one long prefill would stall it); the long request's greedy text and prompt log-probabilities
+    equal the same request prefilled whole."""
+    model, tok = model_tok
+    long_prompt = [(i * 7) % 250 + 3 for i in range(21)]
+
+    def long_request():
+        r = _request(long_prompt, MIX, max_tokens=6, ignore_eos=True)
+        r.prompt_logprobs = 2
+        return r
+
+    whole = Engine(model, tok, max_model_len=256, prefill_chunk=64)
+    alone = long_request()
+    whole.submit(alone)
+    while not alone._done:
+        whole.step()
+
+    engine = Engine(model, tok, max_model_len=256, prefill_chunk=4)
+    running = _request([5, 6], MIX, max_tokens=40, ignore_eos=True)
+    engine.submit(running)
+    engine.step()
+    chunked = long_request()
+    engine.submit(chunked)
+    before = running.out["tokens"]
+    while chunked.out["tokens"] == 0:
+        engine.step()
+    assert running.out["tokens"] - before >= 21 // 4 - 1  # a token per chunk step, not one for the whole prompt
+    while not chunked._done:
+        engine.step()
+    assert chunked.out["text"] == alone.out["text"] and chunked.out["reason"] == alone.out["reason"]
+    got, want = chunked.out["prompt_logprobs"], alone.out["prompt_logprobs"]
+    assert len(got) == len(want) == 21 and got[0] is None and want[0] is None
+    for g, w in zip(got[1:], want[1:]):
+        assert g.token == w.token and abs(g.logprob - w.logprob) < 1e-4
+        assert [t for t, _ in g.top] == [t for t, _ in w.top]

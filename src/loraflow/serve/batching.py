@@ -5,7 +5,9 @@ n_i columns and the columns before them are padding that the attention mask hide
 operation the server needs a plain tensor operation on the cache:
 
     add rows     prefill the newcomers as their own left-padded batch, then left-pad whichever of the
-                 two caches is narrower and concatenate along the batch axis;
+                 two caches is narrower and concatenate along the batch axis; a long prompt is
+                 prefilled a chunk at a time in a cache of its own (`PartialPrefill`) and joins once
+                 complete, so the running rows decode between its chunks;
     decode       one token per row: input (B, 1), positions = each row's length, mask (B, W + 1);
     drop rows    select the remaining rows and cut the padding columns that no row needs any more.
 
@@ -50,6 +52,21 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
         return t
     pad = t.new_zeros(t.shape[0], t.shape[1], n, t.shape[3])
     return torch.cat([pad, t], dim=2)
+
+
+class PartialPrefill:
+    """A prompt being prefilled a chunk at a time (`DecodeBatch.prefill_chunk`), in a cache of its own."""
+
+    def __init__(self, prompt: Sequence[int], fusion: FusionSpec) -> None:
+        from transformers import DynamicCache
+
+        if len(prompt) < 2:
+            raise ValueError("a chunked prefill needs a prompt of at least 2 tokens")
+        self.prompt, self.fusion, self.done, self.cache = list(prompt), fusion, 0, DynamicCache()
+
+    @property
+    def complete(self) -> bool:
+        return self.done == len(self.prompt)
 
 
 class DecodeBatch:
@@ -110,6 +127,29 @@ class DecodeBatch:
         every = self._forward(ids, mask, positions, cache, list(fusions), every_position=every_position)
         self._append(cache, lengths, list(fusions))
         return (every[:, -1, :], every) if every_position else every
+
+    @torch.no_grad()
+    def prefill_chunk(self, part: PartialPrefill, size: int, *, every_position: bool = False):
+        """Run the next `size` (at least 2) tokens of `part`'s prompt; once the whole prompt has run, add it
+        as a new row at the end, as `prefill` does.
+
+        Returns:
+            the (1, vocab) float32 logits of the prompt's last position once complete, else None; with
+            `every_position`, the pair (that or None, (1, n, vocab) logits of this chunk's n positions).
+        """
+        start, size = part.done, max(size, 2)
+        left = len(part.prompt) - start
+        end = start + (left if left <= size + 1 else size)  # never a 1-token tail
+        ids = torch.as_tensor(part.prompt[start:end], dtype=torch.long).view(1, -1)
+        mask = torch.ones(1, end, dtype=torch.long)
+        positions = torch.arange(start, end, dtype=torch.long).view(1, -1)
+        logits = self._forward(ids, mask, positions, part.cache, [part.fusion], every_position=every_position)
+        part.done = end
+        last = None
+        if part.complete:
+            self._append(part.cache, [len(part.prompt)], [part.fusion])
+            last = logits[:, -1, :] if every_position else logits
+        return (last, logits) if every_position else last
 
     @torch.no_grad()
     def decode(self, tokens: Sequence[int]) -> torch.Tensor:

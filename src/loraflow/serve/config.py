@@ -73,6 +73,8 @@ class ServeConfig:
     max_queue: int = option(64, "requests that may wait for a batch row; beyond that the server answers 429")
     max_model_len: int | None = option(None, "prompt plus completion tokens per request (default: the model's "
                                              "max_position_embeddings, at most 32768)")
+    prefill_chunk: int = option(256, "a longer prompt is prefilled this many tokens per step, the running requests "
+                                     "decoding a token between its chunks (a long prompt does not stall them)")
     seed: int = option(0, "seeds sampling for requests that bring no seed")
     compile: bool = option(False, "run prefill and decode under torch.compile (fullgraph, dynamic shapes: a few "
                                   "graphs for every batch size and fusion, compiled by the first requests)")
@@ -84,6 +86,8 @@ class ServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a whole number >= 1, got {value}")
+        if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 2:
+            raise ValueError(f"prefill_chunk: must be a whole number >= 2, got {self.prefill_chunk}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len: must be a whole number >= 2, got {self.max_model_len}")
         if not isinstance(self.compile, bool):

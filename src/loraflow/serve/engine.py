@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from loraflow.core.fusion_spec import FusionSpec
-from loraflow.serve.batching import DecodeBatch
+from loraflow.serve.batching import DecodeBatch, PartialPrefill
+from loraflow.serve.config import ServeConfig
 from loraflow.serve.detokenize import IncrementalDetokenizer
 from loraflow.serve.metrics import Metrics
 
@@ -141,13 +142,19 @@ class Engine:
         max_batch_size: rows decoding together.
         max_queue: requests waiting for a row; `submit` raises Overloaded beyond it.
         max_model_len: prompt plus output tokens per row.
+        prefill_chunk: a longer prompt is prefilled this many tokens per step, the running rows decoding a
+            token between its chunks (a long prompt does not stall them), as vLLM's chunked prefill does.
         seed: seeds the per-request samplers of requests that bring no seed.
         metrics: where counts go (a fresh `Metrics` if None).
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 16, max_queue: int = 64,
-                 max_model_len: int = 2048, seed: int = 0, metrics: Metrics | None = None) -> None:
+                 max_model_len: int = 2048, prefill_chunk: int = ServeConfig.prefill_chunk, seed: int = 0,
+                 metrics: Metrics | None = None) -> None:
+        if prefill_chunk < 2:
+            raise ValueError(f"prefill_chunk must be >= 2, got {prefill_chunk}")
         self.model = model
+        self.prefill_chunk = prefill_chunk
         self.tokenizer = copy.deepcopy(tokenizer)
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len
@@ -158,6 +165,7 @@ class Engine:
         self._seed_lock = threading.Lock()
         self._batch = DecodeBatch(model)
         self._rows: list[_Row] = []
+        self._partials: list[tuple[_Row, PartialPrefill]] = []  # long prompts being prefilled, first first
         self._eos = _eos_ids(model, tokenizer)
         probe = IncrementalDetokenizer(self.tokenizer)  # what the tokenizer needs, found once, not per request
         self._detok = {"cleanup": probe.cleanup, "byte_ids": probe.byte_ids}
@@ -215,12 +223,17 @@ class Engine:
         self._finish_all("cancelled", None)  # requests queued after the loop ended
 
     def _loop(self) -> None:
+        busy = False
         while not self._stop.is_set():
             try:
-                self.step(wait=0.05)
+                worked = self.step(wait=0.05)
             except Exception as e:  # a failed decode step: fail its rows, keep serving the others
                 logger.exception("decode step failed")
                 self._fail_rows(client_error(e))
+                worked = True
+            if busy and not worked:
+                release_free_memory()  # idle again: the caches of the finished requests go back to the system
+            busy = worked
         self._finish_all("cancelled", None)
 
     # ----------------------------------------------------------------- one scheduling step
@@ -232,15 +245,19 @@ class Engine:
             wait: seconds to block for a request when the batch is empty (0: return at once).
         """
         self._drop_cancelled()
-        admitted = self._admit(wait if not self._rows else 0.0)
-        plain = [r for r in admitted if r.request.prompt_logprobs is None]
+        admitted = self._admit(wait if not (self._rows or self._partials) else 0.0)
+        long = [r for r in admitted if len(r.request.prompt_ids) > self.prefill_chunk]
+        plain = [r for r in admitted if r not in long and r.request.prompt_logprobs is None]
         if plain:
             self._prefill(plain)
         for row in admitted:  # every position's log-probabilities: only for the rows that asked, one at a time
-            if row.request.prompt_logprobs is not None:
+            if row not in long and row.request.prompt_logprobs is not None:
                 self._prefill([row])
+        self._partials += [(row, PartialPrefill(row.request.prompt_ids, row.request.fusion)) for row in long]
+        if self._partials:
+            self._prefill_chunk()  # one chunk of one long prompt per step; the running rows decode below
         if not self._rows:
-            return bool(admitted)
+            return bool(admitted) or bool(self._partials)
         logits = self._batch.decode([row.next_token for row in self._rows])
         self.metrics.decode_batch_size.observe(len(self._rows))
         self._consume(logits, self._rows)
@@ -248,7 +265,7 @@ class Engine:
 
     def _admit(self, wait: float) -> list[_Row]:
         rows = []
-        while len(self._rows) + len(rows) < self.max_batch_size:
+        while len(self._rows) + len(self._partials) + len(rows) < self.max_batch_size:
             try:
                 request = self._queue.get(timeout=wait) if wait > 0 and not rows else self._queue.get_nowait()
             except queue.Empty:
@@ -278,6 +295,31 @@ class Engine:
         self._rows.extend(rows)
         self.metrics.prompt_tokens.inc(sum(len(r.request.prompt_ids) for r in rows))
         self._consume(logits, rows, offset=len(self._rows) - len(rows))
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the first long prompt; once it is complete, its row joins the running batch."""
+        row, part = self._partials[0]
+        scored = row.request.prompt_logprobs is not None
+        try:
+            start = part.done
+            out = self._batch.prefill_chunk(part, self.prefill_chunk, every_position=scored)
+            logits, every = out if scored else (out, None)
+            if scored:
+                if start == 0:
+                    row.prompt_logprobs = [None]
+                row.prompt_logprobs += _next_token_logprobs(every[0], part.prompt, start, row.request.prompt_logprobs)
+            del every
+        except Exception as e:  # the running batch is untouched: only this row fails
+            logger.exception("chunked prefill failed")
+            self._partials.pop(0)
+            self._emit(row.request, Update("", 0, "error", client_error(e)))
+            return
+        if logits is None:
+            return
+        self._partials.pop(0)
+        self._rows.append(row)
+        self.metrics.prompt_tokens.inc(len(part.prompt))
+        self._consume(logits, [row], offset=len(self._rows) - 1)
 
     def _consume(self, logits: torch.Tensor, rows: Sequence[_Row], offset: int = 0) -> None:
         """Sample one token per row, emit text, drop the rows that finished.
@@ -350,6 +392,9 @@ class Engine:
         self._emit(row.request, update)
 
     def _drop_cancelled(self) -> None:
+        for row, part in [p for p in self._partials if p[0].request.cancelled.is_set()]:
+            self._partials.remove((row, part))
+            self._emit(row.request, Update("", 0, "cancelled"))
         gone = [i for i, r in enumerate(self._rows) if r.request.cancelled.is_set()]
         if not gone:
             return
@@ -369,9 +414,9 @@ class Engine:
 
     def _finish_all(self, reason: str, error: str | None) -> None:
         """End every running and queued request (at shutdown)."""
-        for row in self._rows:
+        for row in self._rows + [row for row, _ in self._partials]:
             self._emit(row.request, Update("", len(row.tokens), reason, error))
-        self._rows = []
+        self._rows, self._partials = [], []
         self._batch = DecodeBatch(self.model)
         while True:
             try:
@@ -426,6 +471,31 @@ def _top(logprobs: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
         return ()
     values, ids = logprobs.topk(min(k, logprobs.shape[-1]))
     return tuple(zip(ids.tolist(), values.tolist()))
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the operating system (glibc's malloc_trim; elsewhere nothing): the KV
+    caches of long requests are large, and glibc keeps what they freed, so the process would stay at its
+    peak resident size after them."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
+def _next_token_logprobs(logits: torch.Tensor, prompt: Sequence[int], start: int, top: int) -> list[TokenLogprob]:
+    """The log-probabilities of prompt[start + 1 : start + n + 1] from the (n, vocab) logits of positions
+    start .. start + n - 1 (one chunk of a chunked prefill)."""
+    targets = list(prompt[start + 1:start + 1 + logits.shape[0]])
+    logprobs = torch.log_softmax(logits[:len(targets)].float(), dim=-1)
+    chosen = logprobs.gather(1, torch.as_tensor(targets, device=logprobs.device).view(-1, 1)).view(-1).tolist()
+    return [TokenLogprob(int(t), lp, _top(logprobs[i], top)) for i, (t, lp) in enumerate(zip(targets, chosen))]
 
 
 def _prompt_logprobs(logits: torch.Tensor, prompt: Sequence[int], top: int) -> list[TokenLogprob | None]:

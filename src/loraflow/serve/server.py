@@ -52,7 +52,7 @@ class Server:
         self.metrics = Metrics()
         self.engine = Engine(model, tokenizer, max_batch_size=self.config.max_batch_size,
                              max_queue=self.config.max_queue, max_model_len=self.max_model_len,
-                             seed=self.config.seed, metrics=self.metrics)
+                             prefill_chunk=self.config.prefill_chunk, seed=self.config.seed, metrics=self.metrics)
         self._tokenizer_lock = threading.Lock()
         self._token_texts: dict[int, str] = {}
         self.app = create_app(self)
