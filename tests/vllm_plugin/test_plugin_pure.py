@@ -285,3 +285,145 @@ def test_vllm_gets_the_dtype_the_default_engine_loads(tmp_path):
     (tmp_path / "bad" / "config.json").write_text("{nope")
     with pytest.raises(LoraFlowError, match="corrupt JSON"):
         vllm_dtype(None, tmp_path / "bad")
+
+
+def _proxy(handler, **kwargs):
+    """The proxy app over a fake vLLM (`handler(httpx.Request) -> httpx.Response`), driven by a TestClient."""
+    httpx = pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from loraflow.serve.vllm_proxy import create_proxy_app
+
+    app = create_proxy_app("http://vllm", _served(), transport=httpx.MockTransport(handler), **kwargs)
+    return TestClient(app)
+
+
+def test_proxy_is_transparent_headers_query_and_key():
+    """Headers and query strings reach vLLM; vLLM gets the proxy's own key, never the client's; a client key,
+    when the user set one, is checked by the proxy."""
+    import httpx
+
+    seen = []
+
+    def vllm(request):
+        seen.append(request)
+        return httpx.Response(200, json={"model": "loraflow-fused", "choices": []})
+
+    with _proxy(vllm, internal_key="inside") as client:
+        r = client.post("/v1/completions?trace=1", json={"model": "zh", "prompt": "x"},
+                        headers={"X-Request-Id": "abc", "Authorization": "Bearer mine"})
+        assert r.status_code == 200 and r.json()["model"] == "zh"
+    sent = seen[-1]
+    assert sent.url.params["trace"] == "1" and sent.headers["x-request-id"] == "abc"
+    assert sent.headers["authorization"] == "Bearer inside"
+    with _proxy(vllm, internal_key="inside", client_key="secret") as client:
+        body = {"model": "zh", "prompt": "x"}
+        assert client.post("/v1/completions", json=body).status_code == 401
+        wrong = client.post("/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+        before = len(seen)
+        ok = client.post("/v1/completions", json=body, headers={"Authorization": "Bearer secret"})
+        assert ok.status_code == 200 and len(seen) == before + 1 and seen[-1].headers["authorization"] == "Bearer inside"
+
+
+def test_proxy_refuses_routes_and_bodies_that_would_bypass_the_fusion_check():
+    """Invalid JSON (NaN included) is a 400; a POST route that could generate without the fusion check is
+    refused; tokenizing passes through; vLLM never sees the refused ones."""
+    import httpx
+
+    seen = []
+
+    def vllm(request):
+        seen.append(request.url.path)
+        return httpx.Response(200, json={"tokens": [1, 2]})
+
+    with _proxy(vllm) as client:
+        for raw in (b'{"model": "zh", "prompt": "x", "temperature": NaN}', b'{"model": "zh", "prompt": "x",}'):
+            r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+        for route in ("/v1/responses", "/invocations", "/v1/completions/render", "/generate"):
+            r = client.post(route, json={"model": "zh", "input": "x", "vllm_xargs": {"fusion": "gate:bogus"}})
+            assert r.status_code == 404 and "/v1/chat/completions" in r.json()["error"]["message"], route
+        assert seen == []
+        assert client.post("/tokenize", json={"model": "x", "prompt": "hi"}).json() == {"tokens": [1, 2]}
+        assert seen == ["/tokenize"]
+
+
+def test_an_unreachable_vllm_is_a_502_in_openais_shape():
+    import httpx
+
+    def vllm(request):
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with _proxy(vllm) as client:
+        r = client.post("/v1/completions", json={"model": "zh", "prompt": "x"})
+        assert r.status_code == 502 and r.json()["error"]["type"] == "server_error"
+        assert "did not answer" in r.json()["error"]["message"]
+        assert client.get("/health").status_code == 502
+
+
+def test_the_users_api_key_is_for_clients_not_for_vllm():
+    from loraflow.serve.vllm_proxy import split_api_key
+
+    assert split_api_key(["--enforce-eager", "--api-key", "k1", "--max-num-seqs", "4"]) == (
+        ["--enforce-eager", "--max-num-seqs", "4"], "k1")
+    assert split_api_key(["--api-key=k2"]) == ([], "k2")
+    assert split_api_key([]) == ([], None)
+    with pytest.raises(LoraFlowError, match="--api-key needs a value"):
+        split_api_key(["--api-key"])
+
+
+def test_a_client_that_goes_away_aborts_its_vllm_request():
+    """A non-streaming request whose client disconnects stops reading vLLM's answer at once (closing the
+    connection is what makes vLLM abort a request), instead of waiting for the whole generation."""
+    import asyncio
+    import time
+
+    httpx = pytest.importorskip("httpx")
+    from loraflow.serve.vllm_proxy import create_proxy_app
+
+    events = []
+
+    async def slow_body():
+        try:
+            await asyncio.sleep(60)  # a long generation
+            yield b"{}"
+        finally:
+            events.append("upstream closed")
+
+    app = create_proxy_app("http://vllm", _served(), client_key="k",
+                           transport=httpx.MockTransport(lambda request: httpx.Response(200, content=slow_body())))
+    body = json.dumps({"model": "zh", "prompt": "x"}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        return {"type": "http.disconnect"}  # the client is gone
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "http_version": "1.1",
+             "headers": [(b"content-type", b"application/json"), (b"authorization", b"Bearer k")],
+             "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": ""}
+    start = time.monotonic()
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 20))
+    assert time.monotonic() - start < 10 and events == ["upstream closed"]
+    assert sent[0]["status"] == 499
+
+
+def test_the_parsed_fusions_cache_is_bounded_and_keeps_the_recent_ones(monkeypatch):
+    """Every static weight vector is a cache key: a stream of distinct ones must not grow it without bound."""
+    from loraflow.vllm import routing
+
+    monkeypatch.setattr(routing, "ROWS_CACHED", 8)
+    table = FusionTable(["zh", "math"], ["zh-math"], "gate")
+    for i in range(100):
+        assert table.rows(f"static:{i / 100},0.5") == ((i / 100, 0.5), (0.0,))
+        table.rows("gate")  # used all along: stays
+    assert len(table._rows) == 8 and "gate" in table._rows and "static:0.99,0.5" in table._rows
+    assert "static:0.0,0.5" not in table._rows

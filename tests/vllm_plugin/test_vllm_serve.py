@@ -63,6 +63,12 @@ def server(tiny_fusion, tmp_path_factory):
             time.sleep(1)
     yield url
     assert _processes_mentioning(str(model_dir)), "vLLM's server should be running under the proxy"
+    from pathlib import Path
+
+    for pid in _processes_mentioning(str(model_dir)):  # reachable only through the proxy: no TCP port
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"vllm.entrypoints.openai.api_server" in args:
+            assert b"--uds" in args and b"--port" not in args and b"--api-key" not in args, args
     proc.terminate()  # SIGTERM, as a service manager would: vLLM's server and engine must go with it
     proc.wait(timeout=90)
     deadline = time.monotonic() + 30

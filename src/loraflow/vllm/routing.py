@@ -9,6 +9,7 @@ Zero rows are a valid fusion (`off`), so each real step checks that it was fille
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +19,7 @@ from loraflow.core.fusion_spec import FusionSpec, parse_fusion
 from loraflow.vllm.versions import SUPPORTED_RANGE
 
 FUSION_KEY = "fusion"  # SamplingParams.extra_args / vllm_xargs field
+ROWS_CACHED = 4096  # parsed fusions kept per FusionTable
 SALT_PREFIX = "loraflow-fusion-"  # + a hash of the canonical spec (vLLM: <= 128 chars, no "/", "@", "\\")
 
 
@@ -33,7 +35,7 @@ class FusionTable:
     def __init__(self, adapter_names: Sequence[str], gate_names: Sequence[str], default_fusion: str = "gate") -> None:
         self.adapter_names = list(adapter_names)
         self.gate_names = list(gate_names)
-        self._rows: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {}
+        self._rows: OrderedDict[str, tuple[tuple[float, ...], tuple[float, ...]]] = OrderedDict()  # LRU
         self.default_fusion = self.canonical(default_fusion)
 
     def parse(self, spec: str) -> FusionSpec:
@@ -67,7 +69,9 @@ class FusionTable:
         """(static (k,), select (G,)) for a fusion spec (None: the default fusion)."""
         key = self.default_fusion if spec is None else str(spec)
         found = self._rows.get(key)
-        if found is None:
+        if found is not None:
+            self._rows.move_to_end(key)
+        else:
             parsed = self.parse(key)
             static = [0.0] * len(self.adapter_names)
             select = [0.0] * len(self.gate_names)
@@ -78,6 +82,8 @@ class FusionTable:
             elif parsed.kind == "static":
                 static = list(parsed.weights)
             found = self._rows[key] = (tuple(static), tuple(select))
+            if len(self._rows) > ROWS_CACHED:  # every static weight vector is a key: bounded, least recent first out
+                self._rows.popitem(last=False)
         return found
 
 
