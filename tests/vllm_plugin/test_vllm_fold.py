@@ -77,3 +77,29 @@ def test_a_quantized_linear_is_left_alone():
     assert not stacked.fold_into(linear)
     assert torch.equal(linear.weight, w0) and stacked.a_t is not None and stacked.base_out == 0
     torch.testing.assert_close(stacked(x, linear(x), _scales(stacked, w)), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_every_load_derives_the_fold_again_from_a(tp_size):
+    """A reload (vLLM's reload_weights, a weight sync) must not leave A's rows stale or garbage: before a load
+    the linear gets the checkpoint's shapes back (its loaders expect them), after it A is folded afresh, and
+    the result is the formula with the new base weights."""
+    w0, pieces, x, w, _ = _case(2)
+    new_w0 = torch.randn(w0.shape, generator=torch.Generator().manual_seed(9))
+    bias = torch.linspace(-1, 1, OUT)
+    want = x @ new_w0.T + bias + sum(w[:, i:i + 1] * p.scale * (x @ p.a.T @ p.b.T) for i, p in enumerate(pieces))
+    for rank in range(tp_size):
+        s = column_shard(OUT, rank, tp_size)
+        stacked = _stacked([[shard_column(p, s) for p in pieces]], [s.size], IN, 2, torch.float32, "cpu")
+        linear = _linear(s.take(w0, 0))
+        linear.bias.data = s.take(bias, 0).clone()
+        assert stacked.fold_into(linear)
+        linear.weight.data[s.size:] = float("nan")  # what a discarded buffer (sleep level 2) leaves there
+        stacked.unfold_from(linear)
+        assert linear.weight.shape == (s.size, IN) and linear.bias.shape == (s.size,)
+        linear.weight.data.copy_(s.take(new_w0, 0))  # the loader writes the checkpoint's shape
+        assert stacked.fold_into(linear) and linear.weight.shape == (s.size + sum(RANKS), IN)
+        torch.testing.assert_close(stacked(x, linear(x), _scales(stacked, w)), s.take(want, 1), rtol=1e-5, atol=1e-5)
+        linear.weight.data[s.size:] = float("nan")  # folding again without a load re-derives A's rows too
+        assert stacked.fold_into(linear)
+        torch.testing.assert_close(stacked(x, linear(x), _scales(stacked, w)), s.take(want, 1), rtol=1e-5, atol=1e-5)

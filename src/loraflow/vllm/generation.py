@@ -17,6 +17,9 @@ from loraflow.vllm.versions import INSTALL_HINT
 
 def require_vllm():
     """vLLM, or a one-line LoraFlowError saying what to install."""
+    from loraflow.vllm.versions import check_vllm_install
+
+    check_vllm_install()  # before importing it: a broken mix fails there with a less helpful message
     try:
         import vllm
     except ImportError:

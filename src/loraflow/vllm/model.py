@@ -56,13 +56,15 @@ class StackedLora(nn.Module):
         self.column_map = column_map  # (k, R) fp32, on the CPU: stacked into the layer's map
         self.reduce = reduce  # row-parallel under TP > 1: the partial deltas are summed across ranks
         self.base_out = 0  # after `fold_into`: the base linear's own outputs (those after them are A x)
+        self.folded_reduce = reduce
 
     def fold_into(self, linear: nn.Module) -> bool:
         """Append A's rows to an unquantized linear's loaded weight (and zeros to its bias), before vLLM
         prepares it for its kernels; False, changing nothing, for other linears (they keep their own A
-        projection). Row-parallel: the linear's all-reduce then sums the partial A x with its output."""
-        if self.base_out:  # already folded (weights loaded again)
-            return True
+        projection). Row-parallel: the linear's all-reduce then sums the partial A x with its output.
+        A stays here (`a_t`), the source every fold is derived from (see `unfold_from`)."""
+        if self.base_out:  # already folded: derive A's rows again
+            self.unfold_from(linear)
         weight = getattr(linear, "weight", None)
         if (not isinstance(getattr(linear, "quant_method", None), UnquantizedLinearMethod)
                 or not isinstance(weight, torch.Tensor) or weight.dim() != 2):
@@ -73,9 +75,20 @@ class StackedLora(nn.Module):
         bias = getattr(linear, "bias", None)
         if bias is not None:
             bias.data = torch.cat([bias.data, bias.data.new_zeros(a.shape[0])])
-        self.a_t = None
-        self.reduce = False
+        self.folded_reduce, self.reduce = self.reduce, False
         return True
+
+    def unfold_from(self, linear: nn.Module) -> None:
+        """Give the linear back its base weight and bias (A's rows and their zero biases cut off), so that
+        weights can be loaded into it again (vLLM's loaders expect the checkpoint's shapes); fold again after."""
+        if not self.base_out:
+            return
+        n, self.base_out = self.base_out, 0
+        linear.weight.data = linear.weight.data[:n].clone()
+        bias = getattr(linear, "bias", None)
+        if bias is not None:
+            bias.data = bias.data[:n].clone()
+        self.reduce = self.folded_reduce
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         if self.base_out:  # base_out is [W0 x | A x]
@@ -142,13 +155,22 @@ class FusedDecoderLayer:
         maps = [m.column_map for m in self.loraflow.values()] or [torch.zeros(k, 0)]
         self.register_buffer("column_map", torch.cat(maps, dim=1).to(device), persistent=False)  # (k, R_layer)
 
+    def _adapted_linears(self) -> dict[str, nn.Module]:
+        attn, mlp = self.self_attn, self.mlp
+        return {"qkv": attn.qkv_proj, "o": attn.o_proj, "gate_up": mlp.gate_up_proj, "down": mlp.down_proj}
+
     def fold_adapters(self) -> None:
         """Once the weights are loaded: each stacked A goes under its base linear's weight (see
         `StackedLora.fold_into`), so one matrix multiply per linear yields both W0 x and A x."""
-        attn, mlp = self.self_attn, self.mlp
-        linears = {"qkv": attn.qkv_proj, "o": attn.o_proj, "gate_up": mlp.gate_up_proj, "down": mlp.down_proj}
+        linears = self._adapted_linears()
         for name, stacked in self.loraflow.items():
             stacked.fold_into(linears[name])
+
+    def unfold_adapters(self) -> None:
+        """Before weights are loaded again: the linears get the checkpoint's shapes back (`unfold_from`)."""
+        linears = self._adapted_linears()
+        for name, stacked in self.loraflow.items():
+            stacked.unfold_from(linears[name])
 
     def column_scales(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each adapted linear's (N, R) column scales, from one (N, k) @ (k, R_layer) product."""
@@ -233,11 +255,14 @@ class FusionRouting:
 
     def load_weights(self, weights) -> set[str]:
         """vLLM's weight loading, then the adapters' A folded into the base linears (before vLLM's
-        post-load processing packs those weights for its kernels)."""
+        post-load processing packs those weights for its kernels). Every load derives the fold afresh
+        from A: a second load (a reload, a weight sync) first gives the linears their own shapes back."""
+        layers = [layer for layer in self.model.layers if isinstance(layer, FusedDecoderLayer)]  # not PPMissingLayer
+        for layer in layers:
+            layer.unfold_adapters()
         loaded = super().load_weights(weights)
-        for layer in self.model.layers:
-            if isinstance(layer, FusedDecoderLayer):  # not PPMissingLayer (another pipeline stage's)
-                layer.fold_adapters()
+        for layer in layers:
+            layer.fold_adapters()
         return loaded
 
     def loraflow_route(self, fusions: list[str | None], tokens_per_request: list[int]) -> None:

@@ -6,7 +6,7 @@ from loraflow.vllm.architectures import PLUGIN_CLASSES
 
 
 def register() -> None:
-    """Check the vLLM version, register the LoRA-Flow architectures, install the routing hook.
+    """Check vLLM's install and version, register the LoRA-Flow architectures, install the routing hook.
 
     Safe to call more than once. Raises LoraFlowError (one line) on an unsupported vLLM.
     """
@@ -14,8 +14,9 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from loraflow.vllm.runner import install_routing_hook
-    from loraflow.vllm.versions import check_vllm_version
+    from loraflow.vllm.versions import check_vllm_install, check_vllm_version
 
+    check_vllm_install()
     check_vllm_version(vllm.__version__)
     supported = set(ModelRegistry.get_supported_archs())
     for arch, target in PLUGIN_CLASSES.items():
