@@ -73,8 +73,9 @@ class ServeConfig:
     max_queue: int = option(64, "requests that may wait for a batch row; beyond that the server answers 429")
     max_model_len: int | None = option(None, "prompt plus completion tokens per request (default: the model's "
                                              "max_position_embeddings, at most 32768)")
-    prefill_chunk: int = option(256, "a longer prompt is prefilled this many tokens per step, the running requests "
-                                     "decoding a token between its chunks (a long prompt does not stall them)")
+    prefill_chunk: int = option(256, "default engine: a longer prompt is prefilled this many tokens per step, the "
+                                     "running requests decoding a token between its chunks (a long prompt does not "
+                                     "stall them; vLLM chunks its own prefills)")
     seed: int = option(0, "seeds sampling for requests that bring no seed")
     compile: bool = option(False, "run prefill and decode under torch.compile (fullgraph, dynamic shapes: a few "
                                   "graphs for every batch size and fusion, compiled by the first requests)")
