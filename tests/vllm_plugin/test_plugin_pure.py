@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from vllm_support import tiny_fusion  # noqa: F401  (a fixture: a tiny model with two adapters, no vLLM needed)
 
 from loraflow.common.errors import LoraFlowError
 from loraflow.vllm.routing import FusionTable, RoutingBuffers, fusion_salt
@@ -444,3 +445,21 @@ def test_vllm_builds_that_overwrote_each_other_are_refused_in_one_line():
             check_vllm_install(builds, torch_version)
         assert words in str(e.value) and "pip uninstall" in str(e.value) and "\n" not in str(e.value)
     check_vllm_install()  # this Python's own install is a consistent one
+
+
+def test_a_top_k_gate_is_refused_by_the_vllm_plugin_not_served_dense(tiny_fusion, tmp_path):
+    """The plugin computes dense gate weights; a top-k gate (issue #26) must fail to load there in one line
+    rather than be served as something it is not."""
+    from loraflow import LoraFlowModel
+    from loraflow.vllm.assets import load_gate_stack
+
+    adapters = tiny_fusion["adapters"]
+    gate = LoraFlowModel.from_pretrained(tiny_fusion["base"], adapters, gate_top_k=1).save_gate(tmp_path / "top1")
+    model = LoraFlowModel.from_pretrained(tiny_fusion["base"], adapters)
+    layers, hidden = model.gates.config.num_layers, model.gates.config.hidden_size
+    with pytest.raises(LoraFlowError) as e:
+        load_gate_stack(gate, list(adapters), layers, hidden)
+    assert "top-1 gate is not served by the vLLM plugin" in str(e.value) and "\n" not in str(e.value)
+    dense = LoraFlowModel.from_pretrained(tiny_fusion["base"], adapters, gate_top_k=len(adapters)).save_gate(
+        tmp_path / "all")
+    load_gate_stack(dense, list(adapters), layers, hidden)  # top_k = k is the dense gate: served

@@ -48,7 +48,7 @@ def run_train_gate(args: argparse.Namespace) -> int:
         raise LoraFlowError("no --adapter given: LoRA-Flow fuses k >= 1 LoRA adapters (--adapter NAME=PATH)")
     result = train_gate(
         model.base_path, model.adapters, run.train, run.out, dev_path=run.dev, config=cfg,
-        template=prompts.to_template(), temperature=cfg.temperature, granularity=cfg.granularity,
+        template=prompts.to_template(), temperature=cfg.temperature, granularity=cfg.granularity, top_k=cfg.top_k,
         init_gate=model.gate, torch_dtype=_train_dtype(model), resume=run.resume, data_format=prompts.data_format,
         force=run.force,
     )

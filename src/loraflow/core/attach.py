@@ -212,8 +212,11 @@ class LayerMixer:
         device = hidden.device
         weight = torch.stack([g.weight.to(device) for g in gates])  # (G, k, d)
         bias = torch.stack([g.bias.reshape(-1).to(device) for g in gates])  # (G, k)
+        k = weight.shape[1]
+        tops = [b.config.top_k or k for b in banks]  # fixed per gate set (a new gate retraces: its graph key)
+        top_k = None if all(t == k for t in tops) else torch.tensor(tops, device=device)
         return mixed_weights(hidden, step.static.to(device), step.select.to(device), weight, bias,
-                             step.temperature.to(device))
+                             step.temperature.to(device), top_k)
 
     def _const_scales(self, step, device: torch.device) -> tuple[torch.Tensor, ...] | None:
         """Constant weights: the same scales in every layer of this layout, computed once per step and device."""

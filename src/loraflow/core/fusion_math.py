@@ -20,12 +20,15 @@ import torch
 
 
 def gate_weights(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                 temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+                 temperature: float | torch.Tensor = 1.0, top_k: int | None = None) -> torch.Tensor:
     """One gate: softmax(hidden W^T / T) + b, the bias added after the softmax as in the paper.
+
+    With `top_k` below k, each token keeps its k largest logits: the softmax runs over them and only
+    the kept adapters get their bias; the others weigh 0 (see `keep_top`).
 
     Args:
         hidden: (..., d) the hidden state entering the layer (before its input norm).
-        weight: (k, d); bias: (k,) or (1, k); temperature: a float or a 0-d tensor.
+        weight: (k, d); bias: (k,) or (1, k); temperature: a float or a 0-d tensor; top_k: None for all.
 
     Returns:
         (..., k) in the gate's dtype.
@@ -33,19 +36,36 @@ def gate_weights(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     logits = torch.nn.functional.linear(hidden if hidden.dtype == weight.dtype else hidden.to(weight.dtype), weight)
     if not (isinstance(temperature, float) and temperature == 1.0):  # x / 1.0 == x: skip the op
         logits = logits / temperature
-    return torch.softmax(logits, dim=-1) + (bias if logits.dim() > 1 and bias.dim() <= 2 else bias.reshape(-1))
+    bias = bias if logits.dim() > 1 and bias.dim() <= 2 else bias.reshape(-1)
+    if top_k is None or top_k >= logits.shape[-1]:
+        return torch.softmax(logits, dim=-1) + bias
+    kept = keep_top(logits, top_k)
+    return torch.softmax(logits.masked_fill(~kept, float("-inf")), dim=-1) + bias * kept
+
+
+def keep_top(logits: torch.Tensor, top_k: int | torch.Tensor) -> torch.Tensor:
+    """(..., k) bool: which logits are among their token's `top_k` largest (ties at the k-th value kept too).
+    `top_k`: an int, or a (G,) tensor of one per gate when logits are (..., G, k)."""
+    ordered = logits.sort(dim=-1, descending=True).values
+    if isinstance(top_k, int):
+        kth = ordered[..., top_k - 1:top_k]
+    else:
+        index = (top_k.to(torch.long) - 1).view(-1, 1).expand(*ordered.shape[:-1], 1)
+        kth = ordered.gather(-1, index)
+    return logits >= kth
 
 
 def mixed_weights(hidden: torch.Tensor, static: torch.Tensor, select: torch.Tensor,
                   gate_weight: torch.Tensor, gate_bias: torch.Tensor,
-                  temperature: torch.Tensor) -> torch.Tensor:
+                  temperature: torch.Tensor, top_k: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token fusion weights from per-token data: static + sum_g select_g * gate_g(hidden).
 
     Args:
         hidden: (..., d).
         static: (..., k) or broadcastable to it (e.g. (B, 1, k) per row, (k,) for all).
         select: (..., G) or broadcastable; 0/1 for routing (any value scales that gate's output).
-        gate_weight: (G, k, d); gate_bias: (G, k); temperature: (G,).
+        gate_weight: (G, k, d); gate_bias: (G, k); temperature: (G,); top_k: (G,) integers, or None when
+            every gate keeps all k (see `gate_weights`).
 
     Returns:
         (..., k) float32 weights. Every gate runs on every token (G*k*d multiply-adds per token, a
@@ -57,7 +77,11 @@ def mixed_weights(hidden: torch.Tensor, static: torch.Tensor, select: torch.Tens
     else:  # eager: one batched matmul, no (..., G, k, d) intermediate
         logits = torch.einsum("...d,gkd->...gk", x, gate_weight)
     logits = logits / temperature.unsqueeze(-1)  # (..., G, k)
-    probs = torch.softmax(logits, dim=-1) + gate_bias  # (..., G, k)
+    if top_k is None:
+        probs = torch.softmax(logits, dim=-1) + gate_bias  # (..., G, k)
+    else:
+        kept = keep_top(logits, top_k)
+        probs = torch.softmax(logits.masked_fill(~kept, float("-inf")), dim=-1) + gate_bias * kept
     gated = (select.to(probs.dtype).unsqueeze(-1) * probs).sum(dim=-2)  # (..., k)
     return gated + static.to(gated.dtype)
 

@@ -29,6 +29,8 @@ class GateConfig:
         hidden_size: width of the hidden state the gates read.
         num_layers: number of decoder layers of the base model.
         temperature: softmax temperature T (the authors used 1.1 for zh/ru math, else 1.0).
+        top_k: keep each token's top_k largest gate logits (softmax over them, their biases added, the
+            other adapters weighing 0); None keeps all k, the paper's gate. Fixed when the bank is built.
         granularity: "layer" (one gate per layer, the paper's default), "model" (one gate shared
             by all layers, each reading its own layer's input) or "module" (one gate per adapted
             module, all reading the layer's input).
@@ -48,6 +50,7 @@ class GateConfig:
     module_keys: list[list[str]] | None = None
     adapters: list[dict] = field(default_factory=list)
     format_version: int = 1
+    top_k: int | None = None
 
     def __post_init__(self) -> None:
         if not self.adapter_names:
@@ -60,6 +63,9 @@ class GateConfig:
             raise ValueError(f"temperature: must be > 0, got {self.temperature}")
         if self.hidden_size <= 0 or self.num_layers <= 0:
             raise ValueError("hidden_size and num_layers must be positive")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or not 1 <= self.top_k <= len(self.adapter_names)):
+            raise ValueError(f"top_k: must be a whole number from 1 to k = {len(self.adapter_names)}, got {self.top_k!r}")
         if self.granularity == "module" and self.module_keys is None:
             raise ValueError("module_keys: required for module granularity")
 
@@ -87,7 +93,7 @@ class FusionGate(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_adapters, hidden_size))
         self.bias = nn.Parameter(torch.zeros(1, num_adapters))
         if settings is None:
-            settings = SimpleNamespace(temperature=check_positive("temperature", temperature))
+            settings = SimpleNamespace(temperature=check_positive("temperature", temperature), top_k=None)
         self.__dict__["_settings"] = settings  # not a submodule or state: shared, never saved
 
     @property
@@ -102,7 +108,7 @@ class FusionGate(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.weight
         x = hidden if hidden.device == w.device else hidden.to(w.device)
-        out = gate_weights(x, w, self.bias, self.temperature)  # (..., k)
+        out = gate_weights(x, w, self.bias, self.temperature, self._settings.top_k)  # (..., k)
         return out if out.device == hidden.device else out.to(hidden.device)  # a shared gate on another device
 
     def reset_parameters(self, *, std: float = 1e-3, bias: tuple[float, ...] | None = None) -> None:

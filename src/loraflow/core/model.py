@@ -97,6 +97,7 @@ class LoraFlowModel(nn.Module):
         gate_bias_init: Sequence[float] | None = None,
         seed: int | None = None,
         gate_name: str = "default",
+        gate_top_k: int | None = None,
         **model_kwargs,
     ) -> LoraFlowModel:
         """Load a base model, k PEFT LoRA adapters (in the given order) and a gate.
@@ -113,6 +114,7 @@ class LoraFlowModel(nn.Module):
             device: where to put the model (default: where transformers loads it, i.e. CPU).
             seed: seeds the fresh gate's random initialisation.
             gate_name: the name of this gate among the model's gates (see `add_gate`).
+            gate_top_k: for a fresh gate: keep each token's top-k adapters (see `GateConfig.top_k`); None: all.
 
         Raises:
             LoraFlowError: missing/corrupt files, adapters that do not fit the base, a gate that does
@@ -146,7 +148,7 @@ class LoraFlowModel(nn.Module):
         summaries = [a.summary() for a in loaded]
         if gate is None:
             config = _make_config(names, d, n_layers, 1.0 if temperature is None else temperature, granularity, model,
-                                  None, summaries)
+                                  None, summaries, gate_top_k)
             state_dict = None
         elif is_official_gate_file(gate):
             official_n, k, official_d, state_dict = load_official_gate(gate)
@@ -675,9 +677,10 @@ def _quiet_loading() -> Iterator[None]:
         yield
 
 
-def _make_config(names, d, n, temperature, granularity, model, module_keys, summaries) -> GateConfig:
+def _make_config(names, d, n, temperature, granularity, model, module_keys, summaries, top_k=None) -> GateConfig:
     try:
         return GateConfig(
+            top_k=top_k,
             adapter_names=names, hidden_size=d, num_layers=n, temperature=temperature, granularity=granularity,
             base_model=getattr(model.config, "name_or_path", None) or None,
             model_type=getattr(model.config, "model_type", None),

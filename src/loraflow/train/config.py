@@ -72,6 +72,9 @@ class GateTrainConfig(TrainConfig):
     deprecated_temperature: float | None = option(None, "deprecated alias of --gate-temperature", flag="--temperature")
     granularity: str = option("layer", "one gate per layer (the paper's best), one for the model, or one per "
                                        "module", choices=GRANULARITIES)
+    top_k: int | None = option(None, "keep each token's K largest gate logits: softmax over them, their biases "
+                                     "added, the other adapters weighing 0 (default: all k, the paper's gate)",
+                               metavar="K")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,6 +88,9 @@ class GateTrainConfig(TrainConfig):
         self.temperature = check_positive("temperature", self.temperature)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity: {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise ValueError(f"top_k: must be a whole number >= 1, got {self.top_k!r}")
 
 
 @dataclass

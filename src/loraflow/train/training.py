@@ -424,6 +424,7 @@ def train_gate(
     tokenizer=None,
     temperature: float = GateTrainConfig.temperature,
     granularity: str = GateTrainConfig.granularity,
+    top_k: int | None = GateTrainConfig.top_k,
     init_gate: str | os.PathLike | None = None,
     torch_dtype=None,
     resume: bool = False,
@@ -445,6 +446,9 @@ def train_gate(
         temperature = check_positive("temperature", temperature)
     except ValueError as e:
         raise LoraFlowError(f"--{e}") from None
+    k = len(adapters)
+    if top_k is not None and not 1 <= top_k <= k:
+        raise LoraFlowError(f"--top-k {top_k}: must be from 1 to the number of adapters ({k})")
     template = template or PromptTemplate()
     tokenizer = tokenizer or load_tokenizer(base)
     train, dev, accuracy = _prepare_data(train_path, dev_path, tokenizer, template, cfg, data_format)
@@ -452,12 +456,14 @@ def train_gate(
         torch.manual_seed(cfg.seed)
         # loaded on the CPU; accelerator.prepare puts it on this process's device
         model = LoraFlowModel.from_pretrained(base, adapters, gate=init_gate, temperature=temperature,
-                                              granularity=granularity, torch_dtype=torch_dtype, seed=cfg.seed)
+                                              granularity=granularity, torch_dtype=torch_dtype, seed=cfg.seed,
+                                              gate_top_k=top_k)
         model.freeze_all_but_gates()
         if cfg.gradient_checkpointing:
             _enable_checkpointing(model.model)
         meta = {"kind": "gate", "train": str(train_path), "dev": str(dev_path) if dev_path else None,
-                "template": template.to_record(), "temperature": temperature, "granularity": granularity}
+                "template": template.to_record(), "temperature": temperature, "granularity": granularity,
+                "top_k": model.gates.config.top_k}
         trainable = Trainable(
             model=model, parameters=model.gate_parameters(),
             save=lambda d: _save_gate_into(model, d, meta, cfg),

@@ -79,6 +79,9 @@ def load_gate_stack(path: str, adapter_names: Sequence[str], num_layers: int, hi
         config, state = load_gate_checkpoint(path)
         n, gk, d = config.num_layers, config.k, config.hidden_size
         names, granularity, own_temperature = config.adapter_names, config.granularity, config.temperature
+        if config.top_k is not None and config.top_k < config.k:
+            raise LoraFlowError(f"gate {path}: a top-{config.top_k} gate is not served by the vLLM plugin yet "
+                                "(use the default engine)")
     problems = []
     if names is not None and list(names) != list(adapter_names):
         problems.append(f"it was trained for adapters {','.join(names)}, not {','.join(adapter_names)}")
