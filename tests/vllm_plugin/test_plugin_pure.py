@@ -447,19 +447,17 @@ def test_vllm_builds_that_overwrote_each_other_are_refused_in_one_line():
     check_vllm_install()  # this Python's own install is a consistent one
 
 
-def test_a_top_k_gate_is_refused_by_the_vllm_plugin_not_served_dense(tiny_fusion, tmp_path):
-    """The plugin computes dense gate weights; a top-k gate (issue #26) must fail to load there in one line
-    rather than be served as something it is not."""
-    from loraflow import LoraFlowModel
-    from loraflow.vllm.assets import load_gate_stack
+def test_a_top_k_gate_reaches_the_vllm_layers_with_its_k(tiny_fusion):
+    """The plugin's stacked gates carry each gate's top-k (k for dense gates), so the shared formula keeps the
+    same adapters as the transformers engine (the engine parity tests serve `gate:top1`)."""
+    from loraflow.vllm.assets import load_assets, load_gate_stack
 
-    adapters = tiny_fusion["adapters"]
-    gate = LoraFlowModel.from_pretrained(tiny_fusion["base"], adapters, gate_top_k=1).save_gate(tmp_path / "top1")
-    model = LoraFlowModel.from_pretrained(tiny_fusion["base"], adapters)
-    layers, hidden = model.gates.config.num_layers, model.gates.config.hidden_size
-    with pytest.raises(LoraFlowError) as e:
-        load_gate_stack(gate, list(adapters), layers, hidden)
-    assert "top-1 gate is not served by the vLLM plugin" in str(e.value) and "\n" not in str(e.value)
-    dense = LoraFlowModel.from_pretrained(tiny_fusion["base"], adapters, gate_top_k=len(adapters)).save_gate(
-        tmp_path / "all")
-    load_gate_stack(dense, list(adapters), layers, hidden)  # top_k = k is the dense gate: served
+    adapters, gates = tiny_fusion["adapters"], tiny_fusion["gates"]
+    assert load_gate_stack(gates["top1"], list(adapters), 2, 256)[3] == 1
+    assert load_gate_stack(gates["zh-math"], list(adapters), 2, 256)[3] == 2
+    assert load_gate_stack(gates["official"], list(adapters), 2, 256)[3] == 2
+    settings = {"adapters": [{"name": n, "path": str(p)} for n, p in adapters.items()],
+                "gates": [{"name": n, "path": str(p)} for n, p in gates.items()]}
+    assert load_assets(settings, 2, 256).gate_top_k.tolist() == [2, 2, 2, 1]
+    dense = {**settings, "gates": settings["gates"][:2]}
+    assert load_assets(dense, 2, 256).gate_top_k is None  # no masking at all when every gate is dense

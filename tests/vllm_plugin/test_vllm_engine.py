@@ -15,8 +15,8 @@ from vllm_support import helper, prepared, reference, tiny_fusion  # noqa: F401 
 
 require_vllm()  # skip (or fail under LORAFLOW_REQUIRE_VLLM=1) before building any fixture
 
-FUSIONS = ["gate:zh-math", "gate:other", "gate:official", "static:0.7,-0.3", "avg", "single:math", "single:zh",
-           "off"]
+FUSIONS = ["gate:zh-math", "gate:other", "gate:official", "gate:top1", "static:0.7,-0.3", "avg", "single:math",
+           "single:zh", "off"]
 
 
 def _prompts(n: int, length: int, seed: int, vocab: int) -> list[list[int]]:

@@ -140,7 +140,7 @@ def save_official_gate(path: Path, num_layers: int, k: int, hidden: int, seed: i
 def tiny_fusion(tmp_path_factory):
     """{base, adapters {name: dir}, gates {name: path}}: a saved tiny Llama with tokenizer, adapter 'zh'
     (r=4, all seven projections) and 'math' (r=8, q/v/down only), gates 'zh-math' and 'other' (ours,
-    random W with std 0.3) and 'official' (a .pt file)."""
+    random W with std 0.3), 'official' (a .pt file) and 'top1' (a top-1 gate: each token takes one adapter)."""
     from loraflow.core.model import LoraFlowModel
 
     root = tmp_path_factory.mktemp("vllm-fusion")
@@ -156,6 +156,8 @@ def tiny_fusion(tmp_path_factory):
         lf = LoraFlowModel.from_pretrained(root / "base", adapters, gate_init_std=0.3, seed=seed)
         gates[name] = lf.save_gate(root / f"gate-{name}")
     gates["official"] = save_official_gate(root / "official.pt", 2, 2, 256, seed=5)
+    top1 = LoraFlowModel.from_pretrained(root / "base", adapters, gate_init_std=0.3, seed=6, gate_top_k=1)
+    gates["top1"] = top1.save_gate(root / "gate-top1")
     return {"root": root, "base": root / "base", "adapters": adapters, "gates": gates}
 
 

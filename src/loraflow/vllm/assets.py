@@ -35,6 +35,7 @@ class FusionAssets:
     gate_bias: torch.Tensor  # (L, G, k)
     gate_temperature: torch.Tensor  # (G,)
     default_fusion: str
+    gate_top_k: torch.Tensor | None = None  # (G,) each gate's top-k; None when every gate keeps all k
 
     @property
     def adapter_names(self) -> list[str]:
@@ -63,8 +64,8 @@ def check_adapter_targets(adapter: LoraAdapter, num_layers: int) -> None:
 
 
 def load_gate_stack(path: str, adapter_names: Sequence[str], num_layers: int, hidden_size: int,
-                    temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One gate as per-layer (L, k, d) weights and (L, k) biases, plus its temperature.
+                    temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """One gate as per-layer (L, k, d) weights and (L, k) biases, plus its temperature and top-k (k: all).
 
     Raises:
         LoraFlowError: the gate does not fit the adapters (names, order, k) or the model (layers, hidden
@@ -74,14 +75,12 @@ def load_gate_stack(path: str, adapter_names: Sequence[str], num_layers: int, hi
     path = resolve_gate(path)
     if is_official_gate_file(path):
         n, gk, d, state = load_official_gate(path)
-        names, granularity, own_temperature = None, "layer", 1.0
+        names, granularity, own_temperature, top_k = None, "layer", 1.0, None
     else:
         config, state = load_gate_checkpoint(path)
         n, gk, d = config.num_layers, config.k, config.hidden_size
         names, granularity, own_temperature = config.adapter_names, config.granularity, config.temperature
-        if config.top_k is not None and config.top_k < config.k:
-            raise LoraFlowError(f"gate {path}: a top-{config.top_k} gate is not served by the vLLM plugin yet "
-                                "(use the default engine)")
+        top_k = config.top_k
     problems = []
     if names is not None and list(names) != list(adapter_names):
         problems.append(f"it was trained for adapters {','.join(names)}, not {','.join(adapter_names)}")
@@ -107,7 +106,8 @@ def load_gate_stack(path: str, adapter_names: Sequence[str], num_layers: int, hi
     if weight.shape != (num_layers, k, hidden_size):
         raise LoraFlowError(f"gate {path}: weights of shape {tuple(weight.shape)}, expected "
                             f"{(num_layers, k, hidden_size)}")
-    return weight.contiguous(), bias.contiguous(), float(own_temperature if temperature is None else temperature)
+    return (weight.contiguous(), bias.contiguous(), float(own_temperature if temperature is None else temperature),
+            top_k or k)
 
 
 def read_settings(config: object) -> dict:
@@ -131,17 +131,19 @@ def load_assets(settings: Mapping, num_layers: int, hidden_size: int) -> FusionA
     for adapter in adapters:
         check_adapter_targets(adapter, num_layers)
     names = [a.name for a in adapters]
-    weights, biases, temperatures, gate_names = [], [], [], []
+    weights, biases, temperatures, tops, gate_names = [], [], [], [], []
     for gate in settings.get("gates") or []:
-        w, b, t = load_gate_stack(gate["path"], names, num_layers, hidden_size, gate.get("temperature"))
+        w, b, t, top = load_gate_stack(gate["path"], names, num_layers, hidden_size, gate.get("temperature"))
         weights.append(w)
         biases.append(b)
         temperatures.append(t)
+        tops.append(top)
         gate_names.append(gate["name"])
     k = len(names)
     if weights:
         gate_weight, gate_bias = torch.stack(weights, dim=1), torch.stack(biases, dim=1)
     else:
         gate_weight, gate_bias = torch.zeros(num_layers, 0, k, hidden_size), torch.zeros(num_layers, 0, k)
+    top_k = torch.tensor(tops, dtype=torch.long) if any(t < k for t in tops) else None
     return FusionAssets(adapters, gate_names, gate_weight, gate_bias, torch.tensor(temperatures, dtype=torch.float32),
-                        str(settings.get("default_fusion") or ("gate" if gate_names else "off")))
+                        str(settings.get("default_fusion") or ("gate" if gate_names else "off")), top_k)

@@ -131,6 +131,8 @@ class FusedDecoderLayer:
         self.register_buffer("gate_weight", assets.gate_weight[layer].to(device), persistent=False)  # (G, k, d)
         self.register_buffer("gate_bias", assets.gate_bias[layer].to(device), persistent=False)  # (G, k)
         self.register_buffer("gate_temperature", assets.gate_temperature.to(device), persistent=False)  # (G,)
+        top_k = assets.gate_top_k
+        self.register_buffer("gate_top_k", None if top_k is None else top_k.to(device), persistent=False)  # (G,)
 
         attn, mlp, k = self.self_attn, self.mlp, len(assets.adapters)
         rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
@@ -187,7 +189,7 @@ class FusedDecoderLayer:
         if self.num_gates == 0:
             return routing.static[:n]
         return mixed_weights(layer_input, routing.static[:n], routing.select[:n], self.gate_weight, self.gate_bias,
-                             self.gate_temperature)
+                             self.gate_temperature, self.gate_top_k)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 **unused) -> tuple[torch.Tensor, torch.Tensor]:
