@@ -245,8 +245,9 @@ class FusedLoraLinear(nn.Module):
     def _fold_sources(self) -> tuple:
         """What the fold was taken from: each member's weight storage (a view of the buffer after a fold) and
         A's storage and version counter (bumped by every in-place change, `load_state_dict` included)."""
-        a = self.group.lora_A_t
-        return (a.data_ptr(), a._version, *(m.base_layer.weight.data_ptr() for m in self.__dict__["fold_members"]))
+        a = self.__dict__["group"]._parameters["lora_A_t"]  # dict lookups: this runs before every compiled call
+        return (a.data_ptr(), a._version,
+                *[m.__dict__["_base"]._parameters["weight"].data_ptr() for m in self.__dict__["fold_members"]])
 
     def refresh_fold(self) -> bool:
         """Take the weights in again if any was replaced (`weight.data = ...`, `load_state_dict(assign=True)`)
