@@ -141,3 +141,18 @@ def test_the_compiled_model_keeps_the_same_top_k(three):
     dense = _model(three)
     with torch.no_grad():
         assert (dense(input_ids=_ids()).logits - eager).abs().max() > 1e-3  # top-1 really differs from dense
+
+
+def test_a_gate_file_never_runs_with_another_k(three, tmp_path):
+    """A bank's k is fixed when it is built: loading a top-2 gate into a dense model, a dense one into a top-2
+    model, or asking for another k than the file's, is one line, not a silently different gate."""
+    top2 = _model(three, gate_top_k=2).save_gate(tmp_path / "top2")
+    dense = _model(three).save_gate(tmp_path / "dense")
+    with pytest.raises(LoraFlowError, match="trained with top-k 2, but top-k 3 was asked for"):
+        _model(three).load_gate(top2)
+    with pytest.raises(LoraFlowError, match="trained with top-k 3, but top-k 2 was asked for"):
+        _model(three, gate_top_k=2).load_gate(dense)
+    with pytest.raises(LoraFlowError, match="trained with top-k 2, but top-k 1 was asked for"):
+        _model(three, gate=top2, gate_top_k=1)
+    assert _model(three, gate=top2, gate_top_k=2).gates.config.top_k == 2
+    _model(three, gate_top_k=2).load_gate(top2)

@@ -37,7 +37,13 @@ def gate_weights(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     if not (isinstance(temperature, float) and temperature == 1.0):  # x / 1.0 == x: skip the op
         logits = logits / temperature
     bias = bias if logits.dim() > 1 and bias.dim() <= 2 else bias.reshape(-1)
-    if top_k is None or top_k >= logits.shape[-1]:
+    return _softmax_plus_bias(logits, bias, None if top_k is None or top_k >= logits.shape[-1] else top_k)
+
+
+def _softmax_plus_bias(logits: torch.Tensor, bias: torch.Tensor, top_k: int | torch.Tensor | None) -> torch.Tensor:
+    """softmax(logits) + bias over the last dimension; with `top_k`, over each token's kept logits only, the
+    others weighing 0 (their bias not added)."""
+    if top_k is None:
         return torch.softmax(logits, dim=-1) + bias
     kept = keep_top(logits, top_k)
     return torch.softmax(logits.masked_fill(~kept, float("-inf")), dim=-1) + bias * kept
@@ -77,11 +83,7 @@ def mixed_weights(hidden: torch.Tensor, static: torch.Tensor, select: torch.Tens
     else:  # eager: one batched matmul, no (..., G, k, d) intermediate
         logits = torch.einsum("...d,gkd->...gk", x, gate_weight)
     logits = logits / temperature.unsqueeze(-1)  # (..., G, k)
-    if top_k is None:
-        probs = torch.softmax(logits, dim=-1) + gate_bias  # (..., G, k)
-    else:
-        kept = keep_top(logits, top_k)
-        probs = torch.softmax(logits.masked_fill(~kept, float("-inf")), dim=-1) + gate_bias * kept
+    probs = _softmax_plus_bias(logits, gate_bias, top_k)  # (..., G, k)
     gated = (select.to(probs.dtype).unsqueeze(-1) * probs).sum(dim=-2)  # (..., k)
     return gated + static.to(gated.dtype)
 

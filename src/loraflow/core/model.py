@@ -153,11 +153,13 @@ class LoraFlowModel(nn.Module):
         elif is_official_gate_file(gate):
             official_n, k, official_d, state_dict = load_official_gate(gate)
             _check_official(gate, official_n, k, official_d, names, n_layers, d)
+            _check_top_k(gate, None, gate_top_k, len(names))  # the authors' gates are dense
             config = _make_config(names, d, n_layers, 1.0 if temperature is None else temperature, "layer", model,
                                   None, summaries)
         else:
             config, state_dict = load_gate_checkpoint(gate)
             _check_config(gate, config, names, n_layers, d, model)
+            _check_top_k(gate, config.top_k, gate_top_k, len(names))
             if temperature is not None:
                 config.temperature = float(temperature)
 
@@ -327,9 +329,12 @@ class LoraFlowModel(nn.Module):
     def load_gate(self, path: str | os.PathLike) -> None:
         """Load gate weights from a loraflow gate directory or an official `.pt` file into this model."""
         d, n = self.gates.config.hidden_size, self.gates.config.num_layers
+        k = len(self.adapter_names)
+        mine = self.gates.config.top_k or k
         if is_official_gate_file(path):
-            on, k, od, state = load_official_gate(path)
-            _check_official(path, on, k, od, self.adapter_names, n, d)
+            on, gk, od, state = load_official_gate(path)
+            _check_official(path, on, gk, od, self.adapter_names, n, d)
+            _check_top_k(path, None, mine, k)
         else:
             config, state = load_gate_checkpoint(path)
             _check_config(path, config, self.adapter_names, n, d, self.model)
@@ -337,6 +342,7 @@ class LoraFlowModel(nn.Module):
                 raise LoraFlowError(
                     f"{path}: {config.granularity}-level gate, but this model has {self.gates.config.granularity}-level gates"
                 )
+            _check_top_k(path, config.top_k, mine, k)
         _load_gate_state(self.gates, state, path)
 
     def save_gate(self, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -689,6 +695,13 @@ def _make_config(names, d, n, temperature, granularity, model, module_keys, summ
         )
     except ValueError as e:
         raise LoraFlowError(str(e)) from None
+
+
+def _check_top_k(path, found: int | None, wanted: int | None, k: int) -> None:
+    """A gate file's top-k must be the one asked for (None and k both mean all k): a bank's k is fixed when it is
+    built, so weights trained with one k are never run with another."""
+    if wanted is not None and (found or k) != (wanted or k):
+        raise LoraFlowError(f"{path}: a gate trained with top-k {found or k}, but top-k {wanted} was asked for")
 
 
 def _check_official(path, n, k, d, names, model_layers, model_hidden) -> None:

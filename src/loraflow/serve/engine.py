@@ -477,16 +477,20 @@ def release_free_memory() -> None:
     """Hand freed heap memory back to the operating system (glibc's malloc_trim; elsewhere nothing): the KV
     caches of long requests are large, and glibc keeps what they freed, so the process would stay at its
     peak resident size after them."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim from the process's own symbols, looked up once; None elsewhere."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _next_token_logprobs(logits: torch.Tensor, prompt: Sequence[int], start: int, top: int) -> list[TokenLogprob]:
@@ -494,20 +498,15 @@ def _next_token_logprobs(logits: torch.Tensor, prompt: Sequence[int], start: int
     start .. start + n - 1 (one chunk of a chunked prefill)."""
     targets = list(prompt[start + 1:start + 1 + logits.shape[0]])
     logprobs = torch.log_softmax(logits[:len(targets)].float(), dim=-1)
-    chosen = logprobs.gather(1, torch.as_tensor(targets, device=logprobs.device).view(-1, 1)).view(-1).tolist()
+    index = torch.as_tensor(targets, dtype=torch.long, device=logprobs.device).view(-1, 1)
+    chosen = logprobs.gather(1, index).view(-1).tolist()
     return [TokenLogprob(int(t), lp, _top(logprobs[i], top)) for i, (t, lp) in enumerate(zip(targets, chosen))]
 
 
 def _prompt_logprobs(logits: torch.Tensor, prompt: Sequence[int], top: int) -> list[TokenLogprob | None]:
     """Each prompt token's log-probability given the tokens before it; (T, vocab) logits are the
     prompt's positions (right-aligned: the last len(prompt) rows); the first token has none."""
-    logprobs = torch.log_softmax(logits[logits.shape[0] - len(prompt):-1].float(), dim=-1)  # (L-1, vocab)
-    targets = torch.as_tensor(list(prompt[1:]), dtype=torch.long, device=logprobs.device)
-    chosen = logprobs.gather(1, targets.view(-1, 1)).view(-1).tolist()
-    out: list[TokenLogprob | None] = [None]
-    for t, (token, lp) in enumerate(zip(prompt[1:], chosen)):
-        out.append(TokenLogprob(int(token), lp, _top(logprobs[t], top)))
-    return out
+    return [None, *_next_token_logprobs(logits[logits.shape[0] - len(prompt):], prompt, 0, top)]
 
 
 def _find_stop(text: str, stops: Sequence[str], sent: int) -> int | None:

@@ -15,6 +15,7 @@ private directory and with a key of the proxy's own, so that only the proxy reac
 from __future__ import annotations
 
 import contextlib
+import hmac
 import importlib.util
 import json
 import os
@@ -241,8 +242,6 @@ class _RequireKey:
         self.app, self.expected = app, f"Bearer {key}".encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        import hmac
-
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
             sent = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(sent, self.expected):

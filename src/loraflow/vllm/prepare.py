@@ -30,17 +30,23 @@ def _pairs(items, what: str) -> list[tuple[str, str]]:
     return [(str(n), str(p)) for n, p in pairs]
 
 
-def _base_config(base: Path) -> dict:
-    cfg_file = base / "config.json"
-    if not base.is_dir() or not cfg_file.is_file():
-        raise LoraFlowError(f"{base}: not a transformers model directory (no config.json); the vLLM engine needs "
-                            "the base saved with save_pretrained (safetensors), e.g. a dequantised GGUF saved once")
+def _read_config(cfg_file: Path) -> dict:
+    """A model's config.json as a dict, or a one-line LoraFlowError naming the file."""
     try:
         cfg = json.loads(read_bytes(cfg_file, what="model config").decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoraFlowError(f"{cfg_file}: corrupt JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise LoraFlowError(f"{cfg_file}: expected a JSON object")
+    return cfg
+
+
+def _base_config(base: Path) -> dict:
+    cfg_file = base / "config.json"
+    if not base.is_dir() or not cfg_file.is_file():
+        raise LoraFlowError(f"{base}: not a transformers model directory (no config.json); the vLLM engine needs "
+                            "the base saved with save_pretrained (safetensors), e.g. a dequantised GGUF saved once")
+    cfg = _read_config(cfg_file)
     cfg["architectures"] = [plugin_architecture(cfg, str(cfg_file))]  # the plugin's, in the written config
     if not any(base.glob("*.safetensors")):
         raise LoraFlowError(f"{base}: no *.safetensors weights (vLLM's loader reads safetensors; save the base with "
@@ -129,10 +135,6 @@ def vllm_dtype(requested: str | None, model_dir: str | os.PathLike) -> str:
         from loraflow.core.devices import resolve_dtype
 
         return str(resolve_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")).removeprefix("torch.")
-    cfg_file = Path(model_dir) / "config.json"
-    try:
-        cfg = json.loads(read_bytes(cfg_file, what="model config").decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoraFlowError(f"{cfg_file}: corrupt JSON ({e})") from None
-    named = cfg.get("dtype", cfg.get("torch_dtype")) if isinstance(cfg, dict) else None
+    cfg = _read_config(Path(model_dir) / "config.json")
+    named = cfg.get("dtype", cfg.get("torch_dtype"))
     return named if named in VLLM_DTYPES else "float32"
